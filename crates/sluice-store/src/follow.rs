@@ -1,0 +1,110 @@
+use std::sync::Arc;
+
+use futures_util::Stream;
+use futures_util::stream::{self, StreamExt};
+use sluice_protocol::RawEvent;
+
+use crate::{Error, Result, Store};
+
+/// How many events one read of the log fetches.
+const READ_BATCH: usize = 1024;
+
+/// A run's events with `seq > after`, in order: the stored history first, then live events as
+/// they are committed, with no gap and no duplicate at the switch. Ends after the terminal event.
+///
+/// The reader pulls from the durable log at its own pace: a slow reader never slows the writer,
+/// and nothing buffers beyond one read batch.
+///
+/// # Errors
+/// The stream yields [`Error::NotFound`] once if the run does not exist, and any store error;
+/// it ends after yielding an error.
+pub fn follow(
+    store: Arc<dyn Store>,
+    run_id: String,
+    after: u64,
+) -> impl Stream<Item = Result<RawEvent>> + Send + 'static {
+    follow_batches(store, run_id, after).flat_map(|batch| {
+        let items: Vec<Result<RawEvent>> = match batch {
+            Ok(events) => events.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        stream::iter(items)
+    })
+}
+
+struct FollowState {
+    store: Arc<dyn Store>,
+    run_id: String,
+    cursor: u64,
+    checked: bool,
+    done: bool,
+}
+
+/// Like [`follow`], in the batches the log is read in (at most 1,024 events each, never empty);
+/// encoders write a whole batch at once.
+pub fn follow_batches(
+    store: Arc<dyn Store>,
+    run_id: String,
+    after: u64,
+) -> impl Stream<Item = Result<Vec<RawEvent>>> + Send + 'static {
+    let state = FollowState { store, run_id, cursor: after, checked: false, done: false };
+    stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if !st.checked {
+            st.checked = true;
+            match st.store.get_run(&st.run_id).await {
+                Ok(Some(rec)) if rec.status.is_terminal() && st.cursor >= rec.last_seq => {
+                    // Already past the terminal event: nothing will ever follow.
+                    return None;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    st.done = true;
+                    return Some((Err(Error::run_not_found(&st.run_id)), st));
+                }
+                Err(e) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+        loop {
+            match st.store.read(&st.run_id, st.cursor, READ_BATCH).await {
+                Ok(batch) if !batch.is_empty() => {
+                    let mut out = Vec::with_capacity(batch.len());
+                    for ev in batch {
+                        if ev.seq() != st.cursor + 1 {
+                            st.done = true;
+                            let err = Error::SeqConflict {
+                                run_id: st.run_id.clone(),
+                                expected: st.cursor + 1,
+                                got: ev.seq(),
+                            };
+                            return Some((Err(err), st));
+                        }
+                        st.cursor = ev.seq();
+                        let terminal = ev.is_terminal();
+                        out.push(ev);
+                        if terminal {
+                            st.done = true;
+                            break;
+                        }
+                    }
+                    return Some((Ok(out), st));
+                }
+                Ok(_) => {
+                    if let Err(e) = st.store.wait_for(&st.run_id, st.cursor).await {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
+                }
+                Err(e) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    })
+}
