@@ -1,0 +1,518 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use sluice_protocol::payload::ErrorCode;
+use sluice_protocol::{Event, RawEvent, RunRecord, RunStatus};
+use sluice_store::{RunFilter, Store};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::run::{Control, Driver, Mode};
+use crate::workflow::Workflow;
+use crate::{Error, Result};
+
+/// Control messages that may queue for one run.
+const CONTROL_CHANNEL: usize = 64;
+
+/// How often a send or cancel retries while a run changes hands (ends, pauses, wakes); with
+/// 1 ms pauses this bounds the wait to a few seconds.
+const CONTROL_RETRIES: usize = 5_000;
+
+/// How a run is started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StartRun {
+    /// The workflow's input.
+    pub input: Value,
+    /// The session the run continues.
+    pub session_id: Option<String>,
+    /// Free-form metadata kept in the record.
+    pub metadata: Option<Value>,
+    /// Label of the API key starting it.
+    pub owner: Option<String>,
+    /// Use this id instead of a fresh one (for idempotent creation by the server).
+    pub run_id: Option<String>,
+}
+
+/// Admission state of one workflow.
+pub(crate) struct Slot {
+    pub wf: Workflow,
+    pub semaphore: Arc<Semaphore>,
+    queued: AtomicUsize,
+    /// Moving average of run durations in ms (for `Retry-After`).
+    avg_ms: AtomicU64,
+}
+
+impl Slot {
+    /// Records a finished run's duration (moving average used for `Retry-After`).
+    pub fn finished(&self, took: Duration) {
+        let ms = took.as_millis() as u64;
+        let old = self.avg_ms.load(Ordering::Relaxed);
+        let new = if old == 0 { ms } else { (old * 7 + ms) / 8 };
+        self.avg_ms.store(new, Ordering::Relaxed);
+    }
+
+    pub fn leave_queue(&self) {
+        let _ = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_sub(1));
+    }
+
+    fn retry_after(&self) -> Duration {
+        let avg = self.avg_ms.load(Ordering::Relaxed).max(100);
+        let queued = self.queued.load(Ordering::Relaxed) as u64 + 1;
+        let per_slot = self.wf.max_concurrent_runs().max(1) as u64;
+        let ms = avg.saturating_mul(queued) / per_slot;
+        Duration::from_secs(ms.div_ceil(1000).clamp(1, 60))
+    }
+}
+
+/// Counters of one workflow, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowStats {
+    /// Workflow name.
+    pub name: String,
+    /// Runs holding an execution slot.
+    pub running: usize,
+    /// Runs waiting for a slot.
+    pub queued: usize,
+}
+
+pub(crate) struct EngineInner {
+    pub store: Arc<dyn Store>,
+    slots: HashMap<String, Arc<Slot>>,
+    active: Mutex<HashMap<String, mpsc::Sender<Control>>>,
+    pub token: CancellationToken,
+    tracker: TaskTracker,
+    events: AtomicU64,
+}
+
+impl EngineInner {
+    fn active(&self) -> MutexGuard<'_, HashMap<String, mpsc::Sender<Control>>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn release(&self, run_id: &str) {
+        self.active().remove(run_id);
+    }
+
+    pub fn release_if(&self, run_id: &str, cond: impl FnOnce() -> bool) -> bool {
+        let mut active = self.active();
+        if cond() {
+            active.remove(run_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn count_events(&self, n: usize) {
+        self.events.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+}
+
+/// The workflow engine: deployed workflows, their admission control, and one driver task per
+/// active run. Cheap to clone.
+///
+/// ```
+/// # async fn demo() -> sluice_engine::Result<()> {
+/// use std::sync::Arc;
+/// use sluice_engine::{Engine, StartRun, builtin};
+/// let store = Arc::new(sluice_store_memory::MemoryStore::new());
+/// let engine = Engine::new(store, [builtin::ticker()])?;
+/// let run = engine.start("ticker", StartRun { input: serde_json::json!({"n": 3}), ..Default::default() }).await?;
+/// let record = run.wait().await?;
+/// assert_eq!(record.result, Some(serde_json::json!({"count": 3})));
+/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("workflows", &self.inner.slots.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+/// What [`Engine::recover`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Runs found `running`, resumed from their checkpoint.
+    pub resumed: usize,
+    /// Runs found `queued`, queued again.
+    pub requeued: usize,
+    /// Runs that could not continue and ended with `chain-error` `interrupted`.
+    pub interrupted: usize,
+}
+
+impl Engine {
+    /// An engine serving `workflows` on `store`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidWorkflow`] when two workflows share a name or there are none.
+    pub fn new(store: Arc<dyn Store>, workflows: impl IntoIterator<Item = Workflow>) -> Result<Self> {
+        let mut slots = HashMap::new();
+        for wf in workflows {
+            let name = wf.name().to_owned();
+            let slot = Slot {
+                semaphore: Arc::new(Semaphore::new(wf.max_concurrent_runs())),
+                wf,
+                queued: AtomicUsize::new(0),
+                avg_ms: AtomicU64::new(0),
+            };
+            if slots.insert(name.clone(), Arc::new(slot)).is_some() {
+                return Err(Error::InvalidWorkflow { workflow: name, message: "deployed twice".into() });
+            }
+        }
+        if slots.is_empty() {
+            return Err(Error::InvalidWorkflow { workflow: String::new(), message: "no workflow is deployed".into() });
+        }
+        let inner = EngineInner {
+            store,
+            slots,
+            active: Mutex::default(),
+            token: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            events: AtomicU64::new(0),
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The store runs are kept in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Deployed workflows, by name.
+    pub fn workflows(&self) -> Vec<Workflow> {
+        let mut all: Vec<Workflow> = self.inner.slots.values().map(|s| s.wf.clone()).collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// A deployed workflow.
+    pub fn workflow(&self, name: &str) -> Option<Workflow> {
+        self.inner.slots.get(name).map(|s| s.wf.clone())
+    }
+
+    /// Starts a run: validates the input, admits it (or queues it), records it and spawns its
+    /// driver. Returns at once; follow the run with the handle.
+    ///
+    /// # Errors
+    /// [`Error::UnknownWorkflow`], [`Error::InvalidInput`], [`Error::QueueFull`],
+    /// [`Error::ShuttingDown`], or a store error.
+    pub async fn start(&self, workflow: &str, req: StartRun) -> Result<RunHandle> {
+        if self.inner.token.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let slot = self.inner.slots.get(workflow).ok_or_else(|| Error::UnknownWorkflow(workflow.to_owned()))?.clone();
+        slot.wf.validate_input(&req.input)?;
+        let permit = match slot.semaphore.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let cap = slot.wf.queue();
+                let admitted = slot
+                    .queued
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < cap).then_some(q + 1))
+                    .is_ok();
+                if !admitted {
+                    return Err(Error::QueueFull { workflow: workflow.to_owned(), retry_after: slot.retry_after() });
+                }
+                None
+            }
+        };
+        let id = req.run_id.unwrap_or_else(new_run_id);
+        let mut record = RunRecord::new(id.clone(), workflow, req.input);
+        record.session_id = req.session_id;
+        record.metadata = req.metadata;
+        record.owner = req.owner;
+        if let Err(e) = self.inner.store.create_run(&record).await {
+            if permit.is_none() {
+                slot.leave_queue();
+            }
+            return Err(e.into());
+        }
+        let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
+        self.inner.active().insert(id.clone(), tx);
+        let driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+        self.inner.tracker.spawn(driver.run(Mode::Fresh(permit)));
+        Ok(self.handle(&id))
+    }
+
+    /// A handle on a run by id (whether it exists is checked by the handle's calls).
+    pub fn handle(&self, run_id: &str) -> RunHandle {
+        RunHandle { id: run_id.to_owned(), engine: self.clone() }
+    }
+
+    /// Sends an event into a run: `input`, `tool-results`, or another type the run waits for.
+    /// Returns once the event is durably part of the run (in its checkpoint).
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`], [`Error::RunFinished`] (the run has ended),
+    /// [`Error::NotWaiting`] (it does not wait for this type), [`Error::InvalidInput`]
+    /// (`tool-results` of the wrong shape), [`Error::ShuttingDown`].
+    pub async fn send(&self, run_id: &str, event_type: &str, data: Value) -> Result<()> {
+        for _ in 0..CONTROL_RETRIES {
+            let Some(tx) = self.control(run_id).await? else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            };
+            let (reply, answer) = oneshot::channel();
+            let msg = Control::Deliver { event_type: event_type.to_owned(), data: data.clone(), reply };
+            if tx.send(msg).await.is_err() {
+                continue;
+            }
+            match answer.await {
+                Ok(res) => return res,
+                Err(_) => continue,
+            }
+        }
+        Err(Error::ShuttingDown)
+    }
+
+    /// Cancels a run: it ends with `chain-cancelled` (a queued or waiting run too).
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`], [`Error::RunFinished`], [`Error::ShuttingDown`].
+    pub async fn cancel(&self, run_id: &str, reason: Option<String>) -> Result<()> {
+        for _ in 0..CONTROL_RETRIES {
+            let Some(tx) = self.control(run_id).await? else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            };
+            if tx.send(Control::Cancel { reason: reason.clone() }).await.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(Error::ShuttingDown)
+    }
+
+    /// The control channel of a run's driver, waking a `waiting` run if needed. `None` when the
+    /// state changed underneath (retry).
+    async fn control(&self, run_id: &str) -> Result<Option<mpsc::Sender<Control>>> {
+        if self.inner.token.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(tx) = self.inner.active().get(run_id) {
+            // A closed channel belongs to a driver writing the run's end: retry shortly.
+            return Ok((!tx.is_closed()).then(|| tx.clone()));
+        }
+        let record = self.inner.store.get_run(run_id).await?.ok_or_else(|| Error::UnknownRun(run_id.to_owned()))?;
+        if record.status.is_terminal() {
+            return Err(Error::finished(run_id, record.status));
+        }
+        let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
+            return Err(Error::UnknownWorkflow(record.workflow));
+        };
+        let rx = {
+            let mut active = self.inner.active();
+            if let Some(tx) = active.get(run_id) {
+                return Ok((!tx.is_closed()).then(|| tx.clone()));
+            }
+            if record.status != RunStatus::Waiting {
+                // Running or queued with no driver: only between a crash and `recover`.
+                return Err(Error::NotWaiting { run_id: run_id.to_owned(), event_type: String::new(), waiting_for: Vec::new() });
+            }
+            let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
+            active.insert(run_id.to_owned(), tx);
+            rx
+        };
+        // Re-read under the claim: the record cannot change while we hold it.
+        let Some(record) = self.inner.store.get_run(run_id).await? else {
+            self.inner.release(run_id);
+            return Err(Error::UnknownRun(run_id.to_owned()));
+        };
+        if record.status != RunStatus::Waiting {
+            self.inner.release(run_id);
+            return Ok(None);
+        }
+        let tx = self.inner.active().get(run_id).cloned();
+        let driver = Driver::new(self.inner.clone(), slot, record, rx);
+        self.inner.tracker.spawn(driver.run(Mode::Wake));
+        Ok(tx)
+    }
+
+    /// Continues after a restart: runs found `running` resume from their last checkpoint with
+    /// `chain-resumed` (or end with `chain-error` `interrupted` when that is impossible, e.g. the
+    /// workflow is no longer deployed); runs found `queued` queue again. `waiting` runs stay
+    /// waiting and resume when their input arrives. Call once, before serving.
+    ///
+    /// # Errors
+    /// A store error while listing runs.
+    pub async fn recover(&self) -> Result<Recovered> {
+        let mut out = Recovered::default();
+        let mut cursor = None;
+        loop {
+            let filter = RunFilter {
+                statuses: vec![RunStatus::Running, RunStatus::Queued],
+                limit: 1000,
+                cursor: cursor.take(),
+                ..RunFilter::default()
+            };
+            let page = self.inner.store.list_runs(&filter).await?;
+            for record in page.runs {
+                if self.inner.active().contains_key(&record.id) {
+                    continue;
+                }
+                let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
+                    self.interrupt(record, "its workflow is no longer deployed").await?;
+                    out.interrupted += 1;
+                    continue;
+                };
+                let mode = if record.status == RunStatus::Queued {
+                    out.requeued += 1;
+                    slot.queued.fetch_add(1, Ordering::AcqRel);
+                    Mode::Fresh(None)
+                } else {
+                    out.resumed += 1;
+                    Mode::Recover
+                };
+                let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
+                self.inner.active().insert(record.id.clone(), tx);
+                let driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+                self.inner.tracker.spawn(driver.run(mode));
+            }
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn interrupt(&self, mut record: RunRecord, why: &str) -> Result<()> {
+        let seq = self.inner.store.last_seq(&record.id).await? + 1;
+        let error = sluice_protocol::payload::ErrorInfo {
+            code: ErrorCode::Interrupted,
+            message: format!("the run cannot continue after a restart: {why}"),
+            details: None,
+        };
+        let data = serde_json::to_string(&sluice_protocol::payload::ChainError { error: error.clone(), usage: None })?;
+        let now = sluice_protocol::Timestamp::now();
+        let terminal = RawEvent::encode(seq, &record.id, sluice_protocol::kind::CHAIN_ERROR, now, None, &data);
+        record.status = RunStatus::Failed;
+        record.error = Some(error);
+        record.finished_at = Some(now);
+        record.last_seq = seq;
+        self.inner.store.finish(&record, &terminal).await?;
+        Ok(())
+    }
+
+    /// Stops the engine: refuses new work, lets every active run reach a checkpoint (their
+    /// in-flight steps are cancelled and will run again on recovery) and waits up to `grace`.
+    /// Returns whether every driver finished in time.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.inner.token.cancel();
+        self.inner.tracker.close();
+        tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_ok()
+    }
+
+    /// A token cancelled when the engine shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.token.clone()
+    }
+
+    /// Events appended since the engine started.
+    pub fn events_appended(&self) -> u64 {
+        self.inner.events.load(Ordering::Relaxed)
+    }
+
+    /// Runs with a driver task (running, queued, or just woken).
+    pub fn active_runs(&self) -> usize {
+        self.inner.active().len()
+    }
+
+    /// Per-workflow admission counters.
+    pub fn stats(&self) -> Vec<WorkflowStats> {
+        let mut out: Vec<WorkflowStats> = self
+            .inner
+            .slots
+            .values()
+            .map(|s| WorkflowStats {
+                name: s.wf.name().to_owned(),
+                running: s.wf.max_concurrent_runs().saturating_sub(s.semaphore.available_permits()),
+                queued: s.queued.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// A fresh, time-ordered run id: `run_` and a UUIDv7 in hex.
+pub fn new_run_id() -> String {
+    format!("run_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A handle on one run: follow its events, await its end, send events in, cancel it.
+#[derive(Clone, Debug)]
+pub struct RunHandle {
+    id: String,
+    engine: Engine,
+}
+
+impl RunHandle {
+    /// The run's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The run's events with `seq > after` in their log form: history, then live, ending after
+    /// the terminal event. Any number of followers may read one run at once.
+    pub fn events(&self, after: u64) -> impl Stream<Item = sluice_store::Result<RawEvent>> + Send + 'static {
+        sluice_store::follow(self.engine.inner.store.clone(), self.id.clone(), after)
+    }
+
+    /// Like [`events`](RunHandle::events), parsed into envelopes.
+    pub fn envelopes(&self, after: u64) -> impl Stream<Item = Result<Event>> + Send + 'static {
+        self.events(after).map(|r| r.map_err(Error::from).and_then(|raw| Ok(raw.parse()?)))
+    }
+
+    /// The current record.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`] or a store error.
+    pub async fn record(&self) -> Result<RunRecord> {
+        self.engine.inner.store.get_run(&self.id).await?.ok_or_else(|| Error::UnknownRun(self.id.clone()))
+    }
+
+    /// Waits for the run to end and returns its final record.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`] or a store error.
+    pub async fn wait(&self) -> Result<RunRecord> {
+        let mut events = std::pin::pin!(self.events(0));
+        while let Some(ev) = events.next().await {
+            let ev = ev.map_err(|e| match e {
+                sluice_store::Error::NotFound { .. } => Error::UnknownRun(self.id.clone()),
+                other => other.into(),
+            })?;
+            if ev.is_terminal() {
+                break;
+            }
+        }
+        self.record().await
+    }
+
+    /// Sends an event into the run; see [`Engine::send`].
+    ///
+    /// # Errors
+    /// As [`Engine::send`].
+    pub async fn send(&self, event_type: &str, data: Value) -> Result<()> {
+        self.engine.send(&self.id, event_type, data).await
+    }
+
+    /// Cancels the run; see [`Engine::cancel`].
+    ///
+    /// # Errors
+    /// As [`Engine::cancel`].
+    pub async fn cancel(&self) -> Result<()> {
+        self.engine.cancel(&self.id, None).await
+    }
+}

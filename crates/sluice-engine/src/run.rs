@@ -1,0 +1,697 @@
+//! The driver: one task per active run, the only writer of its log.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use serde_json::{Value, json};
+use sluice_protocol::payload::{
+    ChainCancelled, ChainCompleted, ChainError, ChainResumed, ChainStarted, ErrorCode, ErrorInfo, StepCompleted,
+    StepStarted, ToolResults,
+};
+use sluice_protocol::{RawEvent, RunRecord, RunStatus, Timestamp, Usage, kind};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::checkpoint::{CHECKPOINT_VERSION, Checkpoint, Wait};
+use crate::context::{Context, Failure, Msg, RunShared};
+use crate::engine::{EngineInner, Slot};
+use crate::event::{AnyEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
+use crate::step::{Emit, Step};
+use crate::workflow::Workflow;
+use crate::{Error, Result, StepError};
+
+/// Messages a step may have in flight before `write_event_to_stream` waits.
+const STEP_CHANNEL: usize = 1024;
+
+/// Requests from outside to a run's driver.
+pub(crate) enum Control {
+    Deliver { event_type: String, data: Value, reply: oneshot::Sender<Result<()>> },
+    Cancel { reason: Option<String> },
+}
+
+/// How a driver starts.
+pub(crate) enum Mode {
+    /// A new run (status `queued`), with its slot if one was free at once.
+    Fresh(Option<OwnedSemaphorePermit>),
+    /// A `waiting` run with a control message on its way.
+    Wake,
+    /// A run found `running` at startup.
+    Recover,
+}
+
+enum Outcome {
+    Completed(Value),
+    Failed(ErrorInfo),
+    Cancelled(Option<String>),
+    Sleep,
+    Shutdown,
+}
+
+fn failed(code: ErrorCode, message: impl Into<String>) -> Outcome {
+    Outcome::Failed(ErrorInfo { code, message: message.into(), details: None })
+}
+
+pub(crate) struct Driver {
+    engine: Arc<EngineInner>,
+    slot: Arc<Slot>,
+    wf: Workflow,
+    shared: Arc<RunShared>,
+    rx: mpsc::Receiver<Msg>,
+    ctl: mpsc::Receiver<Control>,
+    record: RunRecord,
+    next_seq: u64,
+    buf: Vec<RawEvent>,
+    queues: Vec<VecDeque<AnyEvent>>,
+    busy: Vec<usize>,
+    in_flight: HashMap<u32, (usize, AnyEvent)>,
+    tasks: JoinSet<()>,
+    waits: Vec<Wait>,
+    step_counter: u32,
+    permit: Option<OwnedSemaphorePermit>,
+    deadline: Option<tokio::time::Instant>,
+    started: Instant,
+    boundary: bool,
+    acks: Vec<oneshot::Sender<Result<()>>>,
+}
+
+impl Driver {
+    pub(crate) fn new(engine: Arc<EngineInner>, slot: Arc<Slot>, record: RunRecord, ctl: mpsc::Receiver<Control>) -> Self {
+        let wf = slot.wf.clone();
+        let (tx, rx) = mpsc::channel(STEP_CHANNEL);
+        let shared = Arc::new(RunShared {
+            run_id: record.id.clone(),
+            tx,
+            state: Mutex::default(),
+            collected: Mutex::default(),
+            cancel: engine.token.child_token(),
+            usage: Mutex::new(record.usage),
+        });
+        let n = wf.inner.steps.len();
+        Self {
+            engine,
+            slot,
+            wf,
+            shared,
+            rx,
+            ctl,
+            record,
+            next_seq: 1,
+            buf: Vec::new(),
+            queues: vec![VecDeque::new(); n],
+            busy: vec![0; n],
+            in_flight: HashMap::new(),
+            tasks: JoinSet::new(),
+            waits: Vec::new(),
+            step_counter: 0,
+            permit: None,
+            deadline: None,
+            started: Instant::now(),
+            boundary: false,
+            acks: Vec::new(),
+        }
+    }
+
+    /// Drives the run until it ends, sleeps, or the engine shuts down. Store failures end it with
+    /// a log line; it is then left for recovery at the next start.
+    pub(crate) async fn run(mut self, mode: Mode) {
+        let run_id = self.record.id.clone();
+        if let Err(e) = self.drive(mode).await {
+            tracing::error!(run_id = %run_id, error = %e, source = ?std::error::Error::source(&e), "run driver failed");
+            self.tasks.abort_all();
+            self.engine.release(&run_id);
+        }
+    }
+
+    async fn drive(&mut self, mode: Mode) -> Result<()> {
+        self.next_seq = self.engine.store.last_seq(&self.record.id).await? + 1;
+        let mut waking = false;
+        match mode {
+            Mode::Fresh(reserved) => {
+                let Some(permit) = self.admit(reserved).await? else { return Ok(()) };
+                self.permit = Some(permit);
+                self.begin_fresh().await?;
+            }
+            Mode::Wake => {
+                if let Err(message) = self.restore().await {
+                    return self.end(failed(ErrorCode::Interrupted, format!("could not resume: {message}"))).await;
+                }
+                waking = true;
+            }
+            Mode::Recover => {
+                if let Err(message) = self.restore().await {
+                    return self.end(failed(ErrorCode::Interrupted, format!("could not resume after a restart: {message}"))).await;
+                }
+                let Some(permit) = self.acquire().await? else { return Ok(()) };
+                self.permit = Some(permit);
+                self.resume().await?;
+            }
+        }
+        loop {
+            if waking {
+                match self.wake().await? {
+                    Some(Outcome::Sleep) => {
+                        if self.try_release() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    Some(other) => return self.end(other).await,
+                    None => {}
+                }
+            }
+            let outcome = self.main_loop().await?;
+            match outcome {
+                Outcome::Sleep => {
+                    self.sleep().await?;
+                    if self.try_release() {
+                        return Ok(());
+                    }
+                    waking = true;
+                }
+                other => return self.end(other).await,
+            }
+        }
+    }
+
+    // ---- admission ----
+
+    /// Waits for a slot of the workflow while queued; `None` if cancelled or shut down meanwhile
+    /// (the run has then been ended or left for recovery).
+    async fn admit(&mut self, reserved: Option<OwnedSemaphorePermit>) -> Result<Option<OwnedSemaphorePermit>> {
+        let slot = self.slot.clone();
+        let permit = if let Some(p) = reserved {
+            p
+        } else {
+            let acquire = slot.semaphore.clone().acquire_owned();
+            tokio::pin!(acquire);
+            let res = loop {
+                tokio::select! {
+                    biased;
+                    _ = self.engine.token.cancelled() => break None,
+                    c = self.ctl.recv() => match c {
+                        Some(Control::Cancel { reason }) => {
+                            slot.leave_queue();
+                            self.end(Outcome::Cancelled(reason)).await?;
+                            return Ok(None);
+                        }
+                        Some(Control::Deliver { event_type, reply, .. }) => {
+                            let _ = reply.send(Err(Error::NotWaiting {
+                                run_id: self.record.id.clone(), event_type, waiting_for: Vec::new(),
+                            }));
+                        }
+                        None => break None,
+                    },
+                    p = &mut acquire => break p.ok(),
+                }
+            };
+            slot.leave_queue();
+            match res {
+                Some(p) => p,
+                None => {
+                    self.engine.release(&self.record.id);
+                    return Ok(None);
+                }
+            }
+        };
+        Ok(Some(permit))
+    }
+
+    /// A slot for a run that was already admitted once (resume after a pause or restart).
+    async fn acquire(&mut self) -> Result<Option<OwnedSemaphorePermit>> {
+        let sem = self.slot.semaphore.clone();
+        tokio::select! {
+            _ = self.engine.token.cancelled() => {
+                self.engine.release(&self.record.id);
+                Ok(None)
+            }
+            p = sem.acquire_owned() => Ok(p.ok()),
+        }
+    }
+
+    // ---- starting ----
+
+    async fn begin_fresh(&mut self) -> Result<()> {
+        let now = Timestamp::now();
+        self.record.status = RunStatus::Running;
+        self.record.started_at = Some(now);
+        self.engine.store.put_run(&self.record).await?;
+        self.set_deadline();
+        let started = ChainStarted {
+            workflow: self.wf.name().to_owned(),
+            input: self.record.input.clone(),
+            session_id: self.record.session_id.clone(),
+        };
+        self.push(kind::CHAIN_STARTED, None, &started);
+        self.route(AnyEvent { name: StartEvent::NAME.to_owned(), data: self.record.input.clone() })
+            .map_err(|_| Error::InvalidWorkflow { workflow: self.wf.name().to_owned(), message: "no start step".into() })?;
+        Ok(())
+    }
+
+    fn set_deadline(&mut self) {
+        let started = self.record.started_at.unwrap_or_else(Timestamp::now);
+        self.deadline = self.wf.inner.run_timeout.map(|limit| {
+            let elapsed = Duration::from_millis(Timestamp::now().millis_since(started));
+            tokio::time::Instant::now() + limit.saturating_sub(elapsed)
+        });
+    }
+
+    /// Loads the checkpoint (a run interrupted before its first one restarts from its input).
+    async fn restore(&mut self) -> std::result::Result<(), String> {
+        let cp = match self.engine.store.get_checkpoint(&self.record.id).await {
+            Ok(cp) => cp,
+            Err(e) => return Err(e.to_string()),
+        };
+        let cp: Checkpoint = match cp {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("unreadable checkpoint: {e}"))?,
+            None => Checkpoint {
+                queues: self
+                    .start_steps()
+                    .map(|name| (name, vec![AnyEvent { name: StartEvent::NAME.to_owned(), data: self.record.input.clone() }]))
+                    .collect(),
+                ..Checkpoint::default()
+            },
+        };
+        if cp.version > CHECKPOINT_VERSION {
+            return Err(format!("checkpoint version {} is newer than this server", cp.version));
+        }
+        *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = cp.state;
+        *self.shared.collected.lock().unwrap_or_else(|p| p.into_inner()) = cp.collected;
+        *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = cp.usage;
+        for (name, events) in cp.queues {
+            let Some(i) = self.wf.inner.steps.iter().position(|s| s.name == name) else {
+                return Err(format!("step {name:?} of the checkpoint is no longer in the workflow"));
+            };
+            self.queues[i].extend(events);
+        }
+        self.waits = cp.waits;
+        self.step_counter = cp.step_counter;
+        Ok(())
+    }
+
+    fn start_steps(&self) -> impl Iterator<Item = String> + '_ {
+        let idx = self.wf.inner.routes.get(StartEvent::NAME).cloned().unwrap_or_default();
+        idx.into_iter().map(|i| self.wf.inner.steps[i].name.clone())
+    }
+
+    /// Continues after a pause or a restart: `chain-resumed`, status `running`.
+    async fn resume(&mut self) -> Result<()> {
+        self.record.status = RunStatus::Running;
+        if self.record.started_at.is_none() {
+            self.record.started_at = Some(Timestamp::now());
+        }
+        self.record.last_seq = self.next_seq - 1;
+        self.engine.store.put_run(&self.record).await?;
+        self.set_deadline();
+        self.push(kind::CHAIN_RESUMED, None, &ChainResumed { from_step: self.step_counter });
+        Ok(())
+    }
+
+    /// While woken from `waiting`: handles control messages until one resumes the run
+    /// (`None`), or none is left (`Some(Sleep)`), or the run ends.
+    async fn wake(&mut self) -> Result<Option<Outcome>> {
+        loop {
+            let c = tokio::select! {
+                biased;
+                _ = self.engine.token.cancelled() => return Ok(Some(Outcome::Shutdown)),
+                c = self.ctl.recv() => c,
+                () = tokio::time::sleep(Duration::from_millis(50)) => None,
+            };
+            match c {
+                None => return Ok(Some(Outcome::Sleep)),
+                Some(Control::Cancel { reason }) => return Ok(Some(Outcome::Cancelled(reason))),
+                Some(Control::Deliver { event_type, data, reply }) => match self.accept_delivery(&event_type, data) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(()) => {
+                        self.acks.push(reply);
+                        let Some(permit) = self.acquire().await? else { return Ok(Some(Outcome::Shutdown)) };
+                        self.permit = Some(permit);
+                        self.resume().await?;
+                        // The delivery is durable once checkpointed; only then is it acknowledged.
+                        self.checkpoint().await?;
+                        return Ok(None);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Checks an inbound event against the outstanding waits and routes it.
+    fn accept_delivery(&mut self, event_type: &str, data: Value) -> Result<()> {
+        let Some(pos) = self.waits.iter().position(|w| w.reply == event_type) else {
+            return Err(Error::NotWaiting {
+                run_id: self.record.id.clone(),
+                event_type: event_type.to_owned(),
+                waiting_for: self.waits.iter().map(|w| w.reply.clone()).collect(),
+            });
+        };
+        if event_type == ToolResultsEvent::NAME {
+            serde_json::from_value::<ToolResults>(data.clone())
+                .map_err(|e| Error::InvalidInput(format!("data: {e}")))?;
+        }
+        self.waits.remove(pos);
+        let event = AnyEvent { name: event_type.to_owned(), data };
+        let targets = self.wf.inner.routes.get(event_type).cloned().unwrap_or_default();
+        for i in targets {
+            self.queues[i].push_back(event.clone());
+        }
+        self.boundary = true;
+        Ok(())
+    }
+
+    // ---- the main loop ----
+
+    async fn main_loop(&mut self) -> Result<Outcome> {
+        let mut msgs = Vec::with_capacity(STEP_CHANNEL);
+        loop {
+            if let Some(outcome) = self.dispatch() {
+                return Ok(outcome);
+            }
+            // Everything produced so far becomes visible before the driver blocks.
+            self.flush().await?;
+            let deadline = self.deadline;
+            let outcome = tokio::select! {
+                biased;
+                _ = self.engine.token.cancelled() => Some(Outcome::Shutdown),
+                c = self.ctl.recv() => match c {
+                    Some(Control::Cancel { reason }) => Some(Outcome::Cancelled(reason)),
+                    Some(Control::Deliver { event_type, data, reply }) => {
+                        match self.accept_delivery(&event_type, data) {
+                            Ok(()) => self.acks.push(reply),
+                            Err(e) => { let _ = reply.send(Err(e)); }
+                        }
+                        None
+                    }
+                    None => None,
+                },
+                n = self.rx.recv_many(&mut msgs, STEP_CHANNEL) => {
+                    let mut out = None;
+                    for m in msgs.drain(..n) {
+                        if let Some(o) = self.on_msg(m) {
+                            out = Some(o);
+                            break;
+                        }
+                    }
+                    msgs.clear();
+                    out
+                }
+                () = sleep_until(deadline) => {
+                    let limit = self.wf.inner.run_timeout.unwrap_or_default();
+                    Some(failed(ErrorCode::Timeout, format!("the run exceeded its run_timeout of {limit:?}")))
+                }
+            };
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            self.flush().await?;
+            if self.boundary {
+                self.checkpoint().await?;
+            }
+        }
+    }
+
+    /// Starts step instances for queued events; ends the run when nothing can happen any more.
+    fn dispatch(&mut self) -> Option<Outcome> {
+        for i in 0..self.queues.len() {
+            while self.busy[i] < self.wf.inner.steps[i].num_workers {
+                let Some(event) = self.queues[i].pop_front() else { break };
+                if self.step_counter >= self.wf.inner.max_steps {
+                    return Some(failed(
+                        ErrorCode::MaxSteps,
+                        format!("the run reached its budget of {} steps", self.wf.inner.max_steps),
+                    ));
+                }
+                self.start_step(i, event);
+            }
+        }
+        if self.in_flight.is_empty() {
+            if !self.waits.is_empty() {
+                return Some(Outcome::Sleep);
+            }
+            return Some(failed(
+                ErrorCode::Failed,
+                "the workflow stalled: no step is running, no event is pending and nothing is awaited",
+            ));
+        }
+        None
+    }
+
+    fn start_step(&mut self, i: usize, event: AnyEvent) {
+        self.step_counter += 1;
+        let n = self.step_counter;
+        let step: &Step = &self.wf.inner.steps[i];
+        let started = StepStarted { name: step.name.clone() };
+        let ctx = Context::new(self.shared.clone(), n, Arc::from(step.name.as_str()));
+        let (handler, retry, timeout) = (step.handler.clone(), step.retry.clone(), step.timeout);
+        self.push(kind::STEP_STARTED, Some(n), &started);
+        self.busy[i] += 1;
+        self.in_flight.insert(n, (i, event.clone()));
+        let tx = self.shared.tx.clone();
+        self.tasks.spawn(async move {
+            let t0 = Instant::now();
+            let mut attempt = 1u32;
+            let outcome = loop {
+                let fut = AssertUnwindSafe(handler(ctx.clone(), event.clone())).catch_unwind();
+                let res = match timeout {
+                    Some(limit) => match tokio::time::timeout(limit, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(Err(StepError::new(format!("the step exceeded its timeout of {limit:?}"))
+                            .code(ErrorCode::Timeout))),
+                    },
+                    None => fut.await,
+                };
+                match res {
+                    Ok(Ok(emit)) => break Ok(emit),
+                    Ok(Err(e)) if e.retryable && attempt < retry.max_attempts => {
+                        tracing::debug!(run_id = %ctx.run_id(), step = n, attempt, error = %e, "step failed; retrying");
+                        tokio::time::sleep(jitter(retry.backoff(attempt))).await;
+                        attempt += 1;
+                    }
+                    Ok(Err(error)) => break Err(Failure { error, panicked: false }),
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic payload".into());
+                        break Err(Failure { error: StepError::new(format!("panicked: {what}")).no_retry(), panicked: true });
+                    }
+                }
+            };
+            let _ = tx.send(Msg::Done { step: n, outcome, duration: t0.elapsed() }).await;
+        });
+    }
+
+    fn on_msg(&mut self, msg: Msg) -> Option<Outcome> {
+        match msg {
+            Msg::Stream { step, event_type, data, ts } => {
+                self.buf.push(RawEvent::encode(self.next_seq, &self.record.id, &event_type, ts, step, &data));
+                self.next_seq += 1;
+                None
+            }
+            Msg::Send { event } => self.route(event).err(),
+            Msg::Done { step, outcome, duration } => self.on_done(step, outcome, duration),
+        }
+    }
+
+    fn on_done(&mut self, n: u32, outcome: std::result::Result<Emit, Failure>, duration: Duration) -> Option<Outcome> {
+        let Some((i, _input)) = self.in_flight.remove(&n) else { return None };
+        self.busy[i] -= 1;
+        self.boundary = true;
+        let name = self.wf.inner.steps[i].name.clone();
+        let emit = match outcome {
+            Ok(emit) => emit,
+            Err(Failure { error, panicked }) => {
+                let mut details = json!({"step": n, "name": name, "panicked": panicked});
+                if let (Some(extra), Some(obj)) = (error.details, details.as_object_mut()) {
+                    obj.insert("details".into(), extra);
+                }
+                return Some(Outcome::Failed(ErrorInfo {
+                    code: error.code,
+                    message: format!("step {name:?} failed: {}", error.message),
+                    details: Some(details),
+                }));
+            }
+        };
+        if let Some(message) = emit.error {
+            return Some(failed(ErrorCode::Failed, format!("step {name:?} failed: {message}")));
+        }
+        for w in emit.waits {
+            self.push_value(w.stream_type, Some(n), &w.data);
+            self.waits.push(Wait { reply: w.reply.to_owned(), step: n });
+        }
+        self.push(kind::STEP_COMPLETED, Some(n), &StepCompleted { name, duration_ms: duration.as_millis() as u64 });
+        for event in emit.events {
+            if event.name == StopEvent::NAME {
+                return Some(Outcome::Completed(event.data));
+            }
+            if let Err(o) = self.route(event) {
+                return Some(o);
+            }
+        }
+        None
+    }
+
+    fn route(&mut self, event: AnyEvent) -> std::result::Result<(), Outcome> {
+        let Some(targets) = self.wf.inner.routes.get(&event.name) else {
+            return Err(failed(ErrorCode::Failed, format!("event {:?} was emitted but no step accepts it", event.name)));
+        };
+        let targets = targets.clone();
+        for i in targets {
+            self.queues[i].push_back(event.clone());
+        }
+        Ok(())
+    }
+
+    // ---- the log ----
+
+    fn push(&mut self, event_type: &str, step: Option<u32>, data: &impl serde::Serialize) {
+        let data = serde_json::to_string(data).unwrap_or_else(|_| "null".to_owned());
+        self.buf.push(RawEvent::encode(self.next_seq, &self.record.id, event_type, Timestamp::now(), step, &data));
+        self.next_seq += 1;
+    }
+
+    fn push_value(&mut self, event_type: &str, step: Option<u32>, data: &Value) {
+        self.push(event_type, step, data);
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.engine.store.append(&self.record.id, &self.buf).await?;
+        self.engine.count_events(self.buf.len());
+        self.buf.clear();
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self) -> Result<()> {
+        self.flush().await?;
+        let mut queues: Vec<(String, Vec<AnyEvent>)> = Vec::new();
+        for (i, step) in self.wf.inner.steps.iter().enumerate() {
+            let mut events: Vec<AnyEvent> = Vec::new();
+            let mut running: Vec<(&u32, &AnyEvent)> =
+                self.in_flight.iter().filter(|(_, (s, _))| *s == i).map(|(n, (_, e))| (n, e)).collect();
+            running.sort_by_key(|(n, _)| **n);
+            events.extend(running.into_iter().map(|(_, e)| e.clone()));
+            events.extend(self.queues[i].iter().cloned());
+            if !events.is_empty() {
+                queues.push((step.name.clone(), events));
+            }
+        }
+        let cp = Checkpoint {
+            version: CHECKPOINT_VERSION,
+            state: self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            collected: self.shared.collected.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            queues,
+            waits: self.waits.clone(),
+            step_counter: self.step_counter,
+            usage: self.usage(),
+        };
+        let bytes = serde_json::to_vec(&cp)?;
+        self.engine.store.put_checkpoint(&self.record.id, Bytes::from(bytes)).await?;
+        self.boundary = false;
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    fn usage(&self) -> Usage {
+        *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- pausing and ending ----
+
+    async fn sleep(&mut self) -> Result<()> {
+        self.checkpoint().await?;
+        self.record.status = RunStatus::Waiting;
+        self.record.last_seq = self.next_seq - 1;
+        self.record.usage = self.usage();
+        self.engine.store.put_run(&self.record).await?;
+        self.permit = None;
+        Ok(())
+    }
+
+    /// Gives up the run's slot in the engine's registry unless control messages are queued.
+    fn try_release(&mut self) -> bool {
+        self.engine.release_if(&self.record.id, || self.ctl.is_empty())
+    }
+
+    async fn end(&mut self, outcome: Outcome) -> Result<()> {
+        self.shared.cancel.cancel();
+        self.tasks.abort_all();
+        if let Outcome::Shutdown = outcome {
+            self.checkpoint().await?;
+            self.engine.release(&self.record.id);
+            return Ok(());
+        }
+        // From here on, senders see a closed channel and wait for the final record.
+        self.ctl.close();
+        self.flush().await?;
+        let usage = self.usage();
+        let now = Timestamp::now();
+        let started = self.record.started_at.unwrap_or(self.record.created_at);
+        let duration_ms = now.millis_since(started);
+        let (event_type, data) = match outcome {
+            Outcome::Completed(result) => {
+                self.record.status = RunStatus::Completed;
+                self.record.result = Some(result.clone());
+                (kind::CHAIN_COMPLETED, serde_json::to_string(&ChainCompleted { result, usage, duration_ms })?)
+            }
+            Outcome::Failed(error) => {
+                self.record.status = RunStatus::Failed;
+                self.record.error = Some(error.clone());
+                (kind::CHAIN_ERROR, serde_json::to_string(&ChainError { error, usage: Some(usage) })?)
+            }
+            Outcome::Cancelled(reason) => {
+                self.record.status = RunStatus::Cancelled;
+                (kind::CHAIN_CANCELLED, serde_json::to_string(&ChainCancelled { reason })?)
+            }
+            Outcome::Sleep | Outcome::Shutdown => return Ok(()),
+        };
+        let terminal = RawEvent::encode(self.next_seq, &self.record.id, event_type, now, None, &data);
+        self.record.usage = usage;
+        self.record.finished_at = Some(now);
+        self.record.last_seq = self.next_seq;
+        self.engine.store.finish(&self.record, &terminal).await?;
+        self.engine.count_events(1);
+        self.slot.finished(self.started.elapsed());
+        // Deliveries accepted since the last checkpoint were consumed by the run's end.
+        for ack in self.acks.drain(..) {
+            let _ = ack.send(Ok(()));
+        }
+        self.permit = None;
+        self.engine.release(&self.record.id);
+        // Control messages that raced with the end get the definitive answer.
+        while let Ok(c) = self.ctl.try_recv() {
+            if let Control::Deliver { reply, .. } = c {
+                let _ = reply.send(Err(Error::finished(&self.record.id, self.record.status)));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// ±25% jitter, from a cheap per-call random source.
+fn jitter(d: Duration) -> Duration {
+    let nanos = Timestamp::now().as_micros() as u64 ^ (d.as_nanos() as u64).rotate_left(17);
+    let mut x = nanos | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let frac = (x % 1000) as f64 / 1000.0; // 0..1
+    d.mul_f64(0.75 + frac * 0.5)
+}

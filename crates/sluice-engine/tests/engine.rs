@@ -1,0 +1,653 @@
+//! The engine end to end on the in-memory store: routing, fan-out/fan-in, workers, retries,
+//! timeouts, cancellation, panics, validation, followers, waiting and resuming, recovery.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sluice_engine::{
+    AnyEvent, Context, Emit, Engine, Error, InputEvent, RetryPolicy, StartEvent, StartRun, Step, StepError, StopEvent,
+    Workflow, WorkflowEvent, builtin,
+};
+use sluice_protocol::payload::ErrorCode;
+use sluice_protocol::{Event, RunStatus};
+use sluice_store::Store;
+use sluice_store_memory::MemoryStore;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Query(String);
+impl WorkflowEvent for Query {
+    const NAME: &'static str = "query";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Found {
+    source: String,
+    hits: u32,
+}
+impl WorkflowEvent for Found {
+    const NAME: &'static str = "found";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Other(u32);
+impl WorkflowEvent for Other {
+    const NAME: &'static str = "other";
+}
+
+fn engine_with(wfs: Vec<Workflow>) -> Engine {
+    Engine::new(Arc::new(MemoryStore::new()), wfs).unwrap()
+}
+
+fn input(v: Value) -> StartRun {
+    StartRun { input: v, ..Default::default() }
+}
+
+/// Every event of the run, checking `seq` is 1, 2, 3… and only the last is terminal.
+async fn events(engine: &Engine, id: &str) -> Vec<Event> {
+    let all: Vec<Event> = engine.handle(id).envelopes(0).map(|e| e.unwrap()).collect().await;
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "seq must be contiguous");
+        assert_eq!(e.is_terminal(), i + 1 == all.len(), "exactly one terminal event, last");
+    }
+    all
+}
+
+fn types(evs: &[Event]) -> Vec<&str> {
+    evs.iter().map(|e| e.event_type.as_str()).collect()
+}
+
+async fn run_to_end(engine: &Engine, wf: &str, v: Value) -> (sluice_protocol::RunRecord, Vec<Event>) {
+    let run = engine.start(wf, input(v)).await.unwrap();
+    let record = run.wait().await.unwrap();
+    let evs = events(engine, run.id()).await;
+    (record, evs)
+}
+
+#[tokio::test]
+async fn routes_across_steps_with_lifecycle_events() {
+    let wf = Workflow::builder("pipeline")
+        .step(Step::new("parse", |_c: Context, s: StartEvent| async move { Ok(Query(s.0["q"].as_str().unwrap_or("").into()).into()) }).emits::<Query>())
+        .step(
+            Step::new("search", |c: Context, q: Query| async move {
+                c.write_event_to_stream("progress", &json!({"pct": 50})).await?;
+                Ok(Found { source: q.0, hits: 3 }.into())
+            })
+            .emits::<Found>(),
+        )
+        .step(Step::new("answer", |_c: Context, f: Found| async move { Ok(Emit::stop(json!({"hits": f.hits, "q": f.source}))) }).emits::<StopEvent>())
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "pipeline", json!({"q": "rust"})).await;
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(rec.result, Some(json!({"hits": 3, "q": "rust"})));
+    assert_eq!(rec.last_seq, evs.len() as u64);
+    assert_eq!(
+        types(&evs),
+        [
+            "chain-started", "step-started", "step-completed", "step-started", "progress", "step-completed",
+            "step-started", "step-completed", "chain-completed"
+        ]
+    );
+    let steps: Vec<Option<u32>> = evs.iter().map(|e| e.step).collect();
+    assert_eq!(steps, [None, Some(1), Some(1), Some(2), Some(2), Some(2), Some(3), Some(3), None]);
+    assert_eq!(evs[0].data, json!({"workflow": "pipeline", "input": {"q": "rust"}}));
+    assert_eq!(evs[1].data, json!({"name": "parse"}));
+    assert_eq!(evs[8].data["result"], json!({"hits": 3, "q": "rust"}));
+    assert!(evs[8].data["duration_ms"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_and_fan_in_with_collect_events() {
+    let wf = Workflow::builder("fanout")
+        .step(
+            Step::new("split", |c: Context, _s: StartEvent| async move {
+                for src in ["a", "b", "c"] {
+                    c.send_event(Query(src.into())).await?;
+                }
+                Ok(Other(7).into())
+            })
+            .emits::<Query>()
+            .emits::<Other>(),
+        )
+        .step(
+            Step::new("search", |_c: Context, q: Query| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(Found { source: q.0, hits: 1 }.into())
+            })
+            .emits::<Found>()
+            .num_workers(3),
+        )
+        .step(
+            Step::any("join", &["found", "other"], |c: Context, ev: AnyEvent| async move {
+                let Some(all) = c.collect_events(ev, &["found", "found", "found", "other"]) else { return Ok(Emit::none()) };
+                let mut sources: Vec<String> = all[..3].iter().map(|e| e.decode::<Found>().unwrap().source).collect();
+                sources.sort();
+                Ok(Emit::stop(json!({"sources": sources, "other": all[3].data})))
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "fanout", json!(null)).await;
+    assert_eq!(rec.status, RunStatus::Completed, "{:?}", rec.error);
+    assert_eq!(rec.result, Some(json!({"sources": ["a", "b", "c"], "other": 7})));
+    let started = evs.iter().filter(|e| e.event_type == "step-started").count();
+    assert_eq!(started, 1 + 3 + 4, "split, three searches, four join instances");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn num_workers_bounds_concurrency() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let wf = Workflow::builder("workers")
+        .step(
+            Step::new("split", |c: Context, _s: StartEvent| async move {
+                for i in 0..12 {
+                    c.send_event(Other(i)).await?;
+                }
+                Ok(Emit::none())
+            })
+            .emits::<Other>(),
+        )
+        .step(
+            Step::new("work", move |_c: Context, o: Other| {
+                let (r, p) = (r.clone(), p.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    Ok(Found { source: o.0.to_string(), hits: 1 }.into())
+                }
+            })
+            .emits::<Found>()
+            .num_workers(4),
+        )
+        .step(
+            Step::new("join", |c: Context, f: Found| async move {
+                match c.collect(f, 12)? {
+                    Some(all) => Ok(Emit::stop(all.len())),
+                    None => Ok(Emit::none()),
+                }
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, _) = run_to_end(&engine, "workers", json!(null)).await;
+    assert_eq!(rec.result, Some(json!(12)));
+    assert_eq!(peak.load(Ordering::SeqCst), 4, "exactly num_workers instances ran at once");
+}
+
+fn flaky(fail_times: usize, attempts: u32) -> (Workflow, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let wf = Workflow::builder("flaky")
+        .step(
+            Step::new("call", move |_c: Context, _s: StartEvent| {
+                let calls = c2.clone();
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n <= fail_times {
+                        return Err(StepError::new(format!("attempt {n} failed")));
+                    }
+                    Ok(Emit::stop(json!({"attempts": n})))
+                }
+            })
+            .emits::<StopEvent>()
+            .retry(RetryPolicy::exponential(attempts, Duration::from_millis(5))),
+        )
+        .build()
+        .unwrap();
+    (wf, calls)
+}
+
+#[tokio::test]
+async fn retries_then_success() {
+    let (wf, calls) = flaky(2, 3);
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "flaky", json!(null)).await;
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(rec.result, Some(json!({"attempts": 3})));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(types(&evs), ["chain-started", "step-started", "step-completed", "chain-completed"]);
+}
+
+#[tokio::test]
+async fn retries_exhausted_end_in_chain_error() {
+    let (wf, calls) = flaky(10, 3);
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "flaky", json!(null)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(rec.status, RunStatus::Failed);
+    let err = rec.error.unwrap();
+    assert_eq!(err.code, ErrorCode::Failed);
+    assert_eq!(err.message, "step \"call\" failed: attempt 3 failed");
+    assert_eq!(types(&evs), ["chain-started", "step-started", "chain-error"]);
+    assert_eq!(evs[2].data["error"]["code"], "failed");
+    assert_eq!(evs[2].data["error"]["details"]["step"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn step_timeout_ends_with_timeout_code() {
+    let wf = Workflow::builder("slow")
+        .step(
+            Step::new("sleepy", |_c: Context, _s: StartEvent| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(Emit::stop(1))
+            })
+            .emits::<StopEvent>()
+            .timeout(Duration::from_secs(5))
+            .retry(RetryPolicy::exponential(2, Duration::from_secs(1))),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, _) = run_to_end(&engine, "slow", json!(null)).await;
+    let err = rec.error.unwrap();
+    assert_eq!(err.code, ErrorCode::Timeout);
+    assert!(err.message.contains("exceeded its timeout of 5s"), "{}", err.message);
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_timeout_ends_the_run() {
+    let wf = Workflow::builder("forever")
+        .step(
+            Step::new("wait", |_c: Context, _s: StartEvent| async move {
+                std::future::pending::<()>().await;
+                Ok(Emit::stop(1))
+            })
+            .emits::<StopEvent>(),
+        )
+        .run_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "forever", json!(null)).await;
+    assert_eq!(rec.status, RunStatus::Failed);
+    assert_eq!(rec.error.unwrap().code, ErrorCode::Timeout);
+    assert_eq!(types(&evs), ["chain-started", "step-started", "chain-error"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_step() {
+    let engine = engine_with(vec![builtin::ticker()]);
+    let run = engine.start("ticker", input(json!({"n": 1000, "delay_ms": 5}))).await.unwrap();
+    let mut evs = std::pin::pin!(run.envelopes(0));
+    // Wait until the step is writing ticks.
+    while let Some(e) = evs.next().await {
+        if e.unwrap().event_type == "tick" {
+            break;
+        }
+    }
+    run.cancel().await.unwrap();
+    let rec = run.wait().await.unwrap();
+    assert_eq!(rec.status, RunStatus::Cancelled);
+    let all = events(&engine, run.id()).await;
+    assert_eq!(all.last().unwrap().event_type, "chain-cancelled");
+    assert!(all.iter().filter(|e| e.event_type == "tick").count() < 1000);
+    // A finished run refuses further control.
+    assert!(matches!(run.cancel().await, Err(Error::RunFinished { status: "cancelled", .. })));
+    assert!(matches!(run.send("input", json!(1)).await, Err(Error::RunFinished { .. })));
+}
+
+#[tokio::test]
+async fn panicking_step_ends_in_chain_error() {
+    let wf = Workflow::builder("boom")
+        .step(
+            Step::new("explode", |_c: Context, _s: StartEvent| async move {
+                if true {
+                    panic!("kaboom");
+                }
+                Ok(Emit::stop(1))
+            })
+            .emits::<StopEvent>()
+            .retry(RetryPolicy::exponential(5, Duration::from_millis(1))),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "boom", json!(null)).await;
+    let err = rec.error.unwrap();
+    assert_eq!(err.code, ErrorCode::Failed);
+    assert_eq!(err.message, "step \"explode\" failed: panicked: kaboom");
+    assert_eq!(err.details.unwrap()["panicked"], true);
+    assert_eq!(types(&evs), ["chain-started", "step-started", "chain-error"]);
+}
+
+#[test]
+fn validation_names_step_and_type() {
+    let ok = |_c: Context, _s: StartEvent| async move { Ok(Emit::stop(1)) };
+    let msg = |b: sluice_engine::WorkflowBuilder| match b.build() {
+        Err(Error::InvalidWorkflow { message, .. }) => message,
+        other => panic!("expected InvalidWorkflow, got {other:?}"),
+    };
+    assert_eq!(
+        msg(Workflow::builder("w").step(Step::new("q", |_c: Context, _q: Query| async move { Ok(Emit::stop(1)) }).emits::<StopEvent>())),
+        "no step accepts the start event (StartEvent)"
+    );
+    assert_eq!(
+        msg(Workflow::builder("w").step(Step::new("a", ok).emits::<Query>().emits::<StopEvent>())),
+        "step \"a\" emits \"query\" but no step accepts it"
+    );
+    assert_eq!(
+        msg(Workflow::builder("w")
+            .step(Step::new("a", ok).emits::<StopEvent>())
+            .step(Step::new("b", |_c: Context, _q: Query| async move { Ok(Emit::none()) }))),
+        "step \"b\" accepts \"query\" but no step emits it (declare it with .emits())"
+    );
+    assert_eq!(
+        msg(Workflow::builder("w").step(Step::new("a", ok).emits::<Query>()).step(
+            Step::new("b", |_c: Context, _q: Query| async move { Ok(Emit::none()) }).emits::<Query>()
+        )),
+        "no step reachable from the start emits StopEvent, so no run could complete"
+    );
+    assert_eq!(
+        msg(Workflow::builder("w").step(Step::new("a", ok).emits::<StopEvent>()).step(Step::new("a", ok).emits::<StopEvent>())),
+        "two steps are named \"a\""
+    );
+    assert_eq!(
+        msg(Workflow::builder("w").step(Step::new("a", ok).requests_input().emits::<StopEvent>())),
+        "step \"a\" waits for \"input\" but no step accepts it"
+    );
+    assert_eq!(msg(Workflow::builder("Bad Name").step(Step::new("a", ok).emits::<StopEvent>())), "the workflow name must match [a-z][a-z0-9._-]{0,63}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_followers_see_identical_sequences() {
+    let engine = engine_with(vec![builtin::ticker()]);
+    let run = engine.start("ticker", input(json!({"n": 5000}))).await.unwrap();
+    let followers: Vec<_> = (0..3)
+        .map(|_| {
+            let h = run.clone();
+            tokio::spawn(async move { h.events(0).map(|e| e.unwrap()).collect::<Vec<_>>().await })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for f in followers {
+        seen.push(f.await.unwrap());
+    }
+    assert_eq!(seen[0].len(), 5000 + 4);
+    for (i, e) in seen[0].iter().enumerate() {
+        assert_eq!(e.seq(), i as u64 + 1);
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0], seen[2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_joining_mid_run_gets_everything() {
+    let engine = engine_with(vec![builtin::ticker()]);
+    let run = engine.start("ticker", input(json!({"n": 200, "delay_ms": 1}))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let last = run.record().await.unwrap();
+    assert_eq!(last.status, RunStatus::Running);
+    let late = events(&engine, run.id()).await;
+    assert_eq!(late.len(), 204);
+    let from_cursor: Vec<u64> = run.events(100).map(|e| e.unwrap().seq()).collect().await;
+    assert_eq!(from_cursor, (101..=204).collect::<Vec<_>>());
+    let ticks: Vec<u64> = late.iter().filter(|e| e.event_type == "tick").map(|e| e.data["i"].as_u64().unwrap()).collect();
+    assert_eq!(ticks, (0..200).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_input_holding_no_task_and_resumes() {
+    let engine = engine_with(vec![builtin::ask_human()]);
+    let run = engine.start("ask-human", input(json!({"prompt": "Proceed?"}))).await.unwrap();
+    let mut evs = std::pin::pin!(run.envelopes(0));
+    let mut prefix = Vec::new();
+    while let Some(e) = evs.next().await {
+        let e = e.unwrap();
+        let t = e.event_type.clone();
+        prefix.push(e);
+        if t == "step-completed" {
+            break;
+        }
+    }
+    assert_eq!(types(&prefix), ["chain-started", "step-started", "input-requested", "step-completed"]);
+    assert_eq!(prefix[2].data, json!({"prompt": "Proceed?"}));
+    assert_eq!(prefix[2].step, Some(1));
+    // The run goes waiting and its driver task exits.
+    for _ in 0..100 {
+        if run.record().await.unwrap().status == RunStatus::Waiting && engine.active_runs() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(run.record().await.unwrap().status, RunStatus::Waiting);
+    assert_eq!(engine.active_runs(), 0, "a waiting run holds no task");
+
+    // Wrong type: 422-style refusal naming what it waits for; the run keeps waiting.
+    match run.send("tool-results", json!({"results": []})).await {
+        Err(Error::NotWaiting { waiting_for, .. }) => assert_eq!(waiting_for, ["input"]),
+        other => panic!("expected NotWaiting, got {other:?}"),
+    }
+    assert_eq!(run.record().await.unwrap().status, RunStatus::Waiting);
+
+    run.send("input", json!({"ok": true})).await.unwrap();
+    let rec = run.wait().await.unwrap();
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(rec.result, Some(json!({"answer": {"ok": true}})));
+    let all = events(&engine, run.id()).await;
+    assert_eq!(
+        types(&all),
+        [
+            "chain-started", "step-started", "input-requested", "step-completed", "chain-resumed", "step-started",
+            "step-completed", "chain-completed"
+        ]
+    );
+    assert_eq!(all[4].data, json!({"from_step": 1}));
+    // A second answer is refused: the run is over.
+    assert!(matches!(run.send("input", json!(2)).await, Err(Error::RunFinished { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_run_survives_an_engine_restart() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let first = Engine::new(store.clone(), [builtin::ask_human()]).unwrap();
+    let run = first.start("ask-human", input(Value::Null)).await.unwrap();
+    let id = run.id().to_owned();
+    for _ in 0..200 {
+        if run.record().await.unwrap().status == RunStatus::Waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+    assert!(matches!(run.send("input", json!(1)).await, Err(Error::ShuttingDown)));
+
+    let second = Engine::new(store.clone(), [builtin::ask_human()]).unwrap();
+    assert_eq!(second.recover().await.unwrap(), sluice_engine::Recovered::default());
+    second.send(&id, "input", json!("yes")).await.unwrap();
+    let rec = second.handle(&id).wait().await.unwrap();
+    assert_eq!(rec.result, Some(json!({"answer": "yes"})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_run_resumes_after_restart_from_its_checkpoint() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let slow_second = || {
+        Workflow::builder("two")
+            .step(Step::new("first", |c: Context, _s: StartEvent| async move {
+                c.set("seen", 1)?;
+                Ok(Query("x".into()).into())
+            }).emits::<Query>())
+            .step(Step::new("second", |c: Context, _q: Query| async move {
+                let marker: Option<u32> = c.get("seen")?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(Emit::stop(json!({"seen": marker})))
+            }).emits::<StopEvent>())
+            .build()
+            .unwrap()
+    };
+    let first = Engine::new(store.clone(), [slow_second()]).unwrap();
+    let run = first.start("two", input(Value::Null)).await.unwrap();
+    let id = run.id().to_owned();
+    // Stop the engine while "second" sleeps.
+    let mut evs = std::pin::pin!(run.envelopes(0));
+    let mut started = 0;
+    while let Some(e) = evs.next().await {
+        if e.unwrap().event_type == "step-started" {
+            started += 1;
+            if started == 2 {
+                break;
+            }
+        }
+    }
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+    assert_eq!(store.get_run(&id).await.unwrap().unwrap().status, RunStatus::Running);
+
+    let second = Engine::new(store.clone(), [slow_second()]).unwrap();
+    assert_eq!(second.recover().await.unwrap().resumed, 1);
+    let rec = second.handle(&id).wait().await.unwrap();
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(rec.result, Some(json!({"seen": 1})), "state restored from the checkpoint");
+    let all = events(&second, &id).await;
+    assert_eq!(
+        types(&all),
+        [
+            "chain-started", "step-started", "step-completed", "step-started", "chain-resumed", "step-started",
+            "step-completed", "chain-completed"
+        ]
+    );
+    assert_eq!(all[4].data, json!({"from_step": 2}));
+    assert_eq!(all[5].step, Some(3), "the interrupted instance runs again under a new number");
+}
+
+#[tokio::test]
+async fn run_of_undeployed_workflow_is_interrupted_on_recovery() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let mut rec = sluice_protocol::RunRecord::new("run_orphan", "gone", json!(null));
+    rec.status = RunStatus::Running;
+    store.create_run(&rec).await.unwrap();
+    let engine = Engine::new(store.clone(), [builtin::ticker()]).unwrap();
+    assert_eq!(engine.recover().await.unwrap().interrupted, 1);
+    let rec = store.get_run("run_orphan").await.unwrap().unwrap();
+    assert_eq!(rec.status, RunStatus::Failed);
+    assert_eq!(rec.error.unwrap().code, ErrorCode::Interrupted);
+    assert_eq!(types(&events(&engine, "run_orphan").await), ["chain-error"]);
+}
+
+#[tokio::test]
+async fn step_budget_ends_with_max_steps() {
+    let wf = Workflow::builder("looper")
+        .step(Step::new("start", |_c: Context, _s: StartEvent| async move { Ok(Other(0).into()) }).emits::<Other>())
+        .step(Step::new("again", |_c: Context, o: Other| async move {
+            if o.0 > 1_000_000 { Ok(Emit::stop(o.0)) } else { Ok(Other(o.0 + 1).into()) }
+        }).emits::<Other>().emits::<StopEvent>())
+        .max_steps(5)
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "looper", json!(null)).await;
+    assert_eq!(rec.error.unwrap().code, ErrorCode::MaxSteps);
+    assert_eq!(evs.iter().filter(|e| e.event_type == "step-started").count(), 5);
+}
+
+#[tokio::test]
+async fn a_workflow_that_stalls_fails_instead_of_hanging() {
+    let wf = Workflow::builder("stall")
+        .step(Step::new("start", |_c: Context, _s: StartEvent| async move { Ok(Emit::none()) }).emits::<StopEvent>())
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, _) = run_to_end(&engine, "stall", json!(null)).await;
+    let err = rec.error.unwrap();
+    assert_eq!(err.code, ErrorCode::Failed);
+    assert!(err.message.contains("stalled"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn invalid_input_and_unknown_workflow_are_refused_before_a_run_exists() {
+    let engine = engine_with(vec![builtin::ticker()]);
+    match engine.start("ticker", input(json!({"n": "many"}))).await {
+        Err(Error::InvalidInput(m)) => assert!(m.starts_with("input.n:"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(engine.start("nope", input(json!({}))).await, Err(Error::UnknownWorkflow(_))));
+    assert!(engine.store().list_runs(&Default::default()).await.unwrap().runs.is_empty());
+    assert!(matches!(engine.send("run_nope", "input", json!(1)).await, Err(Error::UnknownRun(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_queues_then_refuses() {
+    let wf = Workflow::builder("gated")
+        .step(Step::new("hold", |_c: Context, _s: StartEvent| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Emit::stop(1))
+        }).emits::<StopEvent>())
+        .max_concurrent_runs(2)
+        .queue(3)
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        match engine.start("gated", input(json!(null))).await {
+            Ok(h) => accepted.push(h),
+            Err(Error::QueueFull { retry_after, .. }) => {
+                assert!(retry_after >= Duration::from_secs(1));
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(accepted.len(), 5, "2 running + 3 queued");
+    assert_eq!(refused, 5);
+    let stats = engine.stats();
+    assert_eq!((stats[0].running, stats[0].queued), (2, 3));
+    let queued = accepted.last().unwrap().record().await.unwrap();
+    assert_eq!(queued.status, RunStatus::Queued);
+    for h in &accepted {
+        assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
+    }
+    // Cancelling a queued run ends it without it ever starting.
+    let blockers: Vec<_> = futures_util::future::join_all((0..3).map(|_| engine.start("gated", input(json!(null))))).await;
+    let last = blockers.into_iter().last().unwrap().unwrap();
+    last.cancel().await.unwrap();
+    let rec = last.wait().await.unwrap();
+    assert_eq!(rec.status, RunStatus::Cancelled);
+    assert_eq!(types(&events(&engine, last.id()).await), ["chain-cancelled"]);
+}
+
+#[tokio::test]
+async fn steps_may_not_write_lifecycle_types() {
+    let wf = Workflow::builder("rude")
+        .step(Step::new("s", |c: Context, _s: StartEvent| async move {
+            let denied = c.write_event_to_stream("chain-completed", &json!({})).await;
+            let bad = c.write_event_to_stream("Not Valid", &json!({})).await;
+            c.write_event_to_stream("text-delta", &json!({"text": "ok"})).await?;
+            Ok(Emit::stop(json!([denied.is_err(), bad.is_err()])))
+        }).emits::<StopEvent>())
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, evs) = run_to_end(&engine, "rude", json!(null)).await;
+    assert_eq!(rec.result, Some(json!([true, true])));
+    assert_eq!(types(&evs), ["chain-started", "step-started", "text-delta", "step-completed", "chain-completed"]);
+}
+
+#[test]
+fn public_futures_and_streams_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let engine = engine_with(vec![builtin::ticker()]);
+    let h = engine.handle("run_x");
+    is_send(&engine.start("ticker", StartRun::default()));
+    is_send(&engine.send("run_x", "input", json!(1)));
+    is_send(&h.wait());
+    is_send(&h.events(0));
+    is_send(&h.envelopes(0));
+    is_send(&engine.recover());
+    let _ = InputEvent(json!(1));
+}
