@@ -23,7 +23,11 @@ fn main() {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// The whole engine path: the `ticker` step writes N events; one follower reads them all.
@@ -33,7 +37,16 @@ fn engine_step_to_follower(bencher: divan::Bencher) {
     let engine = Engine::new(Arc::new(MemoryStore::new()), [builtin::ticker()]).unwrap();
     bencher.counter(ItemsCount::new(N)).bench_local(|| {
         rt.block_on(async {
-            let run = engine.start("ticker", StartRun { input: json!({"n": N}), ..Default::default() }).await.unwrap();
+            let run = engine
+                .start(
+                    "ticker",
+                    StartRun {
+                        input: json!({"n": N}),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
             let mut events = std::pin::pin!(run.events(0));
             let mut ticks = 0u64;
             while let Some(ev) = events.next().await {
@@ -56,15 +69,34 @@ fn store_append_to_follower(bencher: divan::Bencher) {
         round += 1;
         let id = format!("run_{round:06}");
         rt.block_on(async {
-            store.create_run(&RunRecord::new(id.clone(), "bench", json!(null))).await.unwrap();
+            store
+                .create_run(&RunRecord::new(id.clone(), "bench", json!(null)))
+                .await
+                .unwrap();
             let reader = tokio::spawn({
                 let events = sluice_store::follow(store.clone(), id.clone(), 0);
-                async move { events.fold(0u64, |n, e| async move { e.unwrap(); n + 1 }).await }
+                async move {
+                    events
+                        .fold(0u64, |n, e| async move {
+                            e.unwrap();
+                            n + 1
+                        })
+                        .await
+                }
             });
             let mut seq = 1;
             while seq <= N {
                 let batch: Vec<RawEvent> = (seq..(seq + 256).min(N + 1))
-                    .map(|s| RawEvent::encode(s, &id, "tick", Timestamp::now(), Some(1), r#"{"text":"abcdefghijklmnop"}"#))
+                    .map(|s| {
+                        RawEvent::encode(
+                            s,
+                            &id,
+                            "tick",
+                            Timestamp::now(),
+                            Some(1),
+                            r#"{"text":"abcdefghijklmnop"}"#,
+                        )
+                    })
                     .collect();
                 seq += batch.len() as u64;
                 store.append(&id, &batch).await.unwrap();

@@ -18,9 +18,20 @@ use crate::{Error, Result, StepError};
 /// sent to other steps, and the step's end. One channel keeps a step's stream events ahead of its
 /// `step-completed`.
 pub(crate) enum Msg {
-    Stream { step: Option<u32>, event_type: Cow<'static, str>, data: String, ts: Timestamp },
-    Send { event: AnyEvent },
-    Done { step: u32, outcome: Result<Emit, Failure>, duration: Duration },
+    Stream {
+        step: Option<u32>,
+        event_type: Cow<'static, str>,
+        data: String,
+        ts: Timestamp,
+    },
+    Send {
+        event: AnyEvent,
+    },
+    Done {
+        step: u32,
+        outcome: Result<Emit, Failure>,
+        duration: Duration,
+    },
 }
 
 /// A step's final failure.
@@ -74,7 +85,11 @@ const STEP_LEVEL: [&str; 7] = [
 
 impl Context {
     pub(crate) fn new(shared: Arc<RunShared>, step: u32, step_name: Arc<str>) -> Self {
-        Self { shared, step, step_name }
+        Self {
+            shared,
+            step,
+            step_name,
+        }
     }
 
     /// The run's id.
@@ -114,7 +129,12 @@ impl Context {
             return Err(Error::InvalidEventType(event_type.into_owned()));
         }
         let data = serde_json::to_string(data)?;
-        let msg = Msg::Stream { step: Some(self.step), event_type, data, ts: Timestamp::now() };
+        let msg = Msg::Stream {
+            step: Some(self.step),
+            event_type,
+            data,
+            ts: Timestamp::now(),
+        };
         self.shared.tx.send(msg).await.map_err(|_| Error::RunEnded)
     }
 
@@ -132,7 +152,11 @@ impl Context {
     /// [`Error::Codec`] if it does not serialise, [`Error::RunEnded`] once the run is over.
     pub async fn send_event<E: WorkflowEvent>(&self, event: E) -> Result<()> {
         let event = AnyEvent::new(&event)?;
-        self.shared.tx.send(Msg::Send { event }).await.map_err(|_| Error::RunEnded)
+        self.shared
+            .tx
+            .send(Msg::Send { event })
+            .await
+            .map_err(|_| Error::RunEnded)
     }
 
     /// A value of the run's shared state.
@@ -165,7 +189,11 @@ impl Context {
         F: FnOnce(Option<T>) -> T,
     {
         let mut state = self.shared.state();
-        let current = state.get(key).cloned().map(serde_json::from_value).transpose()?;
+        let current = state
+            .get(key)
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()?;
         let new = f(current);
         state.insert(key.to_owned(), serde_json::to_value(&new)?);
         Ok(new)
@@ -181,7 +209,10 @@ impl Context {
         buf.push(event);
         let mut picked: Vec<usize> = Vec::with_capacity(expected.len());
         for want in expected {
-            let found = buf.iter().enumerate().position(|(i, e)| e.name == *want && !picked.contains(&i))?;
+            let found = buf
+                .iter()
+                .enumerate()
+                .position(|(i, e)| e.name == *want && !picked.contains(&i))?;
             picked.push(found);
         }
         let out: Vec<AnyEvent> = picked.iter().map(|&i| buf[i].clone()).collect();
@@ -201,14 +232,20 @@ impl Context {
     pub fn collect<E: WorkflowEvent>(&self, event: E, n: usize) -> Result<Option<Vec<E>>> {
         let expected = vec![E::NAME; n];
         match self.collect_events(AnyEvent::new(&event)?, &expected) {
-            Some(events) => Ok(Some(events.iter().map(AnyEvent::decode).collect::<Result<_>>()?)),
+            Some(events) => Ok(Some(
+                events.iter().map(AnyEvent::decode).collect::<Result<_>>()?,
+            )),
             None => Ok(None),
         }
     }
 
     /// Adds model token usage to the run's total (reported in `chain-completed` and the record).
     pub fn add_usage(&self, usage: &Usage) {
-        self.shared.usage.lock().unwrap_or_else(|p| p.into_inner()).add(usage);
+        self.shared
+            .usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(usage);
     }
 
     /// Resolves when the run is being cancelled or shut down; long steps may `select!` on it.

@@ -57,7 +57,9 @@ impl Slot {
     }
 
     pub fn leave_queue(&self) {
-        let _ = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_sub(1));
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_sub(1));
     }
 
     fn retry_after(&self) -> Duration {
@@ -111,7 +113,6 @@ impl EngineInner {
     pub fn count_events(&self, n: usize) {
         self.events.fetch_add(n as u64, Ordering::Relaxed);
     }
-
 }
 
 /// The workflow engine: deployed workflows, their admission control, and one driver task per
@@ -136,7 +137,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("workflows", &self.inner.slots.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("workflows", &self.inner.slots.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -156,7 +159,10 @@ impl Engine {
     ///
     /// # Errors
     /// [`Error::InvalidWorkflow`] when two workflows share a name or there are none.
-    pub fn new(store: Arc<dyn Store>, workflows: impl IntoIterator<Item = Workflow>) -> Result<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        workflows: impl IntoIterator<Item = Workflow>,
+    ) -> Result<Self> {
         let mut slots = HashMap::new();
         for wf in workflows {
             let name = wf.name().to_owned();
@@ -167,11 +173,17 @@ impl Engine {
                 avg_ms: AtomicU64::new(0),
             };
             if slots.insert(name.clone(), Arc::new(slot)).is_some() {
-                return Err(Error::InvalidWorkflow { workflow: name, message: "deployed twice".into() });
+                return Err(Error::InvalidWorkflow {
+                    workflow: name,
+                    message: "deployed twice".into(),
+                });
             }
         }
         if slots.is_empty() {
-            return Err(Error::InvalidWorkflow { workflow: String::new(), message: "no workflow is deployed".into() });
+            return Err(Error::InvalidWorkflow {
+                workflow: String::new(),
+                message: "no workflow is deployed".into(),
+            });
         }
         let inner = EngineInner {
             store,
@@ -181,7 +193,9 @@ impl Engine {
             tracker: TaskTracker::new(),
             events: AtomicU64::new(0),
         };
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The store runs are kept in.
@@ -211,7 +225,12 @@ impl Engine {
         if self.inner.token.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let slot = self.inner.slots.get(workflow).ok_or_else(|| Error::UnknownWorkflow(workflow.to_owned()))?.clone();
+        let slot = self
+            .inner
+            .slots
+            .get(workflow)
+            .ok_or_else(|| Error::UnknownWorkflow(workflow.to_owned()))?
+            .clone();
         slot.wf.validate_input(&req.input)?;
         let permit = match slot.semaphore.clone().try_acquire_owned() {
             Ok(p) => Some(p),
@@ -219,10 +238,15 @@ impl Engine {
                 let cap = slot.wf.queue();
                 let admitted = slot
                     .queued
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < cap).then_some(q + 1))
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                        (q < cap).then_some(q + 1)
+                    })
                     .is_ok();
                 if !admitted {
-                    return Err(Error::QueueFull { workflow: workflow.to_owned(), retry_after: slot.retry_after() });
+                    return Err(Error::QueueFull {
+                        workflow: workflow.to_owned(),
+                        retry_after: slot.retry_after(),
+                    });
                 }
                 None
             }
@@ -247,7 +271,10 @@ impl Engine {
 
     /// A handle on a run by id (whether it exists is checked by the handle's calls).
     pub fn handle(&self, run_id: &str) -> RunHandle {
-        RunHandle { id: run_id.to_owned(), engine: self.clone() }
+        RunHandle {
+            id: run_id.to_owned(),
+            engine: self.clone(),
+        }
     }
 
     /// Sends an event into a run: `input`, `tool-results`, or another type the run waits for.
@@ -264,7 +291,11 @@ impl Engine {
                 continue;
             };
             let (reply, answer) = oneshot::channel();
-            let msg = Control::Deliver { event_type: event_type.to_owned(), data: data.clone(), reply };
+            let msg = Control::Deliver {
+                event_type: event_type.to_owned(),
+                data: data.clone(),
+                reply,
+            };
             if tx.send(msg).await.is_err() {
                 continue;
             }
@@ -286,7 +317,13 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             };
-            if tx.send(Control::Cancel { reason: reason.clone() }).await.is_ok() {
+            if tx
+                .send(Control::Cancel {
+                    reason: reason.clone(),
+                })
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
         }
@@ -303,7 +340,12 @@ impl Engine {
             // A closed channel belongs to a driver writing the run's end: retry shortly.
             return Ok((!tx.is_closed()).then(|| tx.clone()));
         }
-        let record = self.inner.store.get_run(run_id).await?.ok_or_else(|| Error::UnknownRun(run_id.to_owned()))?;
+        let record = self
+            .inner
+            .store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| Error::UnknownRun(run_id.to_owned()))?;
         if record.status.is_terminal() {
             return Err(Error::finished(run_id, record.status));
         }
@@ -317,7 +359,11 @@ impl Engine {
             }
             if record.status != RunStatus::Waiting {
                 // Running or queued with no driver: only between a crash and `recover`.
-                return Err(Error::NotWaiting { run_id: run_id.to_owned(), event_type: String::new(), waiting_for: Vec::new() });
+                return Err(Error::NotWaiting {
+                    run_id: run_id.to_owned(),
+                    event_type: String::new(),
+                    waiting_for: Vec::new(),
+                });
             }
             let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
             active.insert(run_id.to_owned(), tx);
@@ -361,7 +407,8 @@ impl Engine {
                     continue;
                 }
                 let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
-                    self.interrupt(record, "its workflow is no longer deployed").await?;
+                    self.interrupt(record, "its workflow is no longer deployed")
+                        .await?;
                     out.interrupted += 1;
                     continue;
                 };
@@ -393,9 +440,19 @@ impl Engine {
             message: format!("the run cannot continue after a restart: {why}"),
             details: None,
         };
-        let data = serde_json::to_string(&sluice_protocol::payload::ChainError { error: error.clone(), usage: None })?;
+        let data = serde_json::to_string(&sluice_protocol::payload::ChainError {
+            error: error.clone(),
+            usage: None,
+        })?;
         let now = sluice_protocol::Timestamp::now();
-        let terminal = RawEvent::encode(seq, &record.id, sluice_protocol::kind::CHAIN_ERROR, now, None, &data);
+        let terminal = RawEvent::encode(
+            seq,
+            &record.id,
+            sluice_protocol::kind::CHAIN_ERROR,
+            now,
+            None,
+            &data,
+        );
         record.status = RunStatus::Failed;
         record.error = Some(error);
         record.finished_at = Some(now);
@@ -410,7 +467,9 @@ impl Engine {
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.inner.token.cancel();
         self.inner.tracker.close();
-        tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_ok()
     }
 
     /// A token cancelled when the engine shuts down.
@@ -436,7 +495,10 @@ impl Engine {
             .values()
             .map(|s| WorkflowStats {
                 name: s.wf.name().to_owned(),
-                running: s.wf.max_concurrent_runs().saturating_sub(s.semaphore.available_permits()),
+                running: s
+                    .wf
+                    .max_concurrent_runs()
+                    .saturating_sub(s.semaphore.available_permits()),
                 queued: s.queued.load(Ordering::Relaxed),
             })
             .collect();
@@ -465,13 +527,17 @@ impl RunHandle {
 
     /// The run's events with `seq > after` in their log form: history, then live, ending after
     /// the terminal event. Any number of followers may read one run at once.
-    pub fn events(&self, after: u64) -> impl Stream<Item = sluice_store::Result<RawEvent>> + Send + 'static {
+    pub fn events(
+        &self,
+        after: u64,
+    ) -> impl Stream<Item = sluice_store::Result<RawEvent>> + Send + 'static {
         sluice_store::follow(self.engine.inner.store.clone(), self.id.clone(), after)
     }
 
     /// Like [`events`](RunHandle::events), parsed into envelopes.
     pub fn envelopes(&self, after: u64) -> impl Stream<Item = Result<Event>> + Send + 'static {
-        self.events(after).map(|r| r.map_err(Error::from).and_then(|raw| Ok(raw.parse()?)))
+        self.events(after)
+            .map(|r| r.map_err(Error::from).and_then(|raw| Ok(raw.parse()?)))
     }
 
     /// The current record.
@@ -479,7 +545,12 @@ impl RunHandle {
     /// # Errors
     /// [`Error::UnknownRun`] or a store error.
     pub async fn record(&self) -> Result<RunRecord> {
-        self.engine.inner.store.get_run(&self.id).await?.ok_or_else(|| Error::UnknownRun(self.id.clone()))
+        self.engine
+            .inner
+            .store
+            .get_run(&self.id)
+            .await?
+            .ok_or_else(|| Error::UnknownRun(self.id.clone()))
     }
 
     /// Waits for the run to end and returns its final record.

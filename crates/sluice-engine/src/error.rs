@@ -62,7 +62,9 @@ pub enum Error {
         got: String,
     },
     /// A step tried to write an event type it may not write.
-    #[error("a step may not write event type {0:?}: use its own kebab-case name or a step-level reserved type")]
+    #[error(
+        "a step may not write event type {0:?}: use its own kebab-case name or a step-level reserved type"
+    )]
     InvalidEventType(String),
     /// The run has ended or is being stopped; the step should return.
     #[error("the run has ended")]
@@ -76,12 +78,19 @@ pub enum Error {
 }
 
 fn expecting(types: &[String]) -> String {
-    if types.is_empty() { String::new() } else { format!(" (it waits for {})", types.join(", ")) }
+    if types.is_empty() {
+        String::new()
+    } else {
+        format!(" (it waits for {})", types.join(", "))
+    }
 }
 
 impl Error {
     pub(crate) fn finished(run_id: &str, status: RunStatus) -> Self {
-        Self::RunFinished { run_id: run_id.to_owned(), status: status.as_str() }
+        Self::RunFinished {
+            run_id: run_id.to_owned(),
+            status: status.as_str(),
+        }
     }
 }
 
@@ -108,7 +117,12 @@ pub struct StepError {
 impl StepError {
     /// A retryable failure with code `failed`.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), code: ErrorCode::Failed, retryable: true, details: None }
+        Self {
+            message: message.into(),
+            code: ErrorCode::Failed,
+            retryable: true,
+            details: None,
+        }
     }
 
     /// Sets the `chain-error` code the run ends with if this failure is final.

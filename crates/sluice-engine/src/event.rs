@@ -36,7 +36,10 @@ impl AnyEvent {
     /// # Errors
     /// [`Error::Codec`] when the event cannot be serialised.
     pub fn new<E: WorkflowEvent>(event: &E) -> Result<Self> {
-        Ok(Self { name: E::NAME.to_owned(), data: serde_json::to_value(event)? })
+        Ok(Self {
+            name: E::NAME.to_owned(),
+            data: serde_json::to_value(event)?,
+        })
     }
 
     /// Decodes the payload as `E`.
@@ -46,7 +49,10 @@ impl AnyEvent {
     /// is not `E::NAME`.
     pub fn decode<E: WorkflowEvent>(&self) -> Result<E> {
         if self.name != E::NAME {
-            return Err(Error::WrongEvent { expected: E::NAME, got: self.name.clone() });
+            return Err(Error::WrongEvent {
+                expected: E::NAME,
+                got: self.name.clone(),
+            });
         }
         Ok(serde_json::from_value(self.data.clone())?)
     }
@@ -99,5 +105,7 @@ pub(crate) fn valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && b[0].is_ascii_lowercase()
-        && b[1..].iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+        && b[1..].iter().all(|&c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
 }

@@ -59,4 +59,7 @@ pub use engine::{Engine, Recovered, RunHandle, StartRun, WorkflowStats, new_run_
 pub use error::{Error, Result, StepError};
 pub use event::{AnyEvent, InputEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
 pub use step::{Emit, RetryPolicy, Step};
-pub use workflow::{InputValidator, Workflow, WorkflowBuilder};
+pub use workflow::{InputValidator, Limits, Workflow, WorkflowBuilder};
+
+/// The protocol's typed payloads steps use (re-exported so workflows need no extra dependency).
+pub use sluice_protocol::payload as protocol_payload;

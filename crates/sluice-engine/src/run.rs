@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde_json::{Value, json};
 use sluice_protocol::payload::{
-    ChainCancelled, ChainCompleted, ChainError, ChainResumed, ChainStarted, ErrorCode, ErrorInfo, StepCompleted,
-    StepStarted, ToolResults,
+    ChainCancelled, ChainCompleted, ChainError, ChainResumed, ChainStarted, ErrorCode, ErrorInfo,
+    StepCompleted, StepStarted, ToolResults,
 };
 use sluice_protocol::{RawEvent, RunRecord, RunStatus, Timestamp, Usage, kind};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -29,8 +29,14 @@ const STEP_CHANNEL: usize = 1024;
 
 /// Requests from outside to a run's driver.
 pub(crate) enum Control {
-    Deliver { event_type: String, data: Value, reply: oneshot::Sender<Result<()>> },
-    Cancel { reason: Option<String> },
+    Deliver {
+        event_type: String,
+        data: Value,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Cancel {
+        reason: Option<String>,
+    },
 }
 
 /// How a driver starts.
@@ -52,7 +58,11 @@ enum Outcome {
 }
 
 fn failed(code: ErrorCode, message: impl Into<String>) -> Outcome {
-    Outcome::Failed(ErrorInfo { code, message: message.into(), details: None })
+    Outcome::Failed(ErrorInfo {
+        code,
+        message: message.into(),
+        details: None,
+    })
 }
 
 pub(crate) struct Driver {
@@ -79,7 +89,12 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub(crate) fn new(engine: Arc<EngineInner>, slot: Arc<Slot>, record: RunRecord, ctl: mpsc::Receiver<Control>) -> Self {
+    pub(crate) fn new(
+        engine: Arc<EngineInner>,
+        slot: Arc<Slot>,
+        record: RunRecord,
+        ctl: mpsc::Receiver<Control>,
+    ) -> Self {
         let wf = slot.wf.clone();
         let (tx, rx) = mpsc::channel(STEP_CHANNEL);
         let shared = Arc::new(RunShared {
@@ -131,21 +146,35 @@ impl Driver {
         let mut waking = false;
         match mode {
             Mode::Fresh(reserved) => {
-                let Some(permit) = self.admit(reserved).await? else { return Ok(()) };
+                let Some(permit) = self.admit(reserved).await? else {
+                    return Ok(());
+                };
                 self.permit = Some(permit);
                 self.begin_fresh().await?;
             }
             Mode::Wake => {
                 if let Err(message) = self.restore().await {
-                    return self.end(failed(ErrorCode::Interrupted, format!("could not resume: {message}"))).await;
+                    return self
+                        .end(failed(
+                            ErrorCode::Interrupted,
+                            format!("could not resume: {message}"),
+                        ))
+                        .await;
                 }
                 waking = true;
             }
             Mode::Recover => {
                 if let Err(message) = self.restore().await {
-                    return self.end(failed(ErrorCode::Interrupted, format!("could not resume after a restart: {message}"))).await;
+                    return self
+                        .end(failed(
+                            ErrorCode::Interrupted,
+                            format!("could not resume after a restart: {message}"),
+                        ))
+                        .await;
                 }
-                let Some(permit) = self.acquire().await? else { return Ok(()) };
+                let Some(permit) = self.acquire().await? else {
+                    return Ok(());
+                };
                 self.permit = Some(permit);
                 self.resume().await?;
             }
@@ -181,7 +210,10 @@ impl Driver {
 
     /// Waits for a slot of the workflow while queued; `None` if cancelled or shut down meanwhile
     /// (the run has then been ended or left for recovery).
-    async fn admit(&mut self, reserved: Option<OwnedSemaphorePermit>) -> Result<Option<OwnedSemaphorePermit>> {
+    async fn admit(
+        &mut self,
+        reserved: Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<OwnedSemaphorePermit>> {
         let slot = self.slot.clone();
         let permit = if let Some(p) = reserved {
             p
@@ -246,8 +278,14 @@ impl Driver {
             session_id: self.record.session_id.clone(),
         };
         self.push(kind::CHAIN_STARTED, None, &started);
-        self.route(AnyEvent { name: StartEvent::NAME.to_owned(), data: self.record.input.clone() })
-            .map_err(|_| Error::InvalidWorkflow { workflow: self.wf.name().to_owned(), message: "no start step".into() })?;
+        self.route(AnyEvent {
+            name: StartEvent::NAME.to_owned(),
+            data: self.record.input.clone(),
+        })
+        .map_err(|_| Error::InvalidWorkflow {
+            workflow: self.wf.name().to_owned(),
+            message: "no start step".into(),
+        })?;
         Ok(())
     }
 
@@ -266,24 +304,43 @@ impl Driver {
             Err(e) => return Err(e.to_string()),
         };
         let cp: Checkpoint = match cp {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("unreadable checkpoint: {e}"))?,
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("unreadable checkpoint: {e}"))?
+            }
             None => Checkpoint {
                 queues: self
                     .start_steps()
-                    .map(|name| (name, vec![AnyEvent { name: StartEvent::NAME.to_owned(), data: self.record.input.clone() }]))
+                    .map(|name| {
+                        (
+                            name,
+                            vec![AnyEvent {
+                                name: StartEvent::NAME.to_owned(),
+                                data: self.record.input.clone(),
+                            }],
+                        )
+                    })
                     .collect(),
                 ..Checkpoint::default()
             },
         };
         if cp.version > CHECKPOINT_VERSION {
-            return Err(format!("checkpoint version {} is newer than this server", cp.version));
+            return Err(format!(
+                "checkpoint version {} is newer than this server",
+                cp.version
+            ));
         }
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = cp.state;
-        *self.shared.collected.lock().unwrap_or_else(|p| p.into_inner()) = cp.collected;
+        *self
+            .shared
+            .collected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = cp.collected;
         *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = cp.usage;
         for (name, events) in cp.queues {
             let Some(i) = self.wf.inner.steps.iter().position(|s| s.name == name) else {
-                return Err(format!("step {name:?} of the checkpoint is no longer in the workflow"));
+                return Err(format!(
+                    "step {name:?} of the checkpoint is no longer in the workflow"
+                ));
             };
             self.queues[i].extend(events);
         }
@@ -293,7 +350,13 @@ impl Driver {
     }
 
     fn start_steps(&self) -> impl Iterator<Item = String> + '_ {
-        let idx = self.wf.inner.routes.get(StartEvent::NAME).cloned().unwrap_or_default();
+        let idx = self
+            .wf
+            .inner
+            .routes
+            .get(StartEvent::NAME)
+            .cloned()
+            .unwrap_or_default();
         idx.into_iter().map(|i| self.wf.inner.steps[i].name.clone())
     }
 
@@ -306,7 +369,13 @@ impl Driver {
         self.record.last_seq = self.next_seq - 1;
         self.engine.store.put_run(&self.record).await?;
         self.set_deadline();
-        self.push(kind::CHAIN_RESUMED, None, &ChainResumed { from_step: self.step_counter });
+        self.push(
+            kind::CHAIN_RESUMED,
+            None,
+            &ChainResumed {
+                from_step: self.step_counter,
+            },
+        );
         Ok(())
     }
 
@@ -323,13 +392,19 @@ impl Driver {
             match c {
                 None => return Ok(Some(Outcome::Sleep)),
                 Some(Control::Cancel { reason }) => return Ok(Some(Outcome::Cancelled(reason))),
-                Some(Control::Deliver { event_type, data, reply }) => match self.accept_delivery(&event_type, data) {
+                Some(Control::Deliver {
+                    event_type,
+                    data,
+                    reply,
+                }) => match self.accept_delivery(&event_type, data) {
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                     Ok(()) => {
                         self.acks.push(reply);
-                        let Some(permit) = self.acquire().await? else { return Ok(Some(Outcome::Shutdown)) };
+                        let Some(permit) = self.acquire().await? else {
+                            return Ok(Some(Outcome::Shutdown));
+                        };
                         self.permit = Some(permit);
                         self.resume().await?;
                         // The delivery is durable once checkpointed; only then is it acknowledged.
@@ -355,8 +430,17 @@ impl Driver {
                 .map_err(|e| Error::InvalidInput(format!("data: {e}")))?;
         }
         self.waits.remove(pos);
-        let event = AnyEvent { name: event_type.to_owned(), data };
-        let targets = self.wf.inner.routes.get(event_type).cloned().unwrap_or_default();
+        let event = AnyEvent {
+            name: event_type.to_owned(),
+            data,
+        };
+        let targets = self
+            .wf
+            .inner
+            .routes
+            .get(event_type)
+            .cloned()
+            .unwrap_or_default();
         for i in targets {
             self.queues[i].push_back(event.clone());
         }
@@ -419,11 +503,16 @@ impl Driver {
     fn dispatch(&mut self) -> Option<Outcome> {
         for i in 0..self.queues.len() {
             while self.busy[i] < self.wf.inner.steps[i].num_workers {
-                let Some(event) = self.queues[i].pop_front() else { break };
+                let Some(event) = self.queues[i].pop_front() else {
+                    break;
+                };
                 if self.step_counter >= self.wf.inner.max_steps {
                     return Some(failed(
                         ErrorCode::MaxSteps,
-                        format!("the run reached its budget of {} steps", self.wf.inner.max_steps),
+                        format!(
+                            "the run reached its budget of {} steps",
+                            self.wf.inner.max_steps
+                        ),
                     ));
                 }
                 self.start_step(i, event);
@@ -445,7 +534,9 @@ impl Driver {
         self.step_counter += 1;
         let n = self.step_counter;
         let step: &Step = &self.wf.inner.steps[i];
-        let started = StepStarted { name: step.name.clone() };
+        let started = StepStarted {
+            name: step.name.clone(),
+        };
         let ctx = Context::new(self.shared.clone(), n, Arc::from(step.name.as_str()));
         let (handler, retry, timeout) = (step.handler.clone(), step.retry.clone(), step.timeout);
         self.push(kind::STEP_STARTED, Some(n), &started);
@@ -489,18 +580,39 @@ impl Driver {
 
     fn on_msg(&mut self, msg: Msg) -> Option<Outcome> {
         match msg {
-            Msg::Stream { step, event_type, data, ts } => {
-                self.buf.push(RawEvent::encode(self.next_seq, &self.record.id, &event_type, ts, step, &data));
+            Msg::Stream {
+                step,
+                event_type,
+                data,
+                ts,
+            } => {
+                self.buf.push(RawEvent::encode(
+                    self.next_seq,
+                    &self.record.id,
+                    &event_type,
+                    ts,
+                    step,
+                    &data,
+                ));
                 self.next_seq += 1;
                 None
             }
             Msg::Send { event } => self.route(event).err(),
-            Msg::Done { step, outcome, duration } => self.on_done(step, outcome, duration),
+            Msg::Done {
+                step,
+                outcome,
+                duration,
+            } => self.on_done(step, outcome, duration),
         }
     }
 
-    fn on_done(&mut self, n: u32, outcome: std::result::Result<Emit, Failure>, duration: Duration) -> Option<Outcome> {
-        let Some((i, _input)) = self.in_flight.remove(&n) else { return None };
+    fn on_done(
+        &mut self,
+        n: u32,
+        outcome: std::result::Result<Emit, Failure>,
+        duration: Duration,
+    ) -> Option<Outcome> {
+        let (i, _input) = self.in_flight.remove(&n)?;
         self.busy[i] -= 1;
         self.boundary = true;
         let name = self.wf.inner.steps[i].name.clone();
@@ -519,13 +631,26 @@ impl Driver {
             }
         };
         if let Some(message) = emit.error {
-            return Some(failed(ErrorCode::Failed, format!("step {name:?} failed: {message}")));
+            return Some(failed(
+                ErrorCode::Failed,
+                format!("step {name:?} failed: {message}"),
+            ));
         }
         for w in emit.waits {
             self.push_value(w.stream_type, Some(n), &w.data);
-            self.waits.push(Wait { reply: w.reply.to_owned(), step: n });
+            self.waits.push(Wait {
+                reply: w.reply.to_owned(),
+                step: n,
+            });
         }
-        self.push(kind::STEP_COMPLETED, Some(n), &StepCompleted { name, duration_ms: duration.as_millis() as u64 });
+        self.push(
+            kind::STEP_COMPLETED,
+            Some(n),
+            &StepCompleted {
+                name,
+                duration_ms: duration.as_millis() as u64,
+            },
+        );
         for event in emit.events {
             if event.name == StopEvent::NAME {
                 return Some(Outcome::Completed(event.data));
@@ -539,7 +664,10 @@ impl Driver {
 
     fn route(&mut self, event: AnyEvent) -> std::result::Result<(), Outcome> {
         let Some(targets) = self.wf.inner.routes.get(&event.name) else {
-            return Err(failed(ErrorCode::Failed, format!("event {:?} was emitted but no step accepts it", event.name)));
+            return Err(failed(
+                ErrorCode::Failed,
+                format!("event {:?} was emitted but no step accepts it", event.name),
+            ));
         };
         let targets = targets.clone();
         for i in targets {
@@ -552,7 +680,14 @@ impl Driver {
 
     fn push(&mut self, event_type: &str, step: Option<u32>, data: &impl serde::Serialize) {
         let data = serde_json::to_string(data).unwrap_or_else(|_| "null".to_owned());
-        self.buf.push(RawEvent::encode(self.next_seq, &self.record.id, event_type, Timestamp::now(), step, &data));
+        self.buf.push(RawEvent::encode(
+            self.next_seq,
+            &self.record.id,
+            event_type,
+            Timestamp::now(),
+            step,
+            &data,
+        ));
         self.next_seq += 1;
     }
 
@@ -575,8 +710,12 @@ impl Driver {
         let mut queues: Vec<(String, Vec<AnyEvent>)> = Vec::new();
         for (i, step) in self.wf.inner.steps.iter().enumerate() {
             let mut events: Vec<AnyEvent> = Vec::new();
-            let mut running: Vec<(&u32, &AnyEvent)> =
-                self.in_flight.iter().filter(|(_, (s, _))| *s == i).map(|(n, (_, e))| (n, e)).collect();
+            let mut running: Vec<(&u32, &AnyEvent)> = self
+                .in_flight
+                .iter()
+                .filter(|(_, (s, _))| *s == i)
+                .map(|(n, (_, e))| (n, e))
+                .collect();
             running.sort_by_key(|(n, _)| **n);
             events.extend(running.into_iter().map(|(_, e)| e.clone()));
             events.extend(self.queues[i].iter().cloned());
@@ -586,15 +725,28 @@ impl Driver {
         }
         let cp = Checkpoint {
             version: CHECKPOINT_VERSION,
-            state: self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            collected: self.shared.collected.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            state: self
+                .shared
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            collected: self
+                .shared
+                .collected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             queues,
             waits: self.waits.clone(),
             step_counter: self.step_counter,
             usage: self.usage(),
         };
         let bytes = serde_json::to_vec(&cp)?;
-        self.engine.store.put_checkpoint(&self.record.id, Bytes::from(bytes)).await?;
+        self.engine
+            .store
+            .put_checkpoint(&self.record.id, Bytes::from(bytes))
+            .await?;
         self.boundary = false;
         for ack in self.acks.drain(..) {
             let _ = ack.send(Ok(()));
@@ -620,7 +772,8 @@ impl Driver {
 
     /// Gives up the run's slot in the engine's registry unless control messages are queued.
     fn try_release(&mut self) -> bool {
-        self.engine.release_if(&self.record.id, || self.ctl.is_empty())
+        self.engine
+            .release_if(&self.record.id, || self.ctl.is_empty())
     }
 
     async fn end(&mut self, outcome: Outcome) -> Result<()> {
@@ -642,20 +795,37 @@ impl Driver {
             Outcome::Completed(result) => {
                 self.record.status = RunStatus::Completed;
                 self.record.result = Some(result.clone());
-                (kind::CHAIN_COMPLETED, serde_json::to_string(&ChainCompleted { result, usage, duration_ms })?)
+                (
+                    kind::CHAIN_COMPLETED,
+                    serde_json::to_string(&ChainCompleted {
+                        result,
+                        usage,
+                        duration_ms,
+                    })?,
+                )
             }
             Outcome::Failed(error) => {
                 self.record.status = RunStatus::Failed;
                 self.record.error = Some(error.clone());
-                (kind::CHAIN_ERROR, serde_json::to_string(&ChainError { error, usage: Some(usage) })?)
+                (
+                    kind::CHAIN_ERROR,
+                    serde_json::to_string(&ChainError {
+                        error,
+                        usage: Some(usage),
+                    })?,
+                )
             }
             Outcome::Cancelled(reason) => {
                 self.record.status = RunStatus::Cancelled;
-                (kind::CHAIN_CANCELLED, serde_json::to_string(&ChainCancelled { reason })?)
+                (
+                    kind::CHAIN_CANCELLED,
+                    serde_json::to_string(&ChainCancelled { reason })?,
+                )
             }
             Outcome::Sleep | Outcome::Shutdown => return Ok(()),
         };
-        let terminal = RawEvent::encode(self.next_seq, &self.record.id, event_type, now, None, &data);
+        let terminal =
+            RawEvent::encode(self.next_seq, &self.record.id, event_type, now, None, &data);
         self.record.usage = usage;
         self.record.finished_at = Some(now);
         self.record.last_seq = self.next_seq;

@@ -11,7 +11,8 @@ use sluice_protocol::payload::{InputRequested, ToolCall, Tools};
 use crate::event::{AnyEvent, InputEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
 use crate::{Context, StepError};
 
-pub(crate) type Handler = Arc<dyn Fn(Context, AnyEvent) -> BoxFuture<'static, Result<Emit, StepError>> + Send + Sync>;
+pub(crate) type Handler =
+    Arc<dyn Fn(Context, AnyEvent) -> BoxFuture<'static, Result<Emit, StepError>> + Send + Sync>;
 
 /// How a failing step is retried.
 ///
@@ -38,18 +39,31 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// One attempt only.
     pub fn none() -> Self {
-        Self { max_attempts: 1, initial_backoff: Duration::from_millis(100), multiplier: 2.0, max_backoff: Duration::from_secs(10) }
+        Self {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_backoff: Duration::from_secs(10),
+        }
     }
 
     /// `max_attempts` attempts with exponential backoff from `initial_backoff`.
     pub fn exponential(max_attempts: u32, initial_backoff: Duration) -> Self {
-        Self { max_attempts: max_attempts.max(1), initial_backoff, ..Self::none() }
+        Self {
+            max_attempts: max_attempts.max(1),
+            initial_backoff,
+            ..Self::none()
+        }
     }
 
     /// The wait after failed attempt `attempt` (1-based), before jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
-        let secs = (self.initial_backoff.as_secs_f64() * factor).min(self.max_backoff.as_secs_f64());
+        let factor = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let secs =
+            (self.initial_backoff.as_secs_f64() * factor).min(self.max_backoff.as_secs_f64());
         Duration::from_secs_f64(secs.max(0.0))
     }
 }
@@ -97,7 +111,9 @@ impl Emit {
     pub fn and<E: WorkflowEvent>(mut self, event: E) -> Self {
         match AnyEvent::new(&event) {
             Ok(e) => self.events.push(e),
-            Err(e) => self.error = Some(format!("event {:?} could not be serialised: {e}", E::NAME)),
+            Err(e) => {
+                self.error = Some(format!("event {:?} could not be serialised: {e}", E::NAME))
+            }
         }
         self
     }
@@ -112,7 +128,10 @@ impl Emit {
     pub fn stop(result: impl Serialize) -> Self {
         match serde_json::to_value(result) {
             Ok(v) => Self::event(StopEvent(v)),
-            Err(e) => Self { error: Some(format!("result could not be serialised: {e}")), ..Self::none() },
+            Err(e) => Self {
+                error: Some(format!("result could not be serialised: {e}")),
+                ..Self::none()
+            },
         }
     }
 
@@ -126,13 +145,21 @@ impl Emit {
     /// Pauses the run for client-side tools: emits `tools-requested`; the run goes `waiting`
     /// until a `tool-results` event arrives, routed as a [`ToolResultsEvent`].
     pub fn request_tools(mut self, tools: Vec<ToolCall>) -> Self {
-        self.push_wait(kind::TOOLS_REQUESTED, &Tools { tools }, ToolResultsEvent::NAME);
+        self.push_wait(
+            kind::TOOLS_REQUESTED,
+            &Tools { tools },
+            ToolResultsEvent::NAME,
+        );
         self
     }
 
     fn push_wait(&mut self, stream_type: &'static str, data: &impl Serialize, reply: &'static str) {
         match serde_json::to_value(data) {
-            Ok(data) => self.waits.push(WaitRequest { stream_type, data, reply }),
+            Ok(data) => self.waits.push(WaitRequest {
+                stream_type,
+                data,
+                reply,
+            }),
             Err(e) => self.error = Some(format!("{stream_type} could not be serialised: {e}")),
         }
     }
@@ -188,7 +215,9 @@ impl Step {
         let handler: Handler = Arc::new(move |ctx, ev: AnyEvent| {
             let f = f.clone();
             Box::pin(async move {
-                let typed = ev.decode::<E>().map_err(|e| StepError::new(format!("bad {:?} event: {e}", E::NAME)).no_retry())?;
+                let typed = ev.decode::<E>().map_err(|e| {
+                    StepError::new(format!("bad {:?} event: {e}", E::NAME)).no_retry()
+                })?;
                 f(ctx, typed).await
             })
         });
@@ -203,11 +232,23 @@ impl Step {
         Fut: Future<Output = Result<Emit, StepError>> + Send + 'static,
     {
         let handler: Handler = Arc::new(move |ctx, ev| Box::pin(f(ctx, ev)));
-        Self::with_handler(name.into(), accepts.iter().map(|s| (*s).to_owned()).collect(), handler)
+        Self::with_handler(
+            name.into(),
+            accepts.iter().map(|s| (*s).to_owned()).collect(),
+            handler,
+        )
     }
 
     fn with_handler(name: String, accepts: Vec<String>, handler: Handler) -> Self {
-        Self { name, accepts, emits: Vec::new(), num_workers: 1, retry: RetryPolicy::none(), timeout: None, handler }
+        Self {
+            name,
+            accepts,
+            emits: Vec::new(),
+            num_workers: 1,
+            retry: RetryPolicy::none(),
+            timeout: None,
+            handler,
+        }
     }
 
     /// Declares that the step may emit `E` (checked when the workflow is built).

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::event::{InputEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent, valid_name};
+use crate::event::{
+    InputEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent, valid_name,
+};
 use crate::step::Step;
 use crate::{Error, Result};
 
@@ -17,6 +19,7 @@ pub struct Workflow {
     pub(crate) inner: Arc<WorkflowDef>,
 }
 
+#[derive(Clone)]
 pub(crate) struct WorkflowDef {
     pub name: String,
     pub kind: String,
@@ -34,7 +37,10 @@ pub(crate) struct WorkflowDef {
 
 impl std::fmt::Debug for Workflow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Workflow").field("name", &self.inner.name).field("steps", &self.inner.steps).finish_non_exhaustive()
+        f.debug_struct("Workflow")
+            .field("name", &self.inner.name)
+            .field("steps", &self.inner.steps)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,6 +91,40 @@ impl Workflow {
         self.inner.queue
     }
 
+    /// The same definition deployed under another name and with other limits (used to deploy a
+    /// built-in kind from configuration).
+    ///
+    /// # Errors
+    /// [`Error::InvalidWorkflow`] when the name is malformed.
+    pub fn configure(&self, name: &str, limits: &Limits) -> Result<Workflow> {
+        if !valid_name(name) {
+            return Err(Error::InvalidWorkflow {
+                workflow: name.to_owned(),
+                message: "the workflow name must match [a-z][a-z0-9._-]{0,63}".into(),
+            });
+        }
+        let mut def = (*self.inner).clone();
+        def.name = name.to_owned();
+        if let Some(n) = limits.max_concurrent_runs {
+            def.max_concurrent_runs = n.max(1);
+        }
+        if let Some(n) = limits.queue {
+            def.queue = n;
+        }
+        if let Some(t) = limits.run_timeout {
+            def.run_timeout = Some(t);
+        }
+        if let Some(n) = limits.max_steps {
+            def.max_steps = n.max(1);
+        }
+        if let Some(d) = &limits.description {
+            def.description = d.clone();
+        }
+        Ok(Workflow {
+            inner: Arc::new(def),
+        })
+    }
+
     /// Checks an input with the workflow's validator.
     ///
     /// # Errors
@@ -95,6 +135,21 @@ impl Workflow {
             None => Ok(()),
         }
     }
+}
+
+/// Per-deployment overrides of a workflow's limits; `None` keeps the definition's value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Runs executing at once.
+    pub max_concurrent_runs: Option<usize>,
+    /// Runs allowed to queue.
+    pub queue: Option<usize>,
+    /// Time limit of a run.
+    pub run_timeout: Option<Duration>,
+    /// Step budget of a run.
+    pub max_steps: Option<u32>,
+    /// Description shown to clients.
+    pub description: Option<String>,
 }
 
 /// Builds a [`Workflow`]; [`build`](WorkflowBuilder::build) validates it.
@@ -137,7 +192,10 @@ impl WorkflowBuilder {
     }
 
     /// Checks inputs before runs are accepted.
-    pub fn validate_input(mut self, f: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static) -> Self {
+    pub fn validate_input(
+        mut self,
+        f: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
         self.validator = Some(Arc::new(f));
         self
     }
@@ -174,9 +232,14 @@ impl WorkflowBuilder {
     /// taken twice; no step accepts [`StartEvent`]; a step emits a type no step accepts; a step
     /// accepts a type nothing produces; no [`StopEvent`] is reachable from the start.
     pub fn build(self) -> Result<Workflow> {
-        let invalid = |message: String| Error::InvalidWorkflow { workflow: self.name.clone(), message };
+        let invalid = |message: String| Error::InvalidWorkflow {
+            workflow: self.name.clone(),
+            message,
+        };
         if !valid_name(&self.name) {
-            return Err(invalid("the workflow name must match [a-z][a-z0-9._-]{0,63}".into()));
+            return Err(invalid(
+                "the workflow name must match [a-z][a-z0-9._-]{0,63}".into(),
+            ));
         }
         if self.steps.is_empty() {
             return Err(invalid("it has no steps".into()));
@@ -191,31 +254,52 @@ impl WorkflowBuilder {
                 return Err(invalid("a step has an empty name".into()));
             }
             if step.accepts.is_empty() {
-                return Err(invalid(format!("step {:?} accepts no event type", step.name)));
+                return Err(invalid(format!(
+                    "step {:?} accepts no event type",
+                    step.name
+                )));
             }
             for a in &step.accepts {
                 if !valid_name(a) {
-                    return Err(invalid(format!("step {:?} accepts {a:?}, not a valid event name", step.name)));
+                    return Err(invalid(format!(
+                        "step {:?} accepts {a:?}, not a valid event name",
+                        step.name
+                    )));
                 }
                 if a == StopEvent::NAME {
-                    return Err(invalid(format!("step {:?} accepts \"stop\", which ends the run", step.name)));
+                    return Err(invalid(format!(
+                        "step {:?} accepts \"stop\", which ends the run",
+                        step.name
+                    )));
                 }
                 routes.entry(a.clone()).or_default().push(i);
             }
         }
         if !routes.contains_key(StartEvent::NAME) {
-            return Err(invalid("no step accepts the start event (StartEvent)".into()));
+            return Err(invalid(
+                "no step accepts the start event (StartEvent)".into(),
+            ));
         }
         let external = [InputEvent::NAME, ToolResultsEvent::NAME];
         let mut produced: BTreeSet<&str> = BTreeSet::from([StartEvent::NAME]);
         for step in &self.steps {
             for e in &step.emits {
                 if !valid_name(e) {
-                    return Err(invalid(format!("step {:?} emits {e:?}, not a valid event name", step.name)));
+                    return Err(invalid(format!(
+                        "step {:?} emits {e:?}, not a valid event name",
+                        step.name
+                    )));
                 }
                 if e != StopEvent::NAME && !routes.contains_key(e) {
-                    let what = if external.contains(&e.as_str()) { "waits for" } else { "emits" };
-                    return Err(invalid(format!("step {:?} {what} {e:?} but no step accepts it", step.name)));
+                    let what = if external.contains(&e.as_str()) {
+                        "waits for"
+                    } else {
+                        "emits"
+                    };
+                    return Err(invalid(format!(
+                        "step {:?} {what} {e:?} but no step accepts it",
+                        step.name
+                    )));
                 }
                 produced.insert(e);
             }
@@ -246,7 +330,9 @@ impl WorkflowBuilder {
             }
         }
         if !stop_reachable {
-            return Err(invalid("no step reachable from the start emits StopEvent, so no run could complete".into()));
+            return Err(invalid(
+                "no step reachable from the start emits StopEvent, so no run could complete".into(),
+            ));
         }
         Ok(Workflow {
             inner: Arc::new(WorkflowDef {

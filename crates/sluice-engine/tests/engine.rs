@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sluice_engine::{
-    AnyEvent, Context, Emit, Engine, Error, InputEvent, RetryPolicy, StartEvent, StartRun, Step, StepError, StopEvent,
-    Workflow, WorkflowEvent, builtin,
+    AnyEvent, Context, Emit, Engine, Error, InputEvent, RetryPolicy, StartEvent, StartRun, Step,
+    StepError, StopEvent, Workflow, WorkflowEvent, builtin,
 };
 use sluice_protocol::payload::ErrorCode;
 use sluice_protocol::{Event, RunStatus};
@@ -45,15 +45,27 @@ fn engine_with(wfs: Vec<Workflow>) -> Engine {
 }
 
 fn input(v: Value) -> StartRun {
-    StartRun { input: v, ..Default::default() }
+    StartRun {
+        input: v,
+        ..Default::default()
+    }
 }
 
 /// Every event of the run, checking `seq` is 1, 2, 3… and only the last is terminal.
 async fn events(engine: &Engine, id: &str) -> Vec<Event> {
-    let all: Vec<Event> = engine.handle(id).envelopes(0).map(|e| e.unwrap()).collect().await;
+    let all: Vec<Event> = engine
+        .handle(id)
+        .envelopes(0)
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
     for (i, e) in all.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1, "seq must be contiguous");
-        assert_eq!(e.is_terminal(), i + 1 == all.len(), "exactly one terminal event, last");
+        assert_eq!(
+            e.is_terminal(),
+            i + 1 == all.len(),
+            "exactly one terminal event, last"
+        );
     }
     all
 }
@@ -62,7 +74,11 @@ fn types(evs: &[Event]) -> Vec<&str> {
     evs.iter().map(|e| e.event_type.as_str()).collect()
 }
 
-async fn run_to_end(engine: &Engine, wf: &str, v: Value) -> (sluice_protocol::RunRecord, Vec<Event>) {
+async fn run_to_end(
+    engine: &Engine,
+    wf: &str,
+    v: Value,
+) -> (sluice_protocol::RunRecord, Vec<Event>) {
     let run = engine.start(wf, input(v)).await.unwrap();
     let record = run.wait().await.unwrap();
     let evs = events(engine, run.id()).await;
@@ -72,15 +88,30 @@ async fn run_to_end(engine: &Engine, wf: &str, v: Value) -> (sluice_protocol::Ru
 #[tokio::test]
 async fn routes_across_steps_with_lifecycle_events() {
     let wf = Workflow::builder("pipeline")
-        .step(Step::new("parse", |_c: Context, s: StartEvent| async move { Ok(Query(s.0["q"].as_str().unwrap_or("").into()).into()) }).emits::<Query>())
+        .step(
+            Step::new("parse", |_c: Context, s: StartEvent| async move {
+                Ok(Query(s.0["q"].as_str().unwrap_or("").into()).into())
+            })
+            .emits::<Query>(),
+        )
         .step(
             Step::new("search", |c: Context, q: Query| async move {
-                c.write_event_to_stream("progress", &json!({"pct": 50})).await?;
-                Ok(Found { source: q.0, hits: 3 }.into())
+                c.write_event_to_stream("progress", &json!({"pct": 50}))
+                    .await?;
+                Ok(Found {
+                    source: q.0,
+                    hits: 3,
+                }
+                .into())
             })
             .emits::<Found>(),
         )
-        .step(Step::new("answer", |_c: Context, f: Found| async move { Ok(Emit::stop(json!({"hits": f.hits, "q": f.source}))) }).emits::<StopEvent>())
+        .step(
+            Step::new("answer", |_c: Context, f: Found| async move {
+                Ok(Emit::stop(json!({"hits": f.hits, "q": f.source})))
+            })
+            .emits::<StopEvent>(),
+        )
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
@@ -91,13 +122,36 @@ async fn routes_across_steps_with_lifecycle_events() {
     assert_eq!(
         types(&evs),
         [
-            "chain-started", "step-started", "step-completed", "step-started", "progress", "step-completed",
-            "step-started", "step-completed", "chain-completed"
+            "chain-started",
+            "step-started",
+            "step-completed",
+            "step-started",
+            "progress",
+            "step-completed",
+            "step-started",
+            "step-completed",
+            "chain-completed"
         ]
     );
     let steps: Vec<Option<u32>> = evs.iter().map(|e| e.step).collect();
-    assert_eq!(steps, [None, Some(1), Some(1), Some(2), Some(2), Some(2), Some(3), Some(3), None]);
-    assert_eq!(evs[0].data, json!({"workflow": "pipeline", "input": {"q": "rust"}}));
+    assert_eq!(
+        steps,
+        [
+            None,
+            Some(1),
+            Some(1),
+            Some(2),
+            Some(2),
+            Some(2),
+            Some(3),
+            Some(3),
+            None
+        ]
+    );
+    assert_eq!(
+        evs[0].data,
+        json!({"workflow": "pipeline", "input": {"q": "rust"}})
+    );
     assert_eq!(evs[1].data, json!({"name": "parse"}));
     assert_eq!(evs[8].data["result"], json!({"hits": 3, "q": "rust"}));
     assert!(evs[8].data["duration_ms"].is_u64());
@@ -119,18 +173,34 @@ async fn fan_out_and_fan_in_with_collect_events() {
         .step(
             Step::new("search", |_c: Context, q: Query| async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                Ok(Found { source: q.0, hits: 1 }.into())
+                Ok(Found {
+                    source: q.0,
+                    hits: 1,
+                }
+                .into())
             })
             .emits::<Found>()
             .num_workers(3),
         )
         .step(
-            Step::any("join", &["found", "other"], |c: Context, ev: AnyEvent| async move {
-                let Some(all) = c.collect_events(ev, &["found", "found", "found", "other"]) else { return Ok(Emit::none()) };
-                let mut sources: Vec<String> = all[..3].iter().map(|e| e.decode::<Found>().unwrap().source).collect();
-                sources.sort();
-                Ok(Emit::stop(json!({"sources": sources, "other": all[3].data})))
-            })
+            Step::any(
+                "join",
+                &["found", "other"],
+                |c: Context, ev: AnyEvent| async move {
+                    let Some(all) = c.collect_events(ev, &["found", "found", "found", "other"])
+                    else {
+                        return Ok(Emit::none());
+                    };
+                    let mut sources: Vec<String> = all[..3]
+                        .iter()
+                        .map(|e| e.decode::<Found>().unwrap().source)
+                        .collect();
+                    sources.sort();
+                    Ok(Emit::stop(
+                        json!({"sources": sources, "other": all[3].data}),
+                    ))
+                },
+            )
             .emits::<StopEvent>(),
         )
         .build()
@@ -138,9 +208,19 @@ async fn fan_out_and_fan_in_with_collect_events() {
     let engine = engine_with(vec![wf]);
     let (rec, evs) = run_to_end(&engine, "fanout", json!(null)).await;
     assert_eq!(rec.status, RunStatus::Completed, "{:?}", rec.error);
-    assert_eq!(rec.result, Some(json!({"sources": ["a", "b", "c"], "other": 7})));
-    let started = evs.iter().filter(|e| e.event_type == "step-started").count();
-    assert_eq!(started, 1 + 3 + 4, "split, three searches, four join instances");
+    assert_eq!(
+        rec.result,
+        Some(json!({"sources": ["a", "b", "c"], "other": 7}))
+    );
+    let started = evs
+        .iter()
+        .filter(|e| e.event_type == "step-started")
+        .count();
+    assert_eq!(
+        started,
+        1 + 3 + 4,
+        "split, three searches, four join instances"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +246,11 @@ async fn num_workers_bounds_concurrency() {
                     p.fetch_max(now, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     r.fetch_sub(1, Ordering::SeqCst);
-                    Ok(Found { source: o.0.to_string(), hits: 1 }.into())
+                    Ok(Found {
+                        source: o.0.to_string(),
+                        hits: 1,
+                    }
+                    .into())
                 }
             })
             .emits::<Found>()
@@ -186,7 +270,11 @@ async fn num_workers_bounds_concurrency() {
     let engine = engine_with(vec![wf]);
     let (rec, _) = run_to_end(&engine, "workers", json!(null)).await;
     assert_eq!(rec.result, Some(json!(12)));
-    assert_eq!(peak.load(Ordering::SeqCst), 4, "exactly num_workers instances ran at once");
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        4,
+        "exactly num_workers instances ran at once"
+    );
 }
 
 fn flaky(fail_times: usize, attempts: u32) -> (Workflow, Arc<AtomicUsize>) {
@@ -220,7 +308,15 @@ async fn retries_then_success() {
     assert_eq!(rec.status, RunStatus::Completed);
     assert_eq!(rec.result, Some(json!({"attempts": 3})));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
-    assert_eq!(types(&evs), ["chain-started", "step-started", "step-completed", "chain-completed"]);
+    assert_eq!(
+        types(&evs),
+        [
+            "chain-started",
+            "step-started",
+            "step-completed",
+            "chain-completed"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -233,7 +329,10 @@ async fn retries_exhausted_end_in_chain_error() {
     let err = rec.error.unwrap();
     assert_eq!(err.code, ErrorCode::Failed);
     assert_eq!(err.message, "step \"call\" failed: attempt 3 failed");
-    assert_eq!(types(&evs), ["chain-started", "step-started", "chain-error"]);
+    assert_eq!(
+        types(&evs),
+        ["chain-started", "step-started", "chain-error"]
+    );
     assert_eq!(evs[2].data["error"]["code"], "failed");
     assert_eq!(evs[2].data["error"]["details"]["step"], 1);
 }
@@ -256,7 +355,11 @@ async fn step_timeout_ends_with_timeout_code() {
     let (rec, _) = run_to_end(&engine, "slow", json!(null)).await;
     let err = rec.error.unwrap();
     assert_eq!(err.code, ErrorCode::Timeout);
-    assert!(err.message.contains("exceeded its timeout of 5s"), "{}", err.message);
+    assert!(
+        err.message.contains("exceeded its timeout of 5s"),
+        "{}",
+        err.message
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -276,13 +379,19 @@ async fn run_timeout_ends_the_run() {
     let (rec, evs) = run_to_end(&engine, "forever", json!(null)).await;
     assert_eq!(rec.status, RunStatus::Failed);
     assert_eq!(rec.error.unwrap().code, ErrorCode::Timeout);
-    assert_eq!(types(&evs), ["chain-started", "step-started", "chain-error"]);
+    assert_eq!(
+        types(&evs),
+        ["chain-started", "step-started", "chain-error"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_step() {
     let engine = engine_with(vec![builtin::ticker()]);
-    let run = engine.start("ticker", input(json!({"n": 1000, "delay_ms": 5}))).await.unwrap();
+    let run = engine
+        .start("ticker", input(json!({"n": 1000, "delay_ms": 5})))
+        .await
+        .unwrap();
     let mut evs = std::pin::pin!(run.envelopes(0));
     // Wait until the step is writing ticks.
     while let Some(e) = evs.next().await {
@@ -297,8 +406,17 @@ async fn cancel_mid_step() {
     assert_eq!(all.last().unwrap().event_type, "chain-cancelled");
     assert!(all.iter().filter(|e| e.event_type == "tick").count() < 1000);
     // A finished run refuses further control.
-    assert!(matches!(run.cancel().await, Err(Error::RunFinished { status: "cancelled", .. })));
-    assert!(matches!(run.send("input", json!(1)).await, Err(Error::RunFinished { .. })));
+    assert!(matches!(
+        run.cancel().await,
+        Err(Error::RunFinished {
+            status: "cancelled",
+            ..
+        })
+    ));
+    assert!(matches!(
+        run.send("input", json!(1)).await,
+        Err(Error::RunFinished { .. })
+    ));
 }
 
 #[tokio::test]
@@ -322,7 +440,10 @@ async fn panicking_step_ends_in_chain_error() {
     assert_eq!(err.code, ErrorCode::Failed);
     assert_eq!(err.message, "step \"explode\" failed: panicked: kaboom");
     assert_eq!(err.details.unwrap()["panicked"], true);
-    assert_eq!(types(&evs), ["chain-started", "step-started", "chain-error"]);
+    assert_eq!(
+        types(&evs),
+        ["chain-started", "step-started", "chain-error"]
+    );
 }
 
 #[test]
@@ -333,7 +454,13 @@ fn validation_names_step_and_type() {
         other => panic!("expected InvalidWorkflow, got {other:?}"),
     };
     assert_eq!(
-        msg(Workflow::builder("w").step(Step::new("q", |_c: Context, _q: Query| async move { Ok(Emit::stop(1)) }).emits::<StopEvent>())),
+        msg(Workflow::builder("w").step(
+            Step::new(
+                "q",
+                |_c: Context, _q: Query| async move { Ok(Emit::stop(1)) }
+            )
+            .emits::<StopEvent>()
+        )),
         "no step accepts the start event (StartEvent)"
     );
     assert_eq!(
@@ -343,30 +470,46 @@ fn validation_names_step_and_type() {
     assert_eq!(
         msg(Workflow::builder("w")
             .step(Step::new("a", ok).emits::<StopEvent>())
-            .step(Step::new("b", |_c: Context, _q: Query| async move { Ok(Emit::none()) }))),
+            .step(Step::new("b", |_c: Context, _q: Query| async move {
+                Ok(Emit::none())
+            }))),
         "step \"b\" accepts \"query\" but no step emits it (declare it with .emits())"
     );
     assert_eq!(
-        msg(Workflow::builder("w").step(Step::new("a", ok).emits::<Query>()).step(
-            Step::new("b", |_c: Context, _q: Query| async move { Ok(Emit::none()) }).emits::<Query>()
-        )),
+        msg(Workflow::builder("w")
+            .step(Step::new("a", ok).emits::<Query>())
+            .step(
+                Step::new(
+                    "b",
+                    |_c: Context, _q: Query| async move { Ok(Emit::none()) }
+                )
+                .emits::<Query>()
+            )),
         "no step reachable from the start emits StopEvent, so no run could complete"
     );
     assert_eq!(
-        msg(Workflow::builder("w").step(Step::new("a", ok).emits::<StopEvent>()).step(Step::new("a", ok).emits::<StopEvent>())),
+        msg(Workflow::builder("w")
+            .step(Step::new("a", ok).emits::<StopEvent>())
+            .step(Step::new("a", ok).emits::<StopEvent>())),
         "two steps are named \"a\""
     );
     assert_eq!(
         msg(Workflow::builder("w").step(Step::new("a", ok).requests_input().emits::<StopEvent>())),
         "step \"a\" waits for \"input\" but no step accepts it"
     );
-    assert_eq!(msg(Workflow::builder("Bad Name").step(Step::new("a", ok).emits::<StopEvent>())), "the workflow name must match [a-z][a-z0-9._-]{0,63}");
+    assert_eq!(
+        msg(Workflow::builder("Bad Name").step(Step::new("a", ok).emits::<StopEvent>())),
+        "the workflow name must match [a-z][a-z0-9._-]{0,63}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_followers_see_identical_sequences() {
     let engine = engine_with(vec![builtin::ticker()]);
-    let run = engine.start("ticker", input(json!({"n": 5000}))).await.unwrap();
+    let run = engine
+        .start("ticker", input(json!({"n": 5000})))
+        .await
+        .unwrap();
     let followers: Vec<_> = (0..3)
         .map(|_| {
             let h = run.clone();
@@ -388,7 +531,10 @@ async fn three_followers_see_identical_sequences() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_joining_mid_run_gets_everything() {
     let engine = engine_with(vec![builtin::ticker()]);
-    let run = engine.start("ticker", input(json!({"n": 200, "delay_ms": 1}))).await.unwrap();
+    let run = engine
+        .start("ticker", input(json!({"n": 200, "delay_ms": 1})))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let last = run.record().await.unwrap();
     assert_eq!(last.status, RunStatus::Running);
@@ -396,14 +542,21 @@ async fn follower_joining_mid_run_gets_everything() {
     assert_eq!(late.len(), 204);
     let from_cursor: Vec<u64> = run.events(100).map(|e| e.unwrap().seq()).collect().await;
     assert_eq!(from_cursor, (101..=204).collect::<Vec<_>>());
-    let ticks: Vec<u64> = late.iter().filter(|e| e.event_type == "tick").map(|e| e.data["i"].as_u64().unwrap()).collect();
+    let ticks: Vec<u64> = late
+        .iter()
+        .filter(|e| e.event_type == "tick")
+        .map(|e| e.data["i"].as_u64().unwrap())
+        .collect();
     assert_eq!(ticks, (0..200).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_input_holding_no_task_and_resumes() {
     let engine = engine_with(vec![builtin::ask_human()]);
-    let run = engine.start("ask-human", input(json!({"prompt": "Proceed?"}))).await.unwrap();
+    let run = engine
+        .start("ask-human", input(json!({"prompt": "Proceed?"})))
+        .await
+        .unwrap();
     let mut evs = std::pin::pin!(run.envelopes(0));
     let mut prefix = Vec::new();
     while let Some(e) = evs.next().await {
@@ -414,7 +567,15 @@ async fn waits_for_input_holding_no_task_and_resumes() {
             break;
         }
     }
-    assert_eq!(types(&prefix), ["chain-started", "step-started", "input-requested", "step-completed"]);
+    assert_eq!(
+        types(&prefix),
+        [
+            "chain-started",
+            "step-started",
+            "input-requested",
+            "step-completed"
+        ]
+    );
     assert_eq!(prefix[2].data, json!({"prompt": "Proceed?"}));
     assert_eq!(prefix[2].step, Some(1));
     // The run goes waiting and its driver task exits.
@@ -442,13 +603,22 @@ async fn waits_for_input_holding_no_task_and_resumes() {
     assert_eq!(
         types(&all),
         [
-            "chain-started", "step-started", "input-requested", "step-completed", "chain-resumed", "step-started",
-            "step-completed", "chain-completed"
+            "chain-started",
+            "step-started",
+            "input-requested",
+            "step-completed",
+            "chain-resumed",
+            "step-started",
+            "step-completed",
+            "chain-completed"
         ]
     );
     assert_eq!(all[4].data, json!({"from_step": 1}));
     // A second answer is refused: the run is over.
-    assert!(matches!(run.send("input", json!(2)).await, Err(Error::RunFinished { .. })));
+    assert!(matches!(
+        run.send("input", json!(2)).await,
+        Err(Error::RunFinished { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,10 +634,16 @@ async fn waiting_run_survives_an_engine_restart() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(first.shutdown(Duration::from_secs(5)).await);
-    assert!(matches!(run.send("input", json!(1)).await, Err(Error::ShuttingDown)));
+    assert!(matches!(
+        run.send("input", json!(1)).await,
+        Err(Error::ShuttingDown)
+    ));
 
     let second = Engine::new(store.clone(), [builtin::ask_human()]).unwrap();
-    assert_eq!(second.recover().await.unwrap(), sluice_engine::Recovered::default());
+    assert_eq!(
+        second.recover().await.unwrap(),
+        sluice_engine::Recovered::default()
+    );
     second.send(&id, "input", json!("yes")).await.unwrap();
     let rec = second.handle(&id).wait().await.unwrap();
     assert_eq!(rec.result, Some(json!({"answer": "yes"})));
@@ -478,15 +654,21 @@ async fn running_run_resumes_after_restart_from_its_checkpoint() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let slow_second = || {
         Workflow::builder("two")
-            .step(Step::new("first", |c: Context, _s: StartEvent| async move {
-                c.set("seen", 1)?;
-                Ok(Query("x".into()).into())
-            }).emits::<Query>())
-            .step(Step::new("second", |c: Context, _q: Query| async move {
-                let marker: Option<u32> = c.get("seen")?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                Ok(Emit::stop(json!({"seen": marker})))
-            }).emits::<StopEvent>())
+            .step(
+                Step::new("first", |c: Context, _s: StartEvent| async move {
+                    c.set("seen", 1)?;
+                    Ok(Query("x".into()).into())
+                })
+                .emits::<Query>(),
+            )
+            .step(
+                Step::new("second", |c: Context, _q: Query| async move {
+                    let marker: Option<u32> = c.get("seen")?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(Emit::stop(json!({"seen": marker})))
+                })
+                .emits::<StopEvent>(),
+            )
             .build()
             .unwrap()
     };
@@ -505,23 +687,40 @@ async fn running_run_resumes_after_restart_from_its_checkpoint() {
         }
     }
     assert!(first.shutdown(Duration::from_secs(5)).await);
-    assert_eq!(store.get_run(&id).await.unwrap().unwrap().status, RunStatus::Running);
+    assert_eq!(
+        store.get_run(&id).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
 
     let second = Engine::new(store.clone(), [slow_second()]).unwrap();
     assert_eq!(second.recover().await.unwrap().resumed, 1);
     let rec = second.handle(&id).wait().await.unwrap();
     assert_eq!(rec.status, RunStatus::Completed);
-    assert_eq!(rec.result, Some(json!({"seen": 1})), "state restored from the checkpoint");
+    assert_eq!(
+        rec.result,
+        Some(json!({"seen": 1})),
+        "state restored from the checkpoint"
+    );
     let all = events(&second, &id).await;
     assert_eq!(
         types(&all),
         [
-            "chain-started", "step-started", "step-completed", "step-started", "chain-resumed", "step-started",
-            "step-completed", "chain-completed"
+            "chain-started",
+            "step-started",
+            "step-completed",
+            "step-started",
+            "chain-resumed",
+            "step-started",
+            "step-completed",
+            "chain-completed"
         ]
     );
     assert_eq!(all[4].data, json!({"from_step": 2}));
-    assert_eq!(all[5].step, Some(3), "the interrupted instance runs again under a new number");
+    assert_eq!(
+        all[5].step,
+        Some(3),
+        "the interrupted instance runs again under a new number"
+    );
 }
 
 #[tokio::test]
@@ -541,23 +740,46 @@ async fn run_of_undeployed_workflow_is_interrupted_on_recovery() {
 #[tokio::test]
 async fn step_budget_ends_with_max_steps() {
     let wf = Workflow::builder("looper")
-        .step(Step::new("start", |_c: Context, _s: StartEvent| async move { Ok(Other(0).into()) }).emits::<Other>())
-        .step(Step::new("again", |_c: Context, o: Other| async move {
-            if o.0 > 1_000_000 { Ok(Emit::stop(o.0)) } else { Ok(Other(o.0 + 1).into()) }
-        }).emits::<Other>().emits::<StopEvent>())
+        .step(
+            Step::new("start", |_c: Context, _s: StartEvent| async move {
+                Ok(Other(0).into())
+            })
+            .emits::<Other>(),
+        )
+        .step(
+            Step::new("again", |_c: Context, o: Other| async move {
+                if o.0 > 1_000_000 {
+                    Ok(Emit::stop(o.0))
+                } else {
+                    Ok(Other(o.0 + 1).into())
+                }
+            })
+            .emits::<Other>()
+            .emits::<StopEvent>(),
+        )
         .max_steps(5)
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
     let (rec, evs) = run_to_end(&engine, "looper", json!(null)).await;
     assert_eq!(rec.error.unwrap().code, ErrorCode::MaxSteps);
-    assert_eq!(evs.iter().filter(|e| e.event_type == "step-started").count(), 5);
+    assert_eq!(
+        evs.iter()
+            .filter(|e| e.event_type == "step-started")
+            .count(),
+        5
+    );
 }
 
 #[tokio::test]
 async fn a_workflow_that_stalls_fails_instead_of_hanging() {
     let wf = Workflow::builder("stall")
-        .step(Step::new("start", |_c: Context, _s: StartEvent| async move { Ok(Emit::none()) }).emits::<StopEvent>())
+        .step(
+            Step::new("start", |_c: Context, _s: StartEvent| async move {
+                Ok(Emit::none())
+            })
+            .emits::<StopEvent>(),
+        )
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
@@ -574,18 +796,35 @@ async fn invalid_input_and_unknown_workflow_are_refused_before_a_run_exists() {
         Err(Error::InvalidInput(m)) => assert!(m.starts_with("input.n:"), "{m}"),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(engine.start("nope", input(json!({}))).await, Err(Error::UnknownWorkflow(_))));
-    assert!(engine.store().list_runs(&Default::default()).await.unwrap().runs.is_empty());
-    assert!(matches!(engine.send("run_nope", "input", json!(1)).await, Err(Error::UnknownRun(_))));
+    assert!(matches!(
+        engine.start("nope", input(json!({}))).await,
+        Err(Error::UnknownWorkflow(_))
+    ));
+    assert!(
+        engine
+            .store()
+            .list_runs(&Default::default())
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    assert!(matches!(
+        engine.send("run_nope", "input", json!(1)).await,
+        Err(Error::UnknownRun(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_queues_then_refuses() {
     let wf = Workflow::builder("gated")
-        .step(Step::new("hold", |_c: Context, _s: StartEvent| async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok(Emit::stop(1))
-        }).emits::<StopEvent>())
+        .step(
+            Step::new("hold", |_c: Context, _s: StartEvent| async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(Emit::stop(1))
+            })
+            .emits::<StopEvent>(),
+        )
         .max_concurrent_runs(2)
         .queue(3)
         .build()
@@ -613,29 +852,47 @@ async fn admission_queues_then_refuses() {
         assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
     }
     // Cancelling a queued run ends it without it ever starting.
-    let blockers: Vec<_> = futures_util::future::join_all((0..3).map(|_| engine.start("gated", input(json!(null))))).await;
+    let blockers: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| engine.start("gated", input(json!(null)))))
+            .await;
     let last = blockers.into_iter().last().unwrap().unwrap();
     last.cancel().await.unwrap();
     let rec = last.wait().await.unwrap();
     assert_eq!(rec.status, RunStatus::Cancelled);
-    assert_eq!(types(&events(&engine, last.id()).await), ["chain-cancelled"]);
+    assert_eq!(
+        types(&events(&engine, last.id()).await),
+        ["chain-cancelled"]
+    );
 }
 
 #[tokio::test]
 async fn steps_may_not_write_lifecycle_types() {
     let wf = Workflow::builder("rude")
-        .step(Step::new("s", |c: Context, _s: StartEvent| async move {
-            let denied = c.write_event_to_stream("chain-completed", &json!({})).await;
-            let bad = c.write_event_to_stream("Not Valid", &json!({})).await;
-            c.write_event_to_stream("text-delta", &json!({"text": "ok"})).await?;
-            Ok(Emit::stop(json!([denied.is_err(), bad.is_err()])))
-        }).emits::<StopEvent>())
+        .step(
+            Step::new("s", |c: Context, _s: StartEvent| async move {
+                let denied = c.write_event_to_stream("chain-completed", &json!({})).await;
+                let bad = c.write_event_to_stream("Not Valid", &json!({})).await;
+                c.write_event_to_stream("text-delta", &json!({"text": "ok"}))
+                    .await?;
+                Ok(Emit::stop(json!([denied.is_err(), bad.is_err()])))
+            })
+            .emits::<StopEvent>(),
+        )
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
     let (rec, evs) = run_to_end(&engine, "rude", json!(null)).await;
     assert_eq!(rec.result, Some(json!([true, true])));
-    assert_eq!(types(&evs), ["chain-started", "step-started", "text-delta", "step-completed", "chain-completed"]);
+    assert_eq!(
+        types(&evs),
+        [
+            "chain-started",
+            "step-started",
+            "text-delta",
+            "step-completed",
+            "chain-completed"
+        ]
+    );
 }
 
 #[test]

@@ -83,7 +83,11 @@ impl RawEvent {
 
     /// Rebuilds a raw event from stored parts (`json` must be the envelope with this `seq`).
     pub fn from_parts(seq: u64, event_type: &str, json: Bytes) -> Self {
-        Self { seq, event_type: Bytes::copy_from_slice(event_type.as_bytes()), json }
+        Self {
+            seq,
+            event_type: Bytes::copy_from_slice(event_type.as_bytes()),
+            json,
+        }
     }
 
     /// Serialises a typed envelope.
@@ -92,7 +96,14 @@ impl RawEvent {
     /// When `event.data` cannot be serialised (it always can for a `serde_json::Value`).
     pub fn from_event(event: &Event) -> Result<Self, serde_json::Error> {
         let data = serde_json::to_string(&event.data)?;
-        Ok(Self::encode(event.seq, &event.run_id, &event.event_type, event.ts, event.step, &data))
+        Ok(Self::encode(
+            event.seq,
+            &event.run_id,
+            &event.event_type,
+            event.ts,
+            event.step,
+            &data,
+        ))
     }
 
     /// Position in the run's log.
@@ -168,9 +179,9 @@ pub fn validate_custom_name(name: &str) -> Result<(), EventNameError> {
     let ok = !b.is_empty()
         && b.len() <= 64
         && b[0].is_ascii_lowercase()
-        && b[1..]
-            .iter()
-            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'));
+        && b[1..].iter().all(|&c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        });
     if !ok {
         return Err(EventNameError::Invalid(name.to_owned()));
     }
@@ -206,7 +217,14 @@ mod tests {
 
     #[test]
     fn run_level_events_have_no_step_and_odd_ids_are_escaped() {
-        let raw = RawEvent::encode(1, "a\"b", kind::CHAIN_STARTED, Timestamp::from_micros(0), None, "{}");
+        let raw = RawEvent::encode(
+            1,
+            "a\"b",
+            kind::CHAIN_STARTED,
+            Timestamp::from_micros(0),
+            None,
+            "{}",
+        );
         let ev = raw.parse().unwrap();
         assert_eq!(ev.run_id, "a\"b");
         assert_eq!(ev.step, None);
@@ -218,10 +236,19 @@ mod tests {
         assert!(validate_custom_name("tick").is_ok());
         assert!(validate_custom_name("my.event_v2-x").is_ok());
         assert!(validate_custom_name(&"a".repeat(64)).is_ok());
-        assert!(matches!(validate_custom_name(&"a".repeat(65)), Err(EventNameError::Invalid(_))));
+        assert!(matches!(
+            validate_custom_name(&"a".repeat(65)),
+            Err(EventNameError::Invalid(_))
+        ));
         for bad in ["", "Tick", "1x", "a b", "é"] {
-            assert!(matches!(validate_custom_name(bad), Err(EventNameError::Invalid(_))), "{bad}");
+            assert!(
+                matches!(validate_custom_name(bad), Err(EventNameError::Invalid(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(validate_custom_name("text-delta"), Err(EventNameError::Reserved(_))));
+        assert!(matches!(
+            validate_custom_name("text-delta"),
+            Err(EventNameError::Reserved(_))
+        ));
     }
 }

@@ -88,7 +88,13 @@ impl Timestamp {
         };
         let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
         let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-        if !(1..=12).contains(&mo) || d == 0 || d > days_in_month(y, mo) || h > 23 || mi > 59 || se > 60 {
+        if !(1..=12).contains(&mo)
+            || d == 0
+            || d > days_in_month(y, mo)
+            || h > 23
+            || mi > 59
+            || se > 60
+        {
             return Err(err());
         }
         let frac = &b[19..b.len() - 1];
@@ -124,7 +130,7 @@ fn put(dst: &mut [u8], mut v: u32) {
 }
 
 fn is_leap(y: u32) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+    (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
 }
 
 fn days_in_month(y: u32, m: u32) -> u32 {
@@ -205,8 +211,17 @@ mod tests {
             Timestamp::parse("1970-01-01T00:00:01.5Z").map(Timestamp::as_micros),
             Ok(1_500_000)
         );
-        assert_eq!(Timestamp::parse("1970-01-01T00:00:01Z").map(Timestamp::as_micros), Ok(1_000_000));
-        for bad in ["", "yesterday", "2026-02-30T00:00:00Z", "2026-11-22T05:00:00.123", "2026-13-01T00:00:00Z"] {
+        assert_eq!(
+            Timestamp::parse("1970-01-01T00:00:01Z").map(Timestamp::as_micros),
+            Ok(1_000_000)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-02-30T00:00:00Z",
+            "2026-11-22T05:00:00.123",
+            "2026-13-01T00:00:00Z",
+        ] {
             assert!(Timestamp::parse(bad).is_err(), "{bad}");
         }
     }

@@ -55,14 +55,15 @@ impl MemoryStore {
 
 fn check_batch(run_id: &str, entry: &RunEntry, events: &[RawEvent]) -> Result<()> {
     if entry.closed {
-        return Err(Error::LogClosed { run_id: run_id.to_owned() });
+        return Err(Error::LogClosed {
+            run_id: run_id.to_owned(),
+        });
     }
-    let mut expected = entry.log.len() as u64 + 1;
-    for e in events {
+    let first = entry.log.len() as u64 + 1;
+    for (expected, e) in (first..).zip(events) {
         if e.seq() != expected {
             return Err(Error::SeqConflict { run_id: run_id.to_owned(), expected, got: e.seq() });
         }
-        expected += 1;
     }
     Ok(())
 }
@@ -70,9 +71,17 @@ fn check_batch(run_id: &str, entry: &RunEntry, events: &[RawEvent]) -> Result<()
 fn matches(filter: &RunFilter, r: &RunRecord) -> bool {
     filter.workflow.as_ref().is_none_or(|w| &r.workflow == w)
         && (filter.statuses.is_empty() || filter.statuses.contains(&r.status))
-        && filter.session_id.as_ref().is_none_or(|s| r.session_id.as_ref() == Some(s))
-        && filter.owner.as_ref().is_none_or(|o| r.owner.as_ref() == Some(o))
-        && filter.finished_before.is_none_or(|t| r.finished_at.is_some_and(|f| f < t))
+        && filter
+            .session_id
+            .as_ref()
+            .is_none_or(|s| r.session_id.as_ref() == Some(s))
+        && filter
+            .owner
+            .as_ref()
+            .is_none_or(|o| r.owner.as_ref() == Some(o))
+        && filter
+            .finished_before
+            .is_none_or(|t| r.finished_at.is_some_and(|f| f < t))
 }
 
 #[async_trait]
@@ -80,7 +89,10 @@ impl Store for MemoryStore {
     async fn create_run(&self, record: &RunRecord) -> Result<()> {
         let mut inner = self.lock();
         if inner.runs.contains_key(&record.id) {
-            return Err(Error::AlreadyExists { what: "run", id: record.id.clone() });
+            return Err(Error::AlreadyExists {
+                what: "run",
+                id: record.id.clone(),
+            });
         }
         let entry = RunEntry {
             record: record.clone(),
@@ -100,7 +112,10 @@ impl Store for MemoryStore {
 
     async fn put_run(&self, record: &RunRecord) -> Result<()> {
         let mut inner = self.lock();
-        let entry = inner.runs.get_mut(&record.id).ok_or_else(|| Error::run_not_found(&record.id))?;
+        let entry = inner
+            .runs
+            .get_mut(&record.id)
+            .ok_or_else(|| Error::run_not_found(&record.id))?;
         entry.record = record.clone();
         Ok(())
     }
@@ -111,9 +126,17 @@ impl Store for MemoryStore {
             n => n.min(1000),
         };
         let inner = self.lock();
-        let iter = inner.runs.iter().rev().filter(|(id, _)| filter.cursor.as_ref().is_none_or(|c| id.as_str() < c.as_str()));
-        let mut runs: Vec<RunRecord> =
-            iter.filter(|(_, e)| matches(filter, &e.record)).take(limit + 1).map(|(_, e)| e.record.clone()).collect();
+        let iter = inner.runs.iter().rev().filter(|(id, _)| {
+            filter
+                .cursor
+                .as_ref()
+                .is_none_or(|c| id.as_str() < c.as_str())
+        });
+        let mut runs: Vec<RunRecord> = iter
+            .filter(|(_, e)| matches(filter, &e.record))
+            .take(limit + 1)
+            .map(|(_, e)| e.record.clone())
+            .collect();
         let next_cursor = if runs.len() > limit {
             runs.truncate(limit);
             runs.last().map(|r| r.id.clone())
@@ -131,7 +154,10 @@ impl Store for MemoryStore {
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> Result<()> {
         let last = {
             let mut inner = self.lock();
-            let entry = inner.runs.get_mut(run_id).ok_or_else(|| Error::run_not_found(run_id))?;
+            let entry = inner
+                .runs
+                .get_mut(run_id)
+                .ok_or_else(|| Error::run_not_found(run_id))?;
             check_batch(run_id, entry, events)?;
             entry.log.extend_from_slice(events);
             entry.closed = events.last().is_some_and(RawEvent::is_terminal);
@@ -144,7 +170,10 @@ impl Store for MemoryStore {
     async fn finish(&self, record: &RunRecord, terminal: &RawEvent) -> Result<()> {
         let last = {
             let mut inner = self.lock();
-            let entry = inner.runs.get_mut(&record.id).ok_or_else(|| Error::run_not_found(&record.id))?;
+            let entry = inner
+                .runs
+                .get_mut(&record.id)
+                .ok_or_else(|| Error::run_not_found(&record.id))?;
             check_batch(&record.id, entry, std::slice::from_ref(terminal))?;
             entry.record = record.clone();
             entry.log.push(terminal.clone());
@@ -157,14 +186,22 @@ impl Store for MemoryStore {
 
     async fn read(&self, run_id: &str, after: u64, limit: usize) -> Result<Vec<RawEvent>> {
         let inner = self.lock();
-        let Some(entry) = inner.runs.get(run_id) else { return Ok(Vec::new()) };
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(entry.log.len());
+        let Some(entry) = inner.runs.get(run_id) else {
+            return Ok(Vec::new());
+        };
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(entry.log.len());
         let end = start.saturating_add(limit).min(entry.log.len());
         Ok(entry.log[start..end].to_vec())
     }
 
     async fn last_seq(&self, run_id: &str) -> Result<u64> {
-        Ok(self.lock().runs.get(run_id).map_or(0, |e| e.log.len() as u64))
+        Ok(self
+            .lock()
+            .runs
+            .get(run_id)
+            .map_or(0, |e| e.log.len() as u64))
     }
 
     async fn wait_for(&self, run_id: &str, after: u64) -> Result<()> {
@@ -178,18 +215,28 @@ impl Store for MemoryStore {
 
     async fn put_checkpoint(&self, run_id: &str, checkpoint: Bytes) -> Result<()> {
         let mut inner = self.lock();
-        let entry = inner.runs.get_mut(run_id).ok_or_else(|| Error::run_not_found(run_id))?;
+        let entry = inner
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| Error::run_not_found(run_id))?;
         entry.checkpoint = Some(checkpoint);
         Ok(())
     }
 
     async fn get_checkpoint(&self, run_id: &str) -> Result<Option<Bytes>> {
-        Ok(self.lock().runs.get(run_id).and_then(|e| e.checkpoint.clone()))
+        Ok(self
+            .lock()
+            .runs
+            .get(run_id)
+            .and_then(|e| e.checkpoint.clone()))
     }
 
     async fn inbox_push(&self, run_id: &str, event_type: &str, data: &Value) -> Result<u64> {
         let mut inner = self.lock();
-        let entry = inner.runs.get_mut(run_id).ok_or_else(|| Error::run_not_found(run_id))?;
+        let entry = inner
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| Error::run_not_found(run_id))?;
         let id = entry.inbox_next;
         entry.inbox_next += 1;
         entry.inbox.push(InboxEntry {
@@ -202,7 +249,12 @@ impl Store for MemoryStore {
     }
 
     async fn inbox_read(&self, run_id: &str) -> Result<Vec<InboxEntry>> {
-        Ok(self.lock().runs.get(run_id).map(|e| e.inbox.clone()).unwrap_or_default())
+        Ok(self
+            .lock()
+            .runs
+            .get(run_id)
+            .map(|e| e.inbox.clone())
+            .unwrap_or_default())
     }
 
     async fn inbox_ack(&self, run_id: &str, up_to: u64) -> Result<()> {
@@ -215,7 +267,10 @@ impl Store for MemoryStore {
     async fn create_session(&self, session: &SessionRecord) -> Result<()> {
         let mut inner = self.lock();
         if inner.sessions.contains_key(&session.id) {
-            return Err(Error::AlreadyExists { what: "session", id: session.id.clone() });
+            return Err(Error::AlreadyExists {
+                what: "session",
+                id: session.id.clone(),
+            });
         }
         inner.sessions.insert(session.id.clone(), session.clone());
         Ok(())
@@ -227,7 +282,10 @@ impl Store for MemoryStore {
 
     async fn put_session(&self, session: &SessionRecord) -> Result<()> {
         let mut inner = self.lock();
-        let slot = inner.sessions.get_mut(&session.id).ok_or_else(|| Error::session_not_found(&session.id))?;
+        let slot = inner
+            .sessions
+            .get_mut(&session.id)
+            .ok_or_else(|| Error::session_not_found(&session.id))?;
         *slot = session.clone();
         Ok(())
     }

@@ -44,7 +44,14 @@ macro_rules! store_conformance_tests {
 }
 
 fn ev(run: &str, seq: u64, t: &str) -> RawEvent {
-    RawEvent::encode(seq, run, t, Timestamp::now(), Some(1), &format!(r#"{{"i":{seq}}}"#))
+    RawEvent::encode(
+        seq,
+        run,
+        t,
+        Timestamp::now(),
+        Some(1),
+        &format!(r#"{{"i":{seq}}}"#),
+    )
 }
 
 fn events(run: &str, from: u64, to: u64) -> Vec<RawEvent> {
@@ -64,7 +71,14 @@ async fn finish(store: &Arc<dyn Store>, rec: &mut RunRecord) {
     rec.last_seq = seq;
     rec.result = Some(json!({"ok": true}));
     rec.finished_at = Some(Timestamp::now());
-    let term = RawEvent::encode(seq, &rec.id, kind::CHAIN_COMPLETED, Timestamp::now(), None, "{}");
+    let term = RawEvent::encode(
+        seq,
+        &rec.id,
+        kind::CHAIN_COMPLETED,
+        Timestamp::now(),
+        None,
+        "{}",
+    );
     store.finish(rec, &term).await.unwrap();
 }
 
@@ -76,32 +90,58 @@ pub async fn run_records(store: Arc<dyn Store>) {
     assert!(store.get_run("run_a").await.unwrap().is_none());
     let mut rec = new_run(&store, "run_a").await;
     assert_eq!(store.get_run("run_a").await.unwrap(), Some(rec.clone()));
-    assert!(matches!(store.create_run(&rec).await, Err(Error::AlreadyExists { .. })));
+    assert!(matches!(
+        store.create_run(&rec).await,
+        Err(Error::AlreadyExists { .. })
+    ));
     rec.status = RunStatus::Waiting;
     rec.metadata = Some(json!({"k": "v"}));
     store.put_run(&rec).await.unwrap();
     assert_eq!(store.get_run("run_a").await.unwrap(), Some(rec.clone()));
     let missing = RunRecord::new("run_missing", "wf", json!(null));
-    assert!(matches!(store.put_run(&missing).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.put_run(&missing).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 pub async fn list_runs_filters_and_pages(store: Arc<dyn Store>) {
     for i in 0..7 {
-        let mut rec = RunRecord::new(format!("run_{i:02}"), if i % 2 == 0 { "even" } else { "odd" }, json!(i));
-        rec.status = if i < 3 { RunStatus::Completed } else { RunStatus::Running };
+        let mut rec = RunRecord::new(
+            format!("run_{i:02}"),
+            if i % 2 == 0 { "even" } else { "odd" },
+            json!(i),
+        );
+        rec.status = if i < 3 {
+            RunStatus::Completed
+        } else {
+            RunStatus::Running
+        };
         rec.session_id = (i == 4).then(|| "ses_1".to_owned());
         rec.owner = Some(if i == 6 { "k2" } else { "k1" }.to_owned());
         store.create_run(&rec).await.unwrap();
     }
     let all = store.list_runs(&RunFilter::default()).await.unwrap();
     let ids: Vec<_> = all.runs.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, ["run_06", "run_05", "run_04", "run_03", "run_02", "run_01", "run_00"]);
+    assert_eq!(
+        ids,
+        [
+            "run_06", "run_05", "run_04", "run_03", "run_02", "run_01", "run_00"
+        ]
+    );
     assert_eq!(all.next_cursor, None);
 
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let page = store.list_runs(&RunFilter { limit: 3, cursor: cursor.clone(), ..Default::default() }).await.unwrap();
+        let page = store
+            .list_runs(&RunFilter {
+                limit: 3,
+                cursor: cursor.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert!(page.runs.len() <= 3);
         seen.extend(page.runs.iter().map(|r| r.id.clone()));
         match page.next_cursor {
@@ -111,18 +151,45 @@ pub async fn list_runs_filters_and_pages(store: Arc<dyn Store>) {
     }
     assert_eq!(seen, ids);
 
-    let even = store.list_runs(&RunFilter { workflow: Some("even".into()), ..Default::default() }).await.unwrap();
-    assert_eq!(even.runs.len(), 4);
-    let done = store
-        .list_runs(&RunFilter { statuses: vec![RunStatus::Completed], ..Default::default() })
+    let even = store
+        .list_runs(&RunFilter {
+            workflow: Some("even".into()),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    assert_eq!(done.runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["run_02", "run_01", "run_00"]);
-    let ses = store.list_runs(&RunFilter { session_id: Some("ses_1".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(even.runs.len(), 4);
+    let done = store
+        .list_runs(&RunFilter {
+            statuses: vec![RunStatus::Completed],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        done.runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["run_02", "run_01", "run_00"]
+    );
+    let ses = store
+        .list_runs(&RunFilter {
+            session_id: Some("ses_1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(ses.runs.len(), 1);
     assert_eq!(ses.runs[0].id, "run_04");
-    let k2 = store.list_runs(&RunFilter { owner: Some("k2".into()), ..Default::default() }).await.unwrap();
-    assert_eq!(k2.runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["run_06"]);
+    let k2 = store
+        .list_runs(&RunFilter {
+            owner: Some("k2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        k2.runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["run_06"]
+    );
 }
 
 pub async fn append_and_read(store: Arc<dyn Store>) {
@@ -134,7 +201,14 @@ pub async fn append_and_read(store: Arc<dyn Store>) {
     assert_eq!(store.last_seq("run_a").await.unwrap(), 6);
     let all = store.read("run_a", 0, 100).await.unwrap();
     assert_eq!(seqs(&all), [1, 2, 3, 4, 5, 6]);
-    assert_eq!(all, events("run_a", 1, 6).into_iter().zip(&all).map(|(_, a)| a.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        all,
+        events("run_a", 1, 6)
+            .into_iter()
+            .zip(&all)
+            .map(|(_, a)| a.clone())
+            .collect::<Vec<_>>()
+    );
     assert_eq!(all[2].event_type(), "tick");
     assert_eq!(all[2].parse().unwrap().data, json!({"i": 3}));
     assert_eq!(seqs(&store.read("run_a", 2, 2).await.unwrap()), [3, 4]);
@@ -147,12 +221,39 @@ pub async fn append_rejects_gaps_and_duplicates(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     store.append("run_a", &events("run_a", 1, 3)).await.unwrap();
     let gap = store.append("run_a", &events("run_a", 5, 6)).await;
-    assert!(matches!(gap, Err(Error::SeqConflict { expected: 4, got: 5, .. })), "{gap:?}");
+    assert!(
+        matches!(
+            gap,
+            Err(Error::SeqConflict {
+                expected: 4,
+                got: 5,
+                ..
+            })
+        ),
+        "{gap:?}"
+    );
     let dup = store.append("run_a", &events("run_a", 3, 4)).await;
-    assert!(matches!(dup, Err(Error::SeqConflict { expected: 4, got: 3, .. })), "{dup:?}");
+    assert!(
+        matches!(
+            dup,
+            Err(Error::SeqConflict {
+                expected: 4,
+                got: 3,
+                ..
+            })
+        ),
+        "{dup:?}"
+    );
     let inner_gap = vec![ev("run_a", 4, "tick"), ev("run_a", 6, "tick")];
-    assert!(matches!(store.append("run_a", &inner_gap).await, Err(Error::SeqConflict { .. })));
-    assert_eq!(store.last_seq("run_a").await.unwrap(), 3, "a rejected batch leaves nothing behind");
+    assert!(matches!(
+        store.append("run_a", &inner_gap).await,
+        Err(Error::SeqConflict { .. })
+    ));
+    assert_eq!(
+        store.last_seq("run_a").await.unwrap(),
+        3,
+        "a rejected batch leaves nothing behind"
+    );
 }
 
 pub async fn append_unknown_run(store: Arc<dyn Store>) {
@@ -180,7 +281,13 @@ async fn collect(store: Arc<dyn Store>, run: impl Into<String>, after: u64) -> V
     evs.into_iter().map(|e| e.unwrap().seq()).collect()
 }
 
-async fn write_run(store: Arc<dyn Store>, run: impl Into<String>, n: u64, chunk: u64, pause: Duration) {
+async fn write_run(
+    store: Arc<dyn Store>,
+    run: impl Into<String>,
+    n: u64,
+    chunk: u64,
+    pause: Duration,
+) {
     let run = run.into();
     let run = run.as_str();
     let mut rec = store.get_run(run).await.unwrap().unwrap();
@@ -198,7 +305,10 @@ async fn write_run(store: Arc<dyn Store>, run: impl Into<String>, n: u64, chunk:
 
 pub async fn follow_history_then_live(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
-    store.append("run_a", &events("run_a", 1, 100)).await.unwrap();
+    store
+        .append("run_a", &events("run_a", 1, 100))
+        .await
+        .unwrap();
     let reader = tokio::spawn(collect(store.clone(), "run_a", 40));
     tokio::time::sleep(Duration::from_millis(20)).await;
     write_run(store.clone(), "run_a", 300, 7, Duration::from_millis(1)).await;
@@ -208,7 +318,9 @@ pub async fn follow_history_then_live(store: Arc<dyn Store>) {
 
 pub async fn follow_many_readers_identical(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
-    let readers: Vec<_> = (0..3).map(|_| tokio::spawn(collect(store.clone(), "run_a", 0))).collect();
+    let readers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(collect(store.clone(), "run_a", 0)))
+        .collect();
     write_run(store.clone(), "run_a", 2_000, 13, Duration::ZERO).await;
     for r in readers {
         assert_eq!(r.await.unwrap(), (1..=2_001).collect::<Vec<_>>());
@@ -217,7 +329,13 @@ pub async fn follow_many_readers_identical(store: Arc<dyn Store>) {
 
 pub async fn follow_join_mid_run(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
-    let writer = tokio::spawn(write_run(store.clone(), "run_a", 500, 5, Duration::from_millis(1)));
+    let writer = tokio::spawn(write_run(
+        store.clone(),
+        "run_a",
+        500,
+        5,
+        Duration::from_millis(1),
+    ));
     tokio::time::sleep(Duration::from_millis(30)).await;
     let got = collect(store.clone(), "run_a", 0).await;
     writer.await.unwrap();
@@ -226,9 +344,15 @@ pub async fn follow_join_mid_run(store: Arc<dyn Store>) {
 
 pub async fn follow_finished_run_ends(store: Arc<dyn Store>) {
     let mut rec = new_run(&store, "run_a").await;
-    store.append("run_a", &events("run_a", 1, 10)).await.unwrap();
+    store
+        .append("run_a", &events("run_a", 1, 10))
+        .await
+        .unwrap();
     finish(&store, &mut rec).await;
-    assert_eq!(collect(store.clone(), "run_a", 0).await, (1..=11).collect::<Vec<_>>());
+    assert_eq!(
+        collect(store.clone(), "run_a", 0).await,
+        (1..=11).collect::<Vec<_>>()
+    );
     assert_eq!(collect(store.clone(), "run_a", 9).await, [10, 11]);
     assert!(collect(store.clone(), "run_a", 11).await.is_empty());
 }
@@ -247,12 +371,18 @@ pub async fn slow_reader_does_not_block_writer(store: Arc<dyn Store>) {
     assert_eq!(seqs(&first), [1]);
     // The reader stops polling; the writer must still finish (the guard only catches a hang).
     let writer = write_run(store.clone(), "run_a", 20_000, 100, Duration::ZERO);
-    tokio::time::timeout(Duration::from_secs(60), writer).await.expect("writer blocked by a reader that does not read");
+    tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("writer blocked by a reader that does not read");
     // The reader resumes from its cursor, pulling bounded batches from the log.
     let mut next = 2;
     while let Some(batch) = stream.next().await {
         let batch = batch.unwrap();
-        assert!(!batch.is_empty() && batch.len() <= 1024, "batch of {}", batch.len());
+        assert!(
+            !batch.is_empty() && batch.len() <= 1024,
+            "batch of {}",
+            batch.len()
+        );
         for e in batch {
             assert_eq!(e.seq(), next);
             next += 1;
@@ -270,7 +400,10 @@ pub async fn concurrent_runs_append(store: Arc<dyn Store>) {
         .iter()
         .map(|r| tokio::spawn(write_run(store.clone(), r.clone(), 200, 3, Duration::ZERO)))
         .collect();
-    let readers: Vec<_> = runs.iter().map(|r| tokio::spawn(collect(store.clone(), r.clone(), 0))).collect();
+    let readers: Vec<_> = runs
+        .iter()
+        .map(|r| tokio::spawn(collect(store.clone(), r.clone(), 0)))
+        .collect();
     for w in writers {
         w.await.unwrap();
     }
@@ -282,19 +415,39 @@ pub async fn concurrent_runs_append(store: Arc<dyn Store>) {
 pub async fn checkpoints(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     assert_eq!(store.get_checkpoint("run_a").await.unwrap(), None);
-    store.put_checkpoint("run_a", Bytes::from_static(b"one")).await.unwrap();
-    store.put_checkpoint("run_a", Bytes::from_static(b"two")).await.unwrap();
-    assert_eq!(store.get_checkpoint("run_a").await.unwrap(), Some(Bytes::from_static(b"two")));
+    store
+        .put_checkpoint("run_a", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    store
+        .put_checkpoint("run_a", Bytes::from_static(b"two"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_checkpoint("run_a").await.unwrap(),
+        Some(Bytes::from_static(b"two"))
+    );
 }
 
 pub async fn inbox(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     assert!(store.inbox_read("run_a").await.unwrap().is_empty());
-    let a = store.inbox_push("run_a", "input", &json!({"answer": 1})).await.unwrap();
-    let b = store.inbox_push("run_a", "tool-results", &json!({"results": []})).await.unwrap();
+    let a = store
+        .inbox_push("run_a", "input", &json!({"answer": 1}))
+        .await
+        .unwrap();
+    let b = store
+        .inbox_push("run_a", "tool-results", &json!({"results": []}))
+        .await
+        .unwrap();
     assert!(b > a);
     let got = store.inbox_read("run_a").await.unwrap();
-    assert_eq!(got.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["input", "tool-results"]);
+    assert_eq!(
+        got.iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        ["input", "tool-results"]
+    );
     assert_eq!(got[0].data, json!({"answer": 1}));
     store.inbox_ack("run_a", a).await.unwrap();
     let rest = store.inbox_read("run_a").await.unwrap();
@@ -302,7 +455,10 @@ pub async fn inbox(store: Arc<dyn Store>) {
     assert_eq!(rest[0].id, b);
     let c = store.inbox_push("run_a", "input", &json!(3)).await.unwrap();
     assert!(c > b, "ids are never reused after an ack");
-    assert!(matches!(store.inbox_push("run_ghost", "input", &json!(1)).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.inbox_push("run_ghost", "input", &json!(1)).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 pub async fn sessions(store: Arc<dyn Store>) {
@@ -317,20 +473,29 @@ pub async fn sessions(store: Arc<dyn Store>) {
     };
     assert!(store.get_session("ses_1").await.unwrap().is_none());
     store.create_session(&s).await.unwrap();
-    assert!(matches!(store.create_session(&s).await, Err(Error::AlreadyExists { .. })));
+    assert!(matches!(
+        store.create_session(&s).await,
+        Err(Error::AlreadyExists { .. })
+    ));
     s.state = json!({"messages": [{"role": "user", "content": "hi"}]});
     s.active_run = Some("run_x".into());
     store.put_session(&s).await.unwrap();
     assert_eq!(store.get_session("ses_1").await.unwrap(), Some(s.clone()));
     assert!(store.delete_session("ses_1").await.unwrap());
     assert!(!store.delete_session("ses_1").await.unwrap());
-    assert!(matches!(store.put_session(&s).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.put_session(&s).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 pub async fn delete_run_removes_everything(store: Arc<dyn Store>) {
     let mut rec = new_run(&store, "run_a").await;
     store.append("run_a", &events("run_a", 1, 3)).await.unwrap();
-    store.put_checkpoint("run_a", Bytes::from_static(b"cp")).await.unwrap();
+    store
+        .put_checkpoint("run_a", Bytes::from_static(b"cp"))
+        .await
+        .unwrap();
     store.inbox_push("run_a", "input", &json!(1)).await.unwrap();
     finish(&store, &mut rec).await;
     store.delete_run("run_a").await.unwrap();

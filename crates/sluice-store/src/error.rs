@@ -53,17 +53,26 @@ impl Error {
         message: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::Backend { message: message.into(), source: Some(source.into()) }
+        Self::Backend {
+            message: message.into(),
+            source: Some(source.into()),
+        }
     }
 
     /// A run that does not exist.
     pub fn run_not_found(id: &str) -> Self {
-        Self::NotFound { what: "run", id: id.to_owned() }
+        Self::NotFound {
+            what: "run",
+            id: id.to_owned(),
+        }
     }
 
     /// A session that does not exist.
     pub fn session_not_found(id: &str) -> Self {
-        Self::NotFound { what: "session", id: id.to_owned() }
+        Self::NotFound {
+            what: "session",
+            id: id.to_owned(),
+        }
     }
 }
 

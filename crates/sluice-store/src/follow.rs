@@ -47,7 +47,13 @@ pub fn follow_batches(
     run_id: String,
     after: u64,
 ) -> impl Stream<Item = Result<Vec<RawEvent>>> + Send + 'static {
-    let state = FollowState { store, run_id, cursor: after, checked: false, done: false };
+    let state = FollowState {
+        store,
+        run_id,
+        cursor: after,
+        checked: false,
+        done: false,
+    };
     stream::unfold(state, |mut st| async move {
         if st.done {
             return None;

@@ -53,7 +53,11 @@ impl Notifier {
                 rx
             }
         };
-        Subscription { notifier: self, run_id: run_id.to_owned(), rx: Some(rx) }
+        Subscription {
+            notifier: self,
+            run_id: run_id.to_owned(),
+            rx: Some(rx),
+        }
     }
 
     /// How many runs have at least one subscriber.
@@ -77,7 +81,10 @@ impl Drop for Subscription<'_> {
     fn drop(&mut self) {
         drop(self.rx.take());
         let mut runs = self.notifier.runs.lock().unwrap_or_else(|p| p.into_inner());
-        if runs.get(&self.run_id).is_some_and(|tx| tx.receiver_count() == 0) {
+        if runs
+            .get(&self.run_id)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
             runs.remove(&self.run_id);
         }
     }

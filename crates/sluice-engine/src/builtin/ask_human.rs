@@ -23,7 +23,10 @@ fn prompt(input: &Value) -> Result<String, String> {
 
 async fn ask(_ctx: Context, start: StartEvent) -> Result<Emit, StepError> {
     let prompt = prompt(&start.0).map_err(|e| StepError::new(e).no_retry())?;
-    Ok(Emit::none().request_input(InputRequested { prompt: Some(prompt), schema: None }))
+    Ok(Emit::none().request_input(InputRequested {
+        prompt: Some(prompt),
+        schema: None,
+    }))
 }
 
 async fn answer(_ctx: Context, input: InputEvent) -> Result<Emit, StepError> {

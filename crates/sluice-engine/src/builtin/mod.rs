@@ -21,9 +21,14 @@ pub(crate) fn opt_uint(input: &Value, field: &str, max: u64) -> Result<Option<u6
 
 /// Checks the input is an object with no fields beyond `allowed`.
 pub(crate) fn object_with(input: &Value, allowed: &[&str]) -> Result<(), String> {
-    let Some(obj) = input.as_object() else { return Err("input: must be a JSON object".into()) };
+    let Some(obj) = input.as_object() else {
+        return Err("input: must be a JSON object".into());
+    };
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(format!("input.{k}: unknown field (expected one of {})", allowed.join(", "))),
+        Some(k) => Err(format!(
+            "input.{k}: unknown field (expected one of {})",
+            allowed.join(", ")
+        )),
         None => Ok(()),
     }
 }

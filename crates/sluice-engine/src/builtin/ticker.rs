@@ -40,21 +40,38 @@ fn params(input: &Value) -> Result<Params, String> {
 }
 
 fn unix_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 async fn tick(ctx: Context, start: StartEvent) -> Result<Emit, StepError> {
     let p = params(&start.0).map_err(|e| StepError::new(e).no_retry())?;
-    let text: String = "abcdefghijklmnopqrstuvwxyz".chars().cycle().take(p.text_len as usize).collect();
+    let text: String = "abcdefghijklmnopqrstuvwxyz"
+        .chars()
+        .cycle()
+        .take(p.text_len as usize)
+        .collect();
     let t0 = tokio::time::Instant::now();
     for i in 0..p.n {
         if p.fail_at == Some(i) {
-            return Err(StepError::new(format!("failed at tick {i} as asked (fail_at)")).no_retry());
+            return Err(
+                StepError::new(format!("failed at tick {i} as asked (fail_at)")).no_retry(),
+            );
         }
         if p.delay_ms > 0 && i > 0 {
             tokio::time::sleep_until(t0 + Duration::from_millis(p.delay_ms * i)).await;
         }
-        ctx.write_event_to_stream(TICK, &Tick { i, t: unix_nanos(), text: &text }).await?;
+        ctx.write_event_to_stream(
+            TICK,
+            &Tick {
+                i,
+                t: unix_nanos(),
+                text: &text,
+            },
+        )
+        .await?;
     }
     Ok(Emit::stop(json!({ "count": p.n })))
 }
@@ -97,10 +114,25 @@ mod tests {
     #[test]
     fn validates_input() {
         assert!(params(&json!({"n": 3})).is_ok());
-        assert_eq!(params(&json!({})).err().as_deref(), Some("input.n: required (the number of ticks)"));
-        assert!(params(&json!({"n": -1})).unwrap_err().starts_with("input.n:"));
-        assert!(params(&json!({"n": 1, "delay_ms": "x"})).unwrap_err().starts_with("input.delay_ms:"));
-        assert!(params(&json!({"n": 1, "bogus": 1})).unwrap_err().starts_with("input.bogus:"));
+        assert_eq!(
+            params(&json!({})).err().as_deref(),
+            Some("input.n: required (the number of ticks)")
+        );
+        assert!(
+            params(&json!({"n": -1}))
+                .unwrap_err()
+                .starts_with("input.n:")
+        );
+        assert!(
+            params(&json!({"n": 1, "delay_ms": "x"}))
+                .unwrap_err()
+                .starts_with("input.delay_ms:")
+        );
+        assert!(
+            params(&json!({"n": 1, "bogus": 1}))
+                .unwrap_err()
+                .starts_with("input.bogus:")
+        );
         assert!(params(&json!([1])).is_err());
         ticker();
     }

@@ -1,0 +1,142 @@
+//! Bearer-key authentication and run visibility.
+
+use std::hash::{Hash, Hasher};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Label of the key (never the key): runs are owned by it. `None` without auth.
+    pub owner: Option<String>,
+    /// May see and act on every run.
+    pub admin: bool,
+}
+
+impl Principal {
+    /// Whether this caller may see a resource owned by `owner`.
+    pub fn can_see(&self, owner: Option<&str>) -> bool {
+        self.admin || self.owner.as_deref() == owner
+    }
+}
+
+/// The configured keys.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    keys: Vec<(Vec<u8>, bool)>,
+}
+
+impl Keys {
+    /// Ordinary and admin keys.
+    pub fn new(api_keys: &[String], admin_keys: &[String]) -> Self {
+        let keys = api_keys
+            .iter()
+            .map(|k| (k.as_bytes().to_vec(), false))
+            .chain(admin_keys.iter().map(|k| (k.as_bytes().to_vec(), true)))
+            .collect();
+        Self { keys }
+    }
+
+    /// Whether auth is on.
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Checks a presented key against every configured key in constant time per key (no early
+    /// exit on the first match either).
+    fn check(&self, presented: &[u8]) -> Option<Principal> {
+        let mut found: Option<Principal> = None;
+        for (key, admin) in &self.keys {
+            if ct_eq(key, presented) && found.is_none() {
+                found = Some(Principal {
+                    owner: Some(label(key)),
+                    admin: *admin,
+                });
+            }
+        }
+        found
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+/// A stable, non-reversible label of a key: the owner stored with its runs.
+fn label(key: &[u8]) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    format!("key_{:016x}", h.finish())
+}
+
+/// Middleware: resolves the caller, answers 401 for a missing or unknown key.
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let principal = if state.keys.enabled() {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented.and_then(|p| state.keys.check(p.as_bytes())) {
+            Some(p) => p,
+            None => return ApiError::Unauthorized.into_response(),
+        }
+    } else {
+        Principal {
+            owner: None,
+            admin: true,
+        }
+    };
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        let keys = Keys::new(&["a".repeat(16)], &["b".repeat(16)]);
+        assert_eq!(
+            keys.check(b"aaaaaaaaaaaaaaaa").map(|p| p.admin),
+            Some(false)
+        );
+        assert_eq!(keys.check(b"bbbbbbbbbbbbbbbb").map(|p| p.admin), Some(true));
+        assert_eq!(keys.check(b"aaaaaaaaaaaaaaa"), None);
+        assert_eq!(keys.check(b""), None);
+        assert_ne!(label(b"x"), label(b"y"));
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"abcd"));
+        assert!(!ct_eq(b"", b"\0"));
+    }
+}

@@ -1,0 +1,171 @@
+//! The Sluice HTTP server.
+//!
+//! Implements `docs/protocol.md`: the run API under `/v1`, event streams (SSE, NDJSON,
+//! WebSocket) read from the durable log with cursors, admission control answers (429 with
+//! `Retry-After`), bearer-key auth with per-key run visibility, `/healthz`, `/readyz`,
+//! `/metrics` and `/openapi.json`.
+//!
+//! Layout:
+//! - `config.rs`: `sluice.toml` and its layers.
+//! - `error.rs`: [`ApiError`], the one error shape.
+//! - `extract.rs`: JSON and query extractors answering in that shape.
+//! - `auth.rs`: keys, principals, visibility.
+//! - `stream.rs`: the SSE / NDJSON encoders over the log.
+//! - `routes.rs`: the handlers. `ws.rs`: the WebSocket transport.
+//! - `metrics.rs`, `openapi.rs`.
+//!
+//! ```no_run
+//! # async fn demo(engine: sluice_engine::Engine) -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let app = sluice_server::App::new(engine, sluice_server::config::ServerOptions::default());
+//! sluice_server::serve(listener, app, shutdown).await
+//! # }
+//! ```
+
+pub mod auth;
+pub mod config;
+mod error;
+mod extract;
+mod metrics;
+mod openapi;
+mod routes;
+pub mod stream;
+mod ws;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use sluice_engine::Engine;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::error::{ApiError, ApiResult};
+pub use crate::metrics::Metrics;
+use crate::metrics::Rejection;
+pub use crate::openapi::openapi;
+
+/// (owner, workflow, `Idempotency-Key` header).
+pub(crate) type IdempotencyKey = (Option<String>, String, String);
+
+/// Everything a handler needs. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    inner: Arc<AppInner>,
+}
+
+pub(crate) struct AppInner {
+    pub(crate) engine: Engine,
+    pub(crate) options: config::ServerOptions,
+    pub(crate) keys: auth::Keys,
+    pub(crate) metrics: Metrics,
+    pub(crate) draining: CancellationToken,
+    /// (owner, workflow, Idempotency-Key) → run id and when it was first used.
+    pub(crate) idempotency: Mutex<HashMap<IdempotencyKey, (String, Instant)>>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.inner
+    }
+}
+
+/// A configured server, ready to [`serve`].
+pub struct App {
+    state: AppState,
+}
+
+impl App {
+    /// A server for `engine` with `options`.
+    pub fn new(engine: Engine, options: config::ServerOptions) -> Self {
+        let keys = auth::Keys::new(&options.api_keys, &options.admin_keys);
+        let inner = AppInner {
+            engine,
+            options,
+            keys,
+            metrics: Metrics::default(),
+            draining: CancellationToken::new(),
+            idempotency: Mutex::default(),
+        };
+        Self {
+            state: AppState {
+                inner: Arc::new(inner),
+            },
+        }
+    }
+
+    /// The router (for tests that drive it without a socket).
+    pub fn router(&self) -> Router {
+        let state = self.state.clone();
+        routes::router(state.clone())
+            .layer(middleware::from_fn_with_state(state.clone(), guard))
+            .with_state(state)
+    }
+}
+
+/// Outermost middleware: 503 while draining, latency metrics.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let ops = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    let resp = if state.draining.is_cancelled() && !ops {
+        state.metrics.reject(Rejection::ShuttingDown);
+        ApiError::ShuttingDown.into_response()
+    } else {
+        next.run(req).await
+    };
+    let status = resp.status().as_u16();
+    match status {
+        401 => state.metrics.reject(Rejection::Unauthorized),
+        429 => state.metrics.reject(Rejection::QueueFull),
+        _ => {}
+    }
+    state.metrics.observe(status, t0.elapsed());
+    resp
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then drains: new requests get 503,
+/// runs reach a checkpoint, streams end, and the call returns within the configured grace.
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve(
+    listener: TcpListener,
+    app: App,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = app.state.clone();
+    let router = app.router();
+    let drain = {
+        let state = state.clone();
+        async move {
+            shutdown.cancelled().await;
+            state.draining.cancel();
+            let grace = state.options.shutdown_grace;
+            if !state.engine.shutdown(grace).await {
+                tracing::warn!(
+                    ?grace,
+                    "some runs did not reach a checkpoint within the grace period"
+                );
+            }
+        }
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(drain);
+    let grace = state.options.shutdown_grace;
+    let done = state.draining.clone();
+    tokio::select! {
+        r = server => r,
+        () = async move {
+            done.cancelled().await;
+            tokio::time::sleep(grace * 2).await;
+        } => {
+            tracing::warn!("connections still open after the grace period; closing them");
+            Ok(())
+        }
+    }
+}

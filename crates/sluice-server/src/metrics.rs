@@ -1,0 +1,167 @@
+//! Prometheus metrics, rendered by hand in the text exposition format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sluice_engine::Engine;
+
+const BUCKETS_MS: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 250, 1000, 5000];
+
+/// Server counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Event stream responses open now.
+    pub stream_readers: AtomicU64,
+    rejected_queue_full: AtomicU64,
+    rejected_shutting_down: AtomicU64,
+    rejected_unauthorized: AtomicU64,
+    rejected_too_many_streams: AtomicU64,
+    http_requests: [AtomicU64; 5],
+    latency_buckets: [AtomicU64; BUCKETS_MS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Rejection {
+    /// 429.
+    QueueFull,
+    /// 503 while draining.
+    ShuttingDown,
+    /// 401.
+    Unauthorized,
+    /// 503 over `max_connections` streams.
+    TooManyStreams,
+}
+
+impl Metrics {
+    /// Counts a refusal.
+    pub fn reject(&self, why: Rejection) {
+        let c = match why {
+            Rejection::QueueFull => &self.rejected_queue_full,
+            Rejection::ShuttingDown => &self.rejected_shutting_down,
+            Rejection::Unauthorized => &self.rejected_unauthorized,
+            Rejection::TooManyStreams => &self.rejected_too_many_streams,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one HTTP response (time to headers).
+    pub fn observe(&self, status: u16, took: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.http_requests[class].fetch_add(1, Ordering::Relaxed);
+        let ms = took.as_millis() as u64;
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The exposition text.
+    pub fn render(&self, engine: &Engine, waiting: &[(String, u64)]) -> String {
+        let mut out = String::with_capacity(4096);
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP sluice_runs_running Runs holding an execution slot.\n# TYPE sluice_runs_running gauge"
+        );
+        let stats = engine.stats();
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "sluice_runs_running{{workflow=\"{}\"}} {}",
+                s.name, s.running
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_runs_queued Runs waiting for a slot.\n# TYPE sluice_runs_queued gauge"
+        );
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "sluice_runs_queued{{workflow=\"{}\"}} {}",
+                s.name, s.queued
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_runs_waiting Runs paused for input or client tools.\n# TYPE sluice_runs_waiting gauge"
+        );
+        for (name, n) in waiting {
+            let _ = writeln!(out, "sluice_runs_waiting{{workflow=\"{name}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_events_appended_total Events appended to run logs.\n# TYPE sluice_events_appended_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "sluice_events_appended_total {}",
+            engine.events_appended()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sluice_stream_readers Open event stream responses.\n# TYPE sluice_stream_readers gauge"
+        );
+        let _ = writeln!(out, "sluice_stream_readers {}", g(&self.stream_readers));
+        let _ = writeln!(
+            out,
+            "# HELP sluice_rejections_total Refused requests by reason.\n# TYPE sluice_rejections_total counter"
+        );
+        for (reason, v) in [
+            ("queue_full", &self.rejected_queue_full),
+            ("shutting_down", &self.rejected_shutting_down),
+            ("unauthorized", &self.rejected_unauthorized),
+            ("too_many_streams", &self.rejected_too_many_streams),
+        ] {
+            let _ = writeln!(
+                out,
+                "sluice_rejections_total{{reason=\"{reason}\"}} {}",
+                g(v)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_http_responses_total HTTP responses by status class.\n# TYPE sluice_http_responses_total counter"
+        );
+        for (i, v) in self.http_requests.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "sluice_http_responses_total{{class=\"{}xx\"}} {}",
+                i + 1,
+                g(v)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_http_request_duration_seconds Time to response headers.\n# TYPE sluice_http_request_duration_seconds histogram"
+        );
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "sluice_http_request_duration_seconds_bucket{{le=\"{}\"}} {}",
+                *b as f64 / 1000.0,
+                g(&self.latency_buckets[i])
+            );
+        }
+        let count = g(&self.latency_count);
+        let _ = writeln!(
+            out,
+            "sluice_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "sluice_http_request_duration_seconds_sum {}",
+            g(&self.latency_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(out, "sluice_http_request_duration_seconds_count {count}");
+        out
+    }
+}

@@ -1,0 +1,503 @@
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sluice_engine::StartRun;
+use sluice_protocol::api::{CreateRun, RunList, SendEvent, WorkflowInfo};
+use sluice_protocol::{RunRecord, RunStatus};
+use sluice_store::RunFilter;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiQuery};
+use crate::metrics::Rejection;
+use crate::stream::{self, Format, StreamOptions, TypeFilter};
+use crate::{AppState, ws};
+
+/// How long an `Idempotency-Key` is remembered.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub(crate) fn router(state: AppState) -> Router<AppState> {
+    let v1 = Router::new()
+        .route("/workflows", get(list_workflows))
+        .route("/workflows/{name}/runs", post(create_run))
+        .route("/runs", get(list_runs))
+        .route("/runs/{id}", get(get_run))
+        .route("/runs/{id}/events", get(run_events).post(send_event))
+        .route("/runs/{id}/cancel", post(cancel_run))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authenticate,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async {
+            ApiError::NotFound {
+                what: "route",
+                id: "this path".into(),
+            }
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body))
+        .layer(axum::middleware::from_fn_with_state(state, body_limit_ext))
+}
+
+async fn body_limit_ext(
+    State(state): State<AppState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    req.extensions_mut()
+        .insert(crate::extract::BodyLimit(state.options.max_body));
+    next.run(req).await
+}
+
+/// The record as clients see it: live `last_seq`, no owner label.
+async fn public(state: &AppState, mut rec: RunRecord) -> ApiResult<RunRecord> {
+    if !rec.status.is_terminal() {
+        rec.last_seq = state.engine.store().last_seq(&rec.id).await?;
+    }
+    rec.owner = None;
+    Ok(rec)
+}
+
+/// A run visible to the caller, else 404.
+async fn visible_run(state: &AppState, who: &Principal, id: &str) -> ApiResult<RunRecord> {
+    match state.engine.store().get_run(id).await? {
+        Some(rec) if who.can_see(rec.owner.as_deref()) => Ok(rec),
+        _ => Err(ApiError::not_found("run", id)),
+    }
+}
+
+async fn list_workflows(State(state): State<AppState>) -> Json<Vec<WorkflowInfo>> {
+    Json(
+        state
+            .engine
+            .workflows()
+            .iter()
+            .map(|w| WorkflowInfo {
+                name: w.name().to_owned(),
+                kind: w.kind().to_owned(),
+                description: w.description().to_owned(),
+                input_schema: w.input_schema().clone(),
+            })
+            .collect(),
+    )
+}
+
+use axum::Json;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateQuery {
+    wait: Option<String>,
+}
+
+fn parse_bool(v: Option<&str>, what: &str) -> ApiResult<bool> {
+    match v {
+        None => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "{what}: expected true or false, got {other:?}"
+        ))),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            let m = m.trim();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+}
+
+/// Parses an optional JSON body (an empty body is the default value).
+fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_data() => Err(ApiError::Unprocessable(format!("body: {e}"))),
+        Err(e) => Err(ApiError::BadRequest(format!("body: {e}"))),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("Idempotency-Key: must be visible ASCII".into()))?;
+    if key.is_empty() || key.len() > 255 {
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key: must be 1 to 255 characters".into(),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+async fn create_run(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<CreateQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let wait = parse_bool(q.wait.as_deref(), "wait")?;
+    if state.engine.workflow(&name).is_none() {
+        return Err(ApiError::not_found("workflow", &name));
+    }
+    let req: CreateRun = optional_json(&headers, &body)?;
+    let stream_format = Format::requested(&headers);
+    if let Some(session) = &req.session_id {
+        match state.engine.store().get_session(session).await? {
+            Some(s) if who.can_see(s.owner.as_deref()) => {}
+            _ => return Err(ApiError::not_found("session", session)),
+        }
+    }
+    let key = idempotency_key(&headers)?;
+    let slot_key = key
+        .as_ref()
+        .map(|k| (who.owner.clone(), name.clone(), k.clone()));
+    let existing = slot_key.as_ref().and_then(|k| {
+        let mut map = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (_, at)| at.elapsed() < IDEMPOTENCY_TTL);
+        map.get(k).map(|(id, _)| id.clone())
+    });
+    let (handle, replayed) = match existing {
+        Some(id) => (state.engine.handle(&id), true),
+        None => {
+            let start = StartRun {
+                input: req.input,
+                session_id: req.session_id,
+                metadata: req.metadata,
+                owner: who.owner.clone(),
+                run_id: None,
+            };
+            let handle = state.engine.start(&name, start).await?;
+            if let Some(k) = slot_key {
+                let mut map = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+                map.insert(k, (handle.id().to_owned(), Instant::now()));
+            }
+            (handle, false)
+        }
+    };
+    let location = format!("/v1/runs/{}", handle.id());
+    if let Some(format) = stream_format {
+        let opts = StreamOptions {
+            format,
+            after: 0,
+            types: TypeFilter::default(),
+            heartbeat: state.options.heartbeat,
+        };
+        let mut resp = stream_response(&state, handle.id().to_owned(), opts)?;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(resp);
+    }
+    let (status, rec) = if wait {
+        let token = state.engine.shutdown_token();
+        let rec = tokio::select! {
+            r = handle.wait() => r?,
+            () = token.cancelled() => return Err(ApiError::ShuttingDown),
+        };
+        (StatusCode::OK, rec)
+    } else {
+        let rec = handle.record().await?;
+        (
+            if replayed {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            },
+            rec,
+        )
+    };
+    let rec = public(&state, rec).await?;
+    let mut resp = (status, Json(rec)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    workflow: Option<String>,
+    status: Option<String>,
+    session_id: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+async fn list_runs(
+    State(state): State<AppState>,
+    who: Principal,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<RunList>> {
+    let limit = match q.limit.as_deref() {
+        None => 50,
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit: must be an integer from 1 to 1000, got {l:?}"
+                )));
+            }
+        },
+    };
+    let mut statuses = Vec::new();
+    if let Some(list) = q.status.as_deref() {
+        for s in list.split(',') {
+            statuses.push(RunStatus::parse(s.trim()).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "status: {s:?} is not one of queued, running, waiting, completed, failed, cancelled"
+                ))
+            })?);
+        }
+    }
+    if let Some(c) = &q.cursor
+        && (c.is_empty() || c.len() > 128)
+    {
+        return Err(ApiError::BadRequest(
+            "cursor: not a cursor returned by this API".into(),
+        ));
+    }
+    let filter = RunFilter {
+        workflow: q.workflow,
+        statuses,
+        session_id: q.session_id,
+        owner: if who.admin { None } else { who.owner.clone() },
+        finished_before: None,
+        limit,
+        cursor: q.cursor,
+    };
+    let page = state.engine.store().list_runs(&filter).await?;
+    let mut runs = Vec::with_capacity(page.runs.len());
+    for r in page.runs {
+        runs.push(public(&state, r).await?);
+    }
+    Ok(Json(RunList {
+        runs,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+async fn get_run(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunRecord>> {
+    let rec = visible_run(&state, &who, &id).await?;
+    Ok(Json(public(&state, rec).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<String>,
+    types: Option<String>,
+}
+
+async fn run_events(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+    headers: HeaderMap,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> ApiResult<Response> {
+    let after = stream::cursor(&headers, q.after.as_deref())?;
+    let types = TypeFilter::parse(q.types.as_deref())?;
+    let rec = visible_run(&state, &who, &id).await?;
+    if let Ok(upgrade) = upgrade {
+        return Ok(ws::upgrade(state, who, id, after, types, upgrade));
+    }
+    if rec.status.is_terminal() && after >= rec.last_seq {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let opts = StreamOptions {
+        format: Format::negotiate(&headers),
+        after,
+        types,
+        heartbeat: state.options.heartbeat,
+    };
+    stream_response(&state, id, opts)
+}
+
+/// Counts open streams and refuses beyond `max_connections`.
+pub(crate) struct ReaderGuard(AppState);
+
+impl ReaderGuard {
+    pub(crate) fn new(state: &AppState) -> ApiResult<Self> {
+        let n = state.metrics.stream_readers.fetch_add(1, Ordering::AcqRel);
+        if n as usize >= state.options.max_connections {
+            state.metrics.stream_readers.fetch_sub(1, Ordering::AcqRel);
+            state.metrics.reject(Rejection::TooManyStreams);
+            return Err(ApiError::ShuttingDown);
+        }
+        Ok(Self(state.clone()))
+    }
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.metrics.stream_readers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn stream_response(state: &AppState, run_id: String, opts: StreamOptions) -> ApiResult<Response> {
+    let guard = ReaderGuard::new(state)?;
+    let content_type = opts.format.content_type();
+    let body = stream::body(
+        state.engine.store().clone(),
+        run_id.clone(),
+        opts,
+        state.engine.shutdown_token(),
+    )
+    .map(move |chunk| {
+        let _held = &guard;
+        chunk
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, content_type);
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(&run_id) {
+        h.insert("x-sluice-run-id", v);
+    }
+    Ok(resp)
+}
+
+/// `POST /v1/runs/{id}/events` (and WebSocket client frames).
+pub(crate) async fn deliver(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+    ev: SendEvent,
+) -> ApiResult<()> {
+    let rec = visible_run(state, who, id).await?;
+    if rec.status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "run {id:?} is already {}",
+            rec.status.as_str()
+        )));
+    }
+    let size = serde_json::to_vec(&ev.data)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > state.options.max_event {
+        return Err(ApiError::TooLarge(state.options.max_event));
+    }
+    if ev.event_type.is_empty() || ev.event_type.len() > 64 {
+        return Err(ApiError::Unprocessable(
+            "body.type: must be an event type such as \"input\" or \"tool-results\"".into(),
+        ));
+    }
+    state.engine.send(id, &ev.event_type, ev.data).await?;
+    Ok(())
+}
+
+async fn send_event(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    ApiJson(ev): ApiJson<SendEvent>,
+) -> ApiResult<Response> {
+    deliver(&state, &who, &id, ev).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
+}
+
+async fn cancel_run(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CancelBody {
+        reason: Option<String>,
+    }
+    let req: CancelBody = optional_json(&headers, &body)?;
+    let rec = visible_run(&state, &who, &id).await?;
+    if rec.status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "run {id:?} is already {}",
+            rec.status.as_str()
+        )));
+    }
+    state.engine.cancel(&id, req.reason).await?;
+    let rec = visible_run(&state, &who, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(public(&state, rec).await?)).into_response())
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.is_cancelled() {
+        return ApiError::ShuttingDown.into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut waiting = Vec::new();
+    for wf in state.engine.workflows() {
+        let filter = RunFilter {
+            workflow: Some(wf.name().to_owned()),
+            statuses: vec![RunStatus::Waiting],
+            limit: 1000,
+            ..RunFilter::default()
+        };
+        let n = state
+            .engine
+            .store()
+            .list_runs(&filter)
+            .await
+            .map(|p| p.runs.len() as u64)
+            .unwrap_or(0);
+        waiting.push((wf.name().to_owned(), n));
+    }
+    let text = state.metrics.render(&state.engine, &waiting);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi())
+}

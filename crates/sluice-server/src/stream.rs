@@ -1,0 +1,297 @@
+//! Encoders of a run's event log: SSE and NDJSON bodies, with cursors, type filters and
+//! heartbeats. Every encoder reads from the durable log through `sluice_store::follow_batches`,
+//! so a slow client only falls behind in the log, never in server memory.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use sluice_protocol::{RawEvent, kind};
+use sluice_store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+
+/// Wire format of an event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/event-stream`.
+    Sse,
+    /// `application/x-ndjson`: one envelope per line, blank lines as keep-alive.
+    Ndjson,
+}
+
+impl Format {
+    /// Chooses by `Accept`: NDJSON when asked for, SSE otherwise.
+    pub fn negotiate(headers: &HeaderMap) -> Self {
+        let accept = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if accept.contains("application/x-ndjson") {
+            Self::Ndjson
+        } else {
+            Self::Sse
+        }
+    }
+
+    /// Whether the client asked for a stream at all.
+    pub fn requested(headers: &HeaderMap) -> Option<Self> {
+        let accept = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if accept.contains("application/x-ndjson") {
+            Some(Self::Ndjson)
+        } else if accept.contains("text/event-stream") {
+            Some(Self::Sse)
+        } else {
+            None
+        }
+    }
+
+    /// The response content type.
+    pub fn content_type(self) -> HeaderValue {
+        match self {
+            Self::Sse => HeaderValue::from_static("text/event-stream"),
+            Self::Ndjson => HeaderValue::from_static("application/x-ndjson"),
+        }
+    }
+
+    fn keep_alive(self) -> Bytes {
+        match self {
+            Self::Sse => Bytes::from_static(b": ping\n\n"),
+            Self::Ndjson => Bytes::from_static(b"\n"),
+        }
+    }
+
+    fn encode(self, out: &mut BytesMut, ev: &RawEvent) {
+        match self {
+            Self::Sse => {
+                out.put_slice(b"id: ");
+                let mut seq = itoa_buf(ev.seq());
+                out.put_slice(seq.as_bytes_mut());
+                out.put_slice(b"\nevent: ");
+                out.put_slice(ev.event_type().as_bytes());
+                out.put_slice(b"\ndata: ");
+                out.put_slice(ev.json());
+                out.put_slice(b"\n\n");
+            }
+            Self::Ndjson => {
+                out.put_slice(ev.json());
+                out.put_u8(b'\n');
+            }
+        }
+    }
+}
+
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa_buf(mut v: u64) -> Digits {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    Digits { buf, start: i }
+}
+
+/// Where a reader starts: `Last-Event-ID` (a reconnecting EventSource) or `?after=`.
+///
+/// # Errors
+/// 400 for anything but a non-negative integer.
+pub fn cursor(headers: &HeaderMap, after: Option<&str>) -> Result<u64, ApiError> {
+    if let Some(v) = headers.get("last-event-id") {
+        let text = v.to_str().map_err(|_| {
+            ApiError::BadRequest("Last-Event-ID: must be a non-negative integer".into())
+        })?;
+        return parse_seq(text.trim(), "Last-Event-ID");
+    }
+    match after {
+        None => Ok(0),
+        Some(a) => parse_seq(a, "after"),
+    }
+}
+
+fn parse_seq(text: &str, what: &str) -> Result<u64, ApiError> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::BadRequest(format!(
+            "{what}: must be a non-negative integer, got {text:?}"
+        )));
+    }
+    text.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{what}: out of range: {text:?}")))
+}
+
+/// A server-side `?types=a,b` filter. The terminal event always passes, so a filtered stream
+/// still ends visibly.
+#[derive(Debug, Clone, Default)]
+pub struct TypeFilter(Option<HashSet<String>>);
+
+impl TypeFilter {
+    /// Parses the comma-separated list.
+    ///
+    /// # Errors
+    /// 400 for an empty list or an entry that is not a valid event type name.
+    pub fn parse(types: Option<&str>) -> Result<Self, ApiError> {
+        let Some(list) = types else {
+            return Ok(Self(None));
+        };
+        let mut set = HashSet::new();
+        for t in list.split(',').map(str::trim) {
+            let valid = kind::is_reserved(t) || sluice_protocol::validate_custom_name(t).is_ok();
+            if !valid {
+                return Err(ApiError::BadRequest(format!(
+                    "types: {t:?} is not an event type (reserved types or [a-z][a-z0-9._-]{{0,63}})"
+                )));
+            }
+            set.insert(t.to_owned());
+        }
+        Ok(Self(Some(set)))
+    }
+
+    /// Whether `ev` goes through the filter.
+    pub fn passes(&self, ev: &RawEvent) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|s| s.contains(ev.event_type()) || ev.is_terminal())
+    }
+}
+
+/// Options of one event stream response.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// SSE or NDJSON.
+    pub format: Format,
+    /// Events with `seq > after`.
+    pub after: u64,
+    /// Server-side filter.
+    pub types: TypeFilter,
+    /// Keep-alive interval.
+    pub heartbeat: Duration,
+}
+
+/// The body of an event stream: the `retry:` hint (SSE), then the run's events from the cursor
+/// in batches, keep-alives while idle; ends after the terminal event or on shutdown.
+pub fn body(
+    store: Arc<dyn Store>,
+    run_id: String,
+    opts: StreamOptions,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let events = Box::pin(sluice_store::follow_batches(
+        store,
+        run_id.clone(),
+        opts.after,
+    ));
+    let start = tokio::time::Instant::now() + opts.heartbeat;
+    let ticker = tokio::time::interval_at(start, opts.heartbeat);
+    let state = (events, ticker, shutdown, opts, run_id, true, false);
+    futures_util::stream::unfold(
+        state,
+        |(mut events, mut ticker, shutdown, opts, run_id, first, done)| async move {
+            if done {
+                return None;
+            }
+            if first && opts.format == Format::Sse {
+                let hello = Bytes::from_static(b"retry: 1000\n\n");
+                return Some((
+                    Ok(hello),
+                    (events, ticker, shutdown, opts, run_id, false, false),
+                ));
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return None,
+                    batch = events.next() => match batch {
+                        Some(Ok(batch)) => {
+                            let mut out = BytesMut::with_capacity(batch.iter().map(|e| e.json().len() + 48).sum());
+                            for ev in batch.iter().filter(|e| opts.types.passes(e)) {
+                                opts.format.encode(&mut out, ev);
+                            }
+                            if out.is_empty() {
+                                continue;
+                            }
+                            ticker.reset();
+                            return Some((Ok(out.freeze()), (events, ticker, shutdown, opts, run_id, false, false)));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(run_id = %run_id, error = %e, "event stream ended by a store error");
+                            return None;
+                        }
+                        None => return None,
+                    },
+                    _ = ticker.tick() => {
+                        let ping = opts.format.keep_alive();
+                        return Some((Ok(ping), (events, ticker, shutdown, opts, run_id, false, false)));
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors() {
+        let mut h = HeaderMap::new();
+        assert_eq!(cursor(&h, None).ok(), Some(0));
+        assert_eq!(cursor(&h, Some("42")).ok(), Some(42));
+        for bad in ["-7", "abc", "", "1.5", "99999999999999999999999"] {
+            assert!(cursor(&h, Some(bad)).is_err(), "{bad}");
+        }
+        h.insert("last-event-id", HeaderValue::from_static("9"));
+        assert_eq!(cursor(&h, Some("42")).ok(), Some(9), "Last-Event-ID wins");
+        h.insert("last-event-id", HeaderValue::from_static("abc"));
+        assert!(cursor(&h, None).is_err());
+    }
+
+    #[test]
+    fn type_filters() {
+        assert!(TypeFilter::parse(Some("tick,text-delta")).is_ok());
+        assert!(TypeFilter::parse(Some("")).is_err());
+        assert!(TypeFilter::parse(Some("tick,,x")).is_err());
+        assert!(TypeFilter::parse(Some("Bad")).is_err());
+    }
+
+    #[test]
+    fn sse_framing() {
+        let ev = RawEvent::encode(
+            7,
+            "r",
+            "tick",
+            sluice_protocol::Timestamp::from_micros(0),
+            Some(1),
+            "{}",
+        );
+        let mut out = BytesMut::new();
+        Format::Sse.encode(&mut out, &ev);
+        let text = String::from_utf8(out.to_vec()).unwrap_or_default();
+        assert_eq!(
+            text,
+            "id: 7\nevent: tick\ndata: {\"seq\":7,\"run_id\":\"r\",\"type\":\"tick\",\"ts\":\"1970-01-01T00:00:00.000000Z\",\"step\":1,\"data\":{}}\n\n"
+        );
+    }
+}

@@ -1,0 +1,354 @@
+//! A durable implementation of [`sluice_store::Store`] on SQLite.
+//!
+//! One database file holds run records, every run's event log, checkpoints, inboxes and sessions.
+//! It passes the same conformance suite as the in-memory backend and survives restarts: open the
+//! same path again and every acknowledged write is there.
+//!
+//! ```no_run
+//! # fn demo() -> sluice_store::Result<()> {
+//! use std::sync::Arc;
+//! use sluice_store_sqlite::{SqliteOptions, SqliteStore};
+//! let store: Arc<dyn sluice_store::Store> =
+//!     Arc::new(SqliteStore::open("data/sluice.db", SqliteOptions::default())?);
+//! # drop(store); Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `lib.rs`: [`SqliteStore`], the [`Store`] implementation that routes each call to the writer
+//!   or to a reader.
+//! - `options.rs`: [`SqliteOptions`] and [`Synchronous`].
+//! - `schema.rs`: the tables, the ordered migrations (tracked in `PRAGMA user_version`, see
+//!   [`SCHEMA_VERSION`]) and how connections are set up.
+//! - `writer.rs`: the writer thread and its group commit.
+//! - `reader.rs`: the pool of read-only connections and the read queries.
+//! - `cache.rs`: the committed `run_id → (last_seq, closed)` of open logs.
+//!
+//! # How writes are committed
+//! The database runs in WAL mode. One dedicated OS thread owns the only read-write connection
+//! and receives every write (appends, `finish`, records, checkpoints, inbox, sessions) over a
+//! bounded channel; the caller awaits a reply. The thread **group-commits**: it takes the first
+//! queued command, adds whatever else is already queued (until the queue is empty, the group holds
+//! [`SqliteOptions::max_batch`] events, or [`SqliteOptions::commit_window`] has passed), runs the
+//! group in one transaction, commits, replies to every caller, then wakes the followers of every
+//! run that got events (through a [`Notifier`]; nobody polls). It never sleeps waiting for company:
+//! a lone append commits at once, and groups grow by themselves while a commit is in progress.
+//!
+//! Each command succeeds or fails on its own inside the group: appends are validated against the
+//! writer's cache of each open log's last seq (loaded from the database on first touch), and
+//! commands of more than one statement run under a savepoint. A rejected append (unknown run, seq
+//! conflict, closed log) leaves nothing behind and does not affect the others. Only a failure of
+//! the transaction itself (I/O error, full disk) fails the whole group.
+//!
+//! [`finish`](Store::finish) writes the final record and the terminal event in the same
+//! transaction, so a reader that sees the terminal event sees the final record.
+//!
+//! Reads run on a small pool of read-only connections
+//! ([`SqliteOptions::read_connections`]) on Tokio's blocking thread pool, never on the async
+//! runtime; WAL lets them proceed while the writer commits, each seeing the last commit made
+//! before it started.
+//!
+//! # What survives a crash
+//! A write is acknowledged only after its transaction has committed, so an acknowledged write
+//! is visible to every later read, and a write whose call has not returned may or may not be
+//! there (a group commits or fails as a whole, and each command within it is atomic).
+//!
+//! - **The process dies** (`kill -9`, panic, OOM kill) — with any [`Synchronous`] level: every
+//!   acknowledged write survives. A commit has been written to the WAL file (into the OS page
+//!   cache) before the reply, and the OS keeps it when the process dies.
+//! - **The OS crashes or the power fails** — this depends on [`SqliteOptions::synchronous`]:
+//!   - [`Synchronous::Full`]: every acknowledged write survives (the WAL is fsynced at every
+//!     group commit).
+//!   - [`Synchronous::Normal`] (the default): the database stays consistent, but the most recent
+//!     commits may be lost — those made since the WAL was last synced, which happens at each
+//!     checkpoint (about every 16 MiB of writes). What is lost is a suffix of whole transactions:
+//!     every run's log is still contiguous from seq 1, and a finished run is either finished with
+//!     its terminal event or not finished at all.
+//!   - [`Synchronous::Off`]: recent commits may be lost and the database file may be corrupted.
+//!
+//! The path must name a file on a local file system (WAL needs shared memory between the
+//! connections of this process); the store is meant to be the only writer of its file.
+
+mod cache;
+mod options;
+mod reader;
+mod schema;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::Value;
+use sluice_protocol::{RawEvent, RunRecord, SessionRecord, Timestamp};
+use sluice_store::{Error, InboxEntry, Notifier, Result, RunFilter, RunPage, Store};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cache::RunCache;
+use crate::reader::ReadPool;
+use crate::writer::{Command, Reply, RunRow, Writer};
+
+pub use options::{SqliteOptions, Synchronous};
+pub use schema::SCHEMA_VERSION;
+
+/// How many write commands may wait for the writer before callers wait to enqueue.
+const WRITE_QUEUE: usize = 4096;
+
+/// The SQLite store. Dropping it closes the write queue: the writer thread commits what is
+/// queued and exits; [`close`](SqliteStore::close) also waits for that.
+pub struct SqliteStore {
+    path: PathBuf,
+    commands: mpsc::Sender<Command>,
+    readers: Arc<ReadPool>,
+    cache: Arc<RunCache>,
+    notifier: Arc<Notifier>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its parent directory if needed) the database at `path`, migrates
+    /// its schema to [`SCHEMA_VERSION`], and starts the writer thread.
+    ///
+    /// Blocks while it opens the file and migrates: call it at startup.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when the directory or file cannot be created or opened, the file
+    /// cannot use WAL, or its schema is newer than this build.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::backend(format!("creating {}", parent.display()), e))?;
+        }
+        let conn = schema::open_writer(&path, options.synchronous)?;
+        let readers = Arc::new(ReadPool::open(path.clone(), options.read_connections)?);
+        let cache = Arc::new(RunCache::default());
+        let notifier = Arc::new(Notifier::new());
+        let (commands, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer = Writer::new(
+            conn,
+            cache.clone(),
+            notifier.clone(),
+            options.commit_window,
+            options.max_batch,
+        );
+        let writer = std::thread::Builder::new()
+            .name("sluice-sqlite-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| Error::backend("starting the SQLite writer thread", e))?;
+        Ok(Self {
+            path,
+            commands,
+            readers,
+            cache,
+            notifier,
+            writer,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the store: the writer commits what is queued, and this returns once it has exited
+    /// and the database is closed.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the writer thread panicked.
+    pub async fn close(self) -> Result<()> {
+        let Self {
+            commands,
+            readers,
+            writer,
+            ..
+        } = self;
+        drop(commands);
+        drop(readers);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| Error::backend("waiting for the SQLite writer", e))?
+            .map_err(|_| Error::Backend {
+                message: "the SQLite writer thread panicked".into(),
+                source: None,
+            })
+    }
+
+    /// Sends a command to the writer and waits for its outcome.
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| writer_gone())?;
+        rx.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn writer_gone() -> Error {
+    Error::Backend {
+        message: "the SQLite writer thread has stopped".into(),
+        source: None,
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_run(&self, record: &RunRecord) -> Result<()> {
+        let row = RunRow::new(record)?;
+        self.write(|reply| Command::CreateRun { row, reply }).await
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<RunRecord>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| reader::get_run(conn, &id))
+            .await
+    }
+
+    async fn put_run(&self, record: &RunRecord) -> Result<()> {
+        let row = RunRow::new(record)?;
+        self.write(|reply| Command::PutRun { row, reply }).await
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<RunPage> {
+        let filter = filter.clone();
+        self.readers
+            .run(move |conn| reader::list_runs(conn, &filter))
+            .await
+    }
+
+    async fn delete_run(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.write(|reply| Command::DeleteRun { id, reply }).await
+    }
+
+    async fn append(&self, run_id: &str, events: &[RawEvent]) -> Result<()> {
+        let (run_id, events) = (run_id.to_owned(), events.to_vec());
+        self.write(|reply| Command::Append {
+            run_id,
+            events,
+            reply,
+        })
+        .await
+    }
+
+    async fn finish(&self, record: &RunRecord, terminal: &RawEvent) -> Result<()> {
+        let row = RunRow::new(record)?;
+        let terminal = terminal.clone();
+        self.write(|reply| Command::Finish {
+            row,
+            terminal,
+            reply,
+        })
+        .await
+    }
+
+    async fn read(&self, run_id: &str, after: u64, limit: usize) -> Result<Vec<RawEvent>> {
+        let run_id = run_id.to_owned();
+        self.readers
+            .run(move |conn| reader::read_events(conn, &run_id, after, limit))
+            .await
+    }
+
+    async fn last_seq(&self, run_id: &str) -> Result<u64> {
+        if let Some(state) = self.cache.get(run_id) {
+            return Ok(state.last_seq);
+        }
+        let run_id = run_id.to_owned();
+        self.readers
+            .run(move |conn| reader::last_seq(conn, &run_id))
+            .await
+    }
+
+    async fn wait_for(&self, run_id: &str, after: u64) -> Result<()> {
+        let subscription = self.notifier.subscribe(run_id);
+        if self.last_seq(run_id).await? > after {
+            return Ok(());
+        }
+        subscription.wait(after).await;
+        Ok(())
+    }
+
+    async fn put_checkpoint(&self, run_id: &str, checkpoint: Bytes) -> Result<()> {
+        let run_id = run_id.to_owned();
+        self.write(|reply| Command::PutCheckpoint {
+            run_id,
+            data: checkpoint,
+            reply,
+        })
+        .await
+    }
+
+    async fn get_checkpoint(&self, run_id: &str) -> Result<Option<Bytes>> {
+        let run_id = run_id.to_owned();
+        self.readers
+            .run(move |conn| reader::get_checkpoint(conn, &run_id))
+            .await
+    }
+
+    async fn inbox_push(&self, run_id: &str, event_type: &str, data: &Value) -> Result<u64> {
+        let data = serde_json::to_string(data)?;
+        let (run_id, event_type) = (run_id.to_owned(), event_type.to_owned());
+        let received_at = Timestamp::now().as_micros();
+        self.write(|reply| Command::InboxPush {
+            run_id,
+            event_type,
+            data,
+            received_at,
+            reply,
+        })
+        .await
+    }
+
+    async fn inbox_read(&self, run_id: &str) -> Result<Vec<InboxEntry>> {
+        let run_id = run_id.to_owned();
+        self.readers
+            .run(move |conn| reader::inbox_read(conn, &run_id))
+            .await
+    }
+
+    async fn inbox_ack(&self, run_id: &str, up_to: u64) -> Result<()> {
+        let run_id = run_id.to_owned();
+        self.write(|reply| Command::InboxAck {
+            run_id,
+            up_to,
+            reply,
+        })
+        .await
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<()> {
+        let (id, json) = (session.id.clone(), serde_json::to_string(session)?);
+        self.write(|reply| Command::CreateSession { id, json, reply })
+            .await
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| reader::get_session(conn, &id))
+            .await
+    }
+
+    async fn put_session(&self, session: &SessionRecord) -> Result<()> {
+        let (id, json) = (session.id.clone(), serde_json::to_string(session)?);
+        self.write(|reply| Command::PutSession { id, json, reply })
+            .await
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(|reply| Command::DeleteSession { id, reply })
+            .await
+    }
+}

@@ -1,0 +1,246 @@
+//! The read side: a small pool of read-only connections used from the blocking thread pool, and
+//! the queries they run.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use sluice_protocol::{RawEvent, RunRecord, SessionRecord, Timestamp};
+use sluice_store::{Error, InboxEntry, Result, RunFilter, RunPage};
+use tokio::sync::Semaphore;
+
+use crate::schema::open_reader;
+use crate::writer::{from_sql_int, to_sql_int};
+
+/// Read-only connections, at most `size` in use at once. WAL lets them read while the writer
+/// commits; each read sees the last commit made before it started.
+#[derive(Debug)]
+pub(crate) struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |e| Error::backend(what, e)
+}
+
+impl ReadPool {
+    /// Opens `size` (at least one) connections to the database at `path`.
+    pub(crate) fn open(path: PathBuf, size: usize) -> Result<Self> {
+        let size = size.max(1);
+        let idle = (0..size)
+            .map(|_| open_reader(&path))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            path,
+            idle: Mutex::new(idle),
+            permits: Arc::new(Semaphore::new(size)),
+        })
+    }
+
+    /// Runs `f` on an idle connection, on the blocking thread pool.
+    pub(crate) async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::backend("waiting for a reader", e))?;
+        let pool = Arc::clone(self);
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            // A connection is missing only if a read panicked while holding it: replace it.
+            let conn = match pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                Some(conn) => conn,
+                None => open_reader(&pool.path)?,
+            };
+            let out = f(&conn);
+            pool.idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
+            out
+        });
+        task.await
+            .map_err(|e| Error::backend("running a read", e))?
+    }
+}
+
+pub(crate) fn get_run(conn: &Connection, id: &str) -> Result<Option<RunRecord>> {
+    let json: Option<String> = conn
+        .prepare_cached("SELECT record FROM runs WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([id], |row| row.get(0)).optional())
+        .map_err(db("reading a run"))?;
+    Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+}
+
+/// The page size a filter asks for: 0 means 50, at most 1,000.
+fn page_size(limit: usize) -> usize {
+    match limit {
+        0 => 50,
+        n => n.min(1000),
+    }
+}
+
+pub(crate) fn list_runs(conn: &Connection, filter: &RunFilter) -> Result<RunPage> {
+    let limit = page_size(filter.limit);
+    let mut sql = String::from("SELECT record FROM runs WHERE 1 = 1");
+    let mut args: Vec<SqlValue> = Vec::new();
+    let mut arg = |sql: &mut String, clause: &str, value: SqlValue| {
+        args.push(value);
+        sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+    };
+    if let Some(cursor) = &filter.cursor {
+        arg(&mut sql, " AND id < ?", SqlValue::Text(cursor.clone()));
+    }
+    if let Some(workflow) = &filter.workflow {
+        arg(
+            &mut sql,
+            " AND workflow = ?",
+            SqlValue::Text(workflow.clone()),
+        );
+    }
+    if !filter.statuses.is_empty() {
+        let mut statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        sql.push_str(" AND status IN (");
+        for (i, status) in statuses.into_iter().enumerate() {
+            arg(
+                &mut sql,
+                if i == 0 { "?" } else { ", ?" },
+                SqlValue::Text(status.to_owned()),
+            );
+        }
+        sql.push(')');
+    }
+    if let Some(session) = &filter.session_id {
+        arg(
+            &mut sql,
+            " AND session_id = ?",
+            SqlValue::Text(session.clone()),
+        );
+    }
+    if let Some(owner) = &filter.owner {
+        arg(&mut sql, " AND owner = ?", SqlValue::Text(owner.clone()));
+    }
+    if let Some(before) = filter.finished_before {
+        arg(
+            &mut sql,
+            " AND finished_at < ?",
+            SqlValue::Integer(before.as_micros()),
+        );
+    }
+    arg(
+        &mut sql,
+        " ORDER BY id DESC LIMIT ?",
+        SqlValue::Integer(i64::try_from(limit + 1).unwrap_or(i64::MAX)),
+    );
+
+    let mut stmt = conn.prepare_cached(&sql).map_err(db("listing runs"))?;
+    let rows = stmt
+        .query_map(params_from_iter(args.iter()), |row| row.get::<_, String>(0))
+        .map_err(db("listing runs"))?;
+    let mut runs = Vec::with_capacity(limit.min(64));
+    for json in rows {
+        let json = json.map_err(db("listing runs"))?;
+        runs.push(serde_json::from_str::<RunRecord>(&json)?);
+    }
+    let next_cursor = if runs.len() > limit {
+        runs.truncate(limit);
+        runs.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(RunPage { runs, next_cursor })
+}
+
+pub(crate) fn read_events(
+    conn: &Connection,
+    run_id: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<RawEvent>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, type, json FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+        .map_err(db("reading events"))?;
+    let limit_arg = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt
+        .query_map(params![run_id, to_sql_int(after), limit_arg], |row| {
+            let seq: i64 = row.get(0)?;
+            let event_type = row.get_ref(1)?.as_str()?;
+            let json: Vec<u8> = row.get(2)?;
+            Ok(RawEvent::from_parts(
+                from_sql_int(seq),
+                event_type,
+                Bytes::from(json),
+            ))
+        })
+        .map_err(db("reading events"))?;
+    let mut out = Vec::with_capacity(limit.min(1024));
+    for event in rows {
+        out.push(event.map_err(db("reading events"))?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn last_seq(conn: &Connection, run_id: &str) -> Result<u64> {
+    let seq: Option<i64> = conn
+        .prepare_cached("SELECT seq FROM events WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut stmt| stmt.query_row([run_id], |row| row.get(0)).optional())
+        .map_err(db("reading a log's last seq"))?;
+    Ok(seq.map_or(0, from_sql_int))
+}
+
+pub(crate) fn get_checkpoint(conn: &Connection, run_id: &str) -> Result<Option<Bytes>> {
+    let data: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT data FROM checkpoints WHERE run_id = ?1")
+        .and_then(|mut stmt| stmt.query_row([run_id], |row| row.get(0)).optional())
+        .map_err(db("reading a checkpoint"))?;
+    Ok(data.map(Bytes::from))
+}
+
+pub(crate) fn inbox_read(conn: &Connection, run_id: &str) -> Result<Vec<InboxEntry>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, type, data, received_at FROM inbox WHERE run_id = ?1 ORDER BY id",
+        )
+        .map_err(db("reading the inbox"))?;
+    let rows = stmt
+        .query_map([run_id], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(db("reading the inbox"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, event_type, data, received_at) = row.map_err(db("reading the inbox"))?;
+        out.push(InboxEntry {
+            id: from_sql_int(id),
+            event_type,
+            data: serde_json::from_str(&data)?,
+            received_at: Timestamp::from_micros(received_at),
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn get_session(conn: &Connection, id: &str) -> Result<Option<SessionRecord>> {
+    let json: Option<String> = conn
+        .prepare_cached("SELECT record FROM sessions WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([id], |row| row.get(0)).optional())
+        .map_err(db("reading a session"))?;
+    Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+}

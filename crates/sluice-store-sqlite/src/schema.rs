@@ -1,0 +1,172 @@
+//! The database schema, its migrations, and how connections are opened.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use sluice_store::{Error, Result};
+
+use crate::Synchronous;
+
+/// The migrations, in order: migration `i` takes the database from `PRAGMA user_version = i` to
+/// `i + 1`. Append new ones; never edit a released one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    "
+    CREATE TABLE runs (
+        id          TEXT PRIMARY KEY NOT NULL,
+        workflow    TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        session_id  TEXT,
+        owner       TEXT,
+        finished_at INTEGER,            -- microseconds since the Unix epoch
+        inbox_next  INTEGER NOT NULL DEFAULT 1,
+        record      TEXT NOT NULL       -- the RunRecord as JSON
+    );
+    CREATE INDEX runs_workflow ON runs (workflow, id);
+    CREATE INDEX runs_status ON runs (status, id);
+    CREATE INDEX runs_session ON runs (session_id, id) WHERE session_id IS NOT NULL;
+    CREATE INDEX runs_owner ON runs (owner, id) WHERE owner IS NOT NULL;
+    CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL;
+
+    CREATE TABLE events (
+        run_id TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        type   TEXT NOT NULL,
+        json   BLOB NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE checkpoints (
+        run_id TEXT PRIMARY KEY NOT NULL,
+        data   BLOB NOT NULL
+    );
+
+    CREATE TABLE inbox (
+        run_id      TEXT NOT NULL,
+        id          INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        data        TEXT NOT NULL,      -- JSON
+        received_at INTEGER NOT NULL,   -- microseconds since the Unix epoch
+        PRIMARY KEY (run_id, id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE sessions (
+        id     TEXT PRIMARY KEY NOT NULL,
+        record TEXT NOT NULL            -- the SessionRecord as JSON
+    );
+    ",
+];
+
+/// The schema version this build writes (`PRAGMA user_version` after migrating).
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// How long a connection retries when the database is locked (another process, a checkpoint).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Statements each connection keeps prepared.
+const STATEMENT_CACHE: usize = 64;
+
+/// Opens the read-write connection, sets it up for the single writer, and migrates the schema.
+pub(crate) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::backend(format!("opening {}", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| Error::backend("setting the busy timeout", e))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| Error::backend("switching to WAL", e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Backend {
+            message: format!("{} cannot use WAL (journal_mode is {mode})", path.display()),
+            source: None,
+        });
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {};
+         PRAGMA cache_size = -65536;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA wal_autocheckpoint = 4000;
+         PRAGMA journal_size_limit = 67108864;",
+        synchronous.pragma()
+    ))
+    .map_err(|e| Error::backend("configuring the writer connection", e))?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens one read-only connection (after the writer created and migrated the database).
+pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::backend(format!("opening {} for reading", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| Error::backend("setting the busy timeout", e))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.execute_batch(
+        "PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY; PRAGMA query_only = ON;",
+    )
+    .map_err(|e| Error::backend("configuring a reader connection", e))?;
+    Ok(conn)
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], one transaction per migration.
+fn migrate(conn: &Connection) -> Result<()> {
+    let current: u32 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| Error::backend("reading the schema version", e))?;
+    if current > SCHEMA_VERSION {
+        return Err(Error::Backend {
+            message: format!(
+                "the database has schema version {current}, newer than this build's {SCHEMA_VERSION}"
+            ),
+            source: None,
+        });
+    }
+    for (version, sql) in (1..).zip(MIGRATIONS).skip(current as usize) {
+        let what = || format!("migrating the schema to version {version}");
+        let tx = conn
+            .unchecked_transaction()
+            .map_err(|e| Error::backend(what(), e))?;
+        tx.execute_batch(sql)
+            .map_err(|e| Error::backend(what(), e))?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(|e| Error::backend(what(), e))?;
+        tx.commit().map_err(|e| Error::backend(what(), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_newer_schemas() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let conn = open_writer(&path, Synchronous::Normal).unwrap();
+        let v: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        drop(conn);
+        // Reopening does not re-run migration 1 (it would fail on the existing tables).
+        let conn = open_writer(&path, Synchronous::Normal).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        assert!(matches!(
+            open_writer(&path, Synchronous::Normal),
+            Err(Error::Backend { .. })
+        ));
+    }
+}

@@ -1,0 +1,870 @@
+//! The writer thread: owns the read-write connection and group-commits every write command.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use sluice_protocol::{RawEvent, RunRecord, kind};
+use sluice_store::{Error, Notifier, Result};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cache::{RunCache, RunState};
+
+/// A failure that ends a whole write transaction, reported to every command in it.
+type Fatal = Arc<dyn std::error::Error + Send + Sync>;
+
+/// SQLite rolled back the open transaction by itself after a failed statement.
+#[derive(Debug)]
+struct TransactionLost;
+
+impl std::fmt::Display for TransactionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SQLite rolled the write transaction back")
+    }
+}
+
+impl std::error::Error for TransactionLost {}
+
+/// Where a command's outcome goes.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A run record with its indexed columns pulled out, serialised by the caller (off the writer).
+#[derive(Debug)]
+pub(crate) struct RunRow {
+    id: String,
+    workflow: String,
+    status: &'static str,
+    session_id: Option<String>,
+    owner: Option<String>,
+    finished_at: Option<i64>,
+    json: String,
+}
+
+impl RunRow {
+    /// Serialises `record`.
+    pub(crate) fn new(record: &RunRecord) -> Result<Self> {
+        Ok(Self {
+            id: record.id.clone(),
+            workflow: record.workflow.clone(),
+            status: record.status.as_str(),
+            session_id: record.session_id.clone(),
+            owner: record.owner.clone(),
+            finished_at: record.finished_at.map(|t| t.as_micros()),
+            json: serde_json::to_string(record)?,
+        })
+    }
+}
+
+/// One write, as sent to the writer thread.
+#[derive(Debug)]
+pub(crate) enum Command {
+    CreateRun {
+        row: RunRow,
+        reply: Reply<()>,
+    },
+    PutRun {
+        row: RunRow,
+        reply: Reply<()>,
+    },
+    DeleteRun {
+        id: String,
+        reply: Reply<()>,
+    },
+    Append {
+        run_id: String,
+        events: Vec<RawEvent>,
+        reply: Reply<()>,
+    },
+    Finish {
+        row: RunRow,
+        terminal: RawEvent,
+        reply: Reply<()>,
+    },
+    PutCheckpoint {
+        run_id: String,
+        data: Bytes,
+        reply: Reply<()>,
+    },
+    InboxPush {
+        run_id: String,
+        event_type: String,
+        data: String,
+        received_at: i64,
+        reply: Reply<u64>,
+    },
+    InboxAck {
+        run_id: String,
+        up_to: u64,
+        reply: Reply<()>,
+    },
+    CreateSession {
+        id: String,
+        json: String,
+        reply: Reply<()>,
+    },
+    PutSession {
+        id: String,
+        json: String,
+        reply: Reply<()>,
+    },
+    DeleteSession {
+        id: String,
+        reply: Reply<bool>,
+    },
+}
+
+impl Command {
+    /// What the command counts for against `max_batch`.
+    fn weight(&self) -> usize {
+        match self {
+            Self::Append { events, .. } => events.len().max(1),
+            _ => 1,
+        }
+    }
+
+    /// Whether the command runs more than one statement, and so needs a savepoint to fail alone.
+    fn is_compound(&self) -> bool {
+        match self {
+            Self::Append { events, .. } => events.len() > 1,
+            Self::DeleteRun { .. } | Self::Finish { .. } | Self::InboxPush { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Replies with `err` without running the command.
+    fn fail(self, err: Error) {
+        let done = match self {
+            Self::InboxPush { reply, .. } => Done::Id(reply, Err(err)),
+            Self::DeleteSession { reply, .. } => Done::Flag(reply, Err(err)),
+            Self::CreateRun { reply, .. }
+            | Self::PutRun { reply, .. }
+            | Self::DeleteRun { reply, .. }
+            | Self::Append { reply, .. }
+            | Self::Finish { reply, .. }
+            | Self::PutCheckpoint { reply, .. }
+            | Self::InboxAck { reply, .. }
+            | Self::CreateSession { reply, .. }
+            | Self::PutSession { reply, .. } => Done::Unit(reply, Err(err)),
+        };
+        done.send();
+    }
+}
+
+/// A command that ran inside the open transaction, with the outcome to send once it commits.
+enum Done {
+    Unit(Reply<()>, Result<()>),
+    Id(Reply<u64>, Result<u64>),
+    Flag(Reply<bool>, Result<bool>),
+}
+
+impl Done {
+    fn is_ok(&self) -> bool {
+        match self {
+            Self::Unit(_, r) => r.is_ok(),
+            Self::Id(_, r) => r.is_ok(),
+            Self::Flag(_, r) => r.is_ok(),
+        }
+    }
+
+    /// Turns a success into `err()`: the transaction it ran in did not commit.
+    fn undo(&mut self, err: impl FnOnce() -> Error) {
+        match self {
+            Self::Unit(_, r @ Ok(_)) => *r = Err(err()),
+            Self::Id(_, r @ Ok(_)) => *r = Err(err()),
+            Self::Flag(_, r @ Ok(_)) => *r = Err(err()),
+            _ => {}
+        }
+    }
+
+    fn send(self) {
+        // A caller that stopped waiting (its future was dropped) needs no answer.
+        match self {
+            Self::Unit(tx, r) => drop(tx.send(r)),
+            Self::Id(tx, r) => drop(tx.send(r)),
+            Self::Flag(tx, r) => drop(tx.send(r)),
+        }
+    }
+}
+
+/// What the open transaction did to a run, on top of the committed [`RunCache`].
+#[derive(Debug, Clone, Copy)]
+struct Touched {
+    /// The state after the transaction (`None`: the run does not exist).
+    state: Option<RunState>,
+    /// Whether events were appended (followers must be woken).
+    appended: bool,
+}
+
+/// The write side of the store, run on its own thread by [`Writer::run`].
+pub(crate) struct Writer {
+    conn: Connection,
+    cache: Arc<RunCache>,
+    notifier: Arc<Notifier>,
+    /// Runs the open transaction has looked at or changed.
+    touched: HashMap<String, Touched>,
+    commit_window: Duration,
+    max_batch: usize,
+}
+
+fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
+    move |e| Error::backend(what, e)
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+}
+
+/// Seqs and ids are stored as SQLite integers; a value past `i64::MAX` is clamped (it can only
+/// be an upper bound, as nothing stored reaches it).
+pub(crate) fn to_sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Reads an integer the store wrote from a `u64`.
+pub(crate) fn from_sql_int(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The committed state of a run's log, from the database (`None`: no such run).
+fn load_state(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<RunState>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT (SELECT seq FROM events WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1),
+                (SELECT type FROM events WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1)
+         FROM runs WHERE id = ?1",
+    )?;
+    stmt.query_row([run_id], |row| {
+        let seq: Option<i64> = row.get(0)?;
+        let event_type: Option<String> = row.get(1)?;
+        Ok(RunState {
+            last_seq: seq.map_or(0, from_sql_int),
+            closed: event_type.is_some_and(|t| kind::is_terminal(&t)),
+        })
+    })
+    .optional()
+}
+
+/// Checks that `events` continue a log standing at `state`; returns the state after them.
+fn check_continues(run_id: &str, state: Option<RunState>, events: &[RawEvent]) -> Result<RunState> {
+    let state = state.ok_or_else(|| Error::run_not_found(run_id))?;
+    if state.closed {
+        return Err(Error::LogClosed {
+            run_id: run_id.to_owned(),
+        });
+    }
+    let mut expected = state.last_seq + 1;
+    for e in events {
+        if e.seq() != expected {
+            return Err(Error::SeqConflict {
+                run_id: run_id.to_owned(),
+                expected,
+                got: e.seq(),
+            });
+        }
+        expected += 1;
+    }
+    Ok(RunState {
+        last_seq: expected - 1,
+        closed: events.last().is_some_and(RawEvent::is_terminal),
+    })
+}
+
+fn insert_events(conn: &Connection, run_id: &str, events: &[RawEvent]) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO events (run_id, seq, type, json) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(db("appending events"))?;
+    for e in events {
+        stmt.execute(params![
+            run_id,
+            to_sql_int(e.seq()),
+            e.event_type(),
+            &e.json()[..]
+        ])
+        .map_err(db("appending events"))?;
+    }
+    Ok(())
+}
+
+fn update_run(conn: &Connection, row: &RunRow) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE runs SET workflow = ?2, status = ?3, session_id = ?4, owner = ?5,
+                             finished_at = ?6, record = ?7
+             WHERE id = ?1",
+        )
+        .map_err(db("updating a run"))?;
+    let changed = stmt
+        .execute(params![
+            row.id,
+            row.workflow,
+            row.status,
+            row.session_id,
+            row.owner,
+            row.finished_at,
+            row.json
+        ])
+        .map_err(db("updating a run"))?;
+    if changed == 0 {
+        return Err(Error::run_not_found(&row.id));
+    }
+    Ok(())
+}
+
+impl Writer {
+    pub(crate) fn new(
+        conn: Connection,
+        cache: Arc<RunCache>,
+        notifier: Arc<Notifier>,
+        commit_window: Duration,
+        max_batch: usize,
+    ) -> Self {
+        Self {
+            conn,
+            cache,
+            notifier,
+            touched: HashMap::new(),
+            commit_window,
+            max_batch: max_batch.max(1),
+        }
+    }
+
+    /// Serves commands until every sender is gone and the queue is drained.
+    ///
+    /// Group commit: the first command of a group is waited for; then whatever is already queued
+    /// joins it, until the queue is empty, the group holds `max_batch` events, or
+    /// `commit_window` has passed. Under light load a command commits alone at once; under heavy
+    /// load groups grow while the previous one commits.
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut group = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let started = Instant::now();
+            let mut weight = first.weight();
+            group.push(first);
+            while weight < self.max_batch && started.elapsed() < self.commit_window {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        weight += cmd.weight();
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group.drain(..));
+        }
+    }
+
+    /// Runs `group` in one transaction, commits, replies, then wakes followers.
+    fn commit_group(&mut self, group: impl ExactSizeIterator<Item = Command>) {
+        let mut done = Vec::with_capacity(group.len());
+        let mut fatal: Option<Fatal> = None;
+        if let Err(e) = self.exec("BEGIN IMMEDIATE") {
+            fatal = Some(Arc::new(e));
+        }
+        for cmd in group {
+            if let Some(e) = &fatal {
+                cmd.fail(Error::backend(
+                    "the write transaction failed",
+                    Arc::clone(e),
+                ));
+                continue;
+            }
+            let (d, e) = self.apply_isolated(cmd);
+            done.extend(d);
+            fatal = e;
+        }
+        let outcome = match fatal {
+            Some(e) => {
+                if !self.conn.is_autocommit() {
+                    // Best effort: the error that brought us here is the one reported.
+                    let _ = self.exec("ROLLBACK");
+                }
+                Err(e)
+            }
+            None => self.exec("COMMIT").map_err(|e| -> Fatal {
+                let _ = self.exec("ROLLBACK");
+                Arc::new(e)
+            }),
+        };
+        let mut wake = Vec::new();
+        match outcome {
+            Ok(()) => {
+                self.cache
+                    .apply(self.touched.iter().map(|(id, t)| (id.as_str(), t.state)));
+                for (id, t) in self.touched.drain() {
+                    if let Some(state) = t.state.filter(|_| t.appended) {
+                        wake.push((id, state.last_seq));
+                    }
+                }
+            }
+            Err(e) => {
+                self.touched.clear();
+                for d in &mut done {
+                    d.undo(|| Error::backend("committing a write transaction", Arc::clone(&e)));
+                }
+            }
+        }
+        for d in done {
+            d.send();
+        }
+        for (id, seq) in wake {
+            self.notifier.publish(&id, seq);
+        }
+    }
+
+    /// Runs a statement without parameters through the statement cache.
+    fn exec(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(drop)
+    }
+
+    /// Runs one command so that its failure undoes only its own writes. The second value is a
+    /// failure that ended the whole transaction; the first, the command's outcome if it ran.
+    fn apply_isolated(&mut self, cmd: Command) -> (Option<Done>, Option<Fatal>) {
+        let savepoint = cmd.is_compound();
+        if savepoint && let Err(e) = self.exec("SAVEPOINT cmd") {
+            let e: Fatal = Arc::new(e);
+            cmd.fail(Error::backend("opening a savepoint", Arc::clone(&e)));
+            return (None, Some(e));
+        }
+        let d = self.apply(cmd);
+        if savepoint {
+            let step = if d.is_ok() {
+                self.exec("RELEASE cmd")
+            } else {
+                self.exec("ROLLBACK TO cmd")
+                    .and_then(|()| self.exec("RELEASE cmd"))
+            };
+            if let Err(e) = step {
+                return (Some(d), Some(Arc::new(e)));
+            }
+        }
+        if self.conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (I/O error, disk full, …).
+            return (Some(d), Some(Arc::new(TransactionLost)));
+        }
+        (Some(d), None)
+    }
+
+    /// Runs one command inside the open transaction.
+    fn apply(&mut self, cmd: Command) -> Done {
+        match cmd {
+            Command::CreateRun { row, reply } => Done::Unit(reply, self.create_run(&row)),
+            Command::PutRun { row, reply } => Done::Unit(reply, update_run(&self.conn, &row)),
+            Command::DeleteRun { id, reply } => Done::Unit(reply, self.delete_run(&id)),
+            Command::Append {
+                run_id,
+                events,
+                reply,
+            } => Done::Unit(reply, self.append(&run_id, &events)),
+            Command::Finish {
+                row,
+                terminal,
+                reply,
+            } => Done::Unit(reply, self.finish(&row, &terminal)),
+            Command::PutCheckpoint {
+                run_id,
+                data,
+                reply,
+            } => Done::Unit(reply, self.put_checkpoint(&run_id, &data)),
+            Command::InboxPush {
+                run_id,
+                event_type,
+                data,
+                received_at,
+                reply,
+            } => Done::Id(
+                reply,
+                self.inbox_push(&run_id, &event_type, &data, received_at),
+            ),
+            Command::InboxAck {
+                run_id,
+                up_to,
+                reply,
+            } => Done::Unit(reply, self.inbox_ack(&run_id, up_to)),
+            Command::CreateSession { id, json, reply } => {
+                Done::Unit(reply, self.create_session(&id, &json))
+            }
+            Command::PutSession { id, json, reply } => {
+                Done::Unit(reply, self.put_session(&id, &json))
+            }
+            Command::DeleteSession { id, reply } => Done::Flag(reply, self.delete_session(&id)),
+        }
+    }
+
+    /// The state of a run's log as of the open transaction: what it did, else the committed
+    /// cache, else the database.
+    fn state(&mut self, run_id: &str) -> Result<Option<RunState>> {
+        if let Some(t) = self.touched.get(run_id) {
+            return Ok(t.state);
+        }
+        let state = match self.cache.get(run_id) {
+            Some(state) => Some(state),
+            None => load_state(&self.conn, run_id).map_err(db("loading a run's log state"))?,
+        };
+        self.touched.insert(
+            run_id.to_owned(),
+            Touched {
+                state,
+                appended: false,
+            },
+        );
+        Ok(state)
+    }
+
+    fn set_state(&mut self, run_id: &str, state: Option<RunState>, appended: bool) {
+        let t = self
+            .touched
+            .entry(run_id.to_owned())
+            .or_insert(Touched { state, appended });
+        t.state = state;
+        t.appended |= appended;
+    }
+
+    fn create_run(&mut self, row: &RunRow) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO runs (id, workflow, status, session_id, owner, finished_at, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(db("creating a run"))?;
+        match stmt.execute(params![
+            row.id,
+            row.workflow,
+            row.status,
+            row.session_id,
+            row.owner,
+            row.finished_at,
+            row.json
+        ]) {
+            Ok(_) => {}
+            Err(e) if is_constraint(&e) => {
+                return Err(Error::AlreadyExists {
+                    what: "run",
+                    id: row.id.clone(),
+                });
+            }
+            Err(e) => return Err(Error::backend("creating a run", e)),
+        }
+        drop(stmt);
+        self.set_state(
+            &row.id,
+            Some(RunState {
+                last_seq: 0,
+                closed: false,
+            }),
+            false,
+        );
+        Ok(())
+    }
+
+    fn delete_run(&mut self, id: &str) -> Result<()> {
+        for sql in [
+            "DELETE FROM events WHERE run_id = ?1",
+            "DELETE FROM checkpoints WHERE run_id = ?1",
+            "DELETE FROM inbox WHERE run_id = ?1",
+            "DELETE FROM runs WHERE id = ?1",
+        ] {
+            let mut stmt = self
+                .conn
+                .prepare_cached(sql)
+                .map_err(db("deleting a run"))?;
+            stmt.execute([id]).map_err(db("deleting a run"))?;
+        }
+        self.set_state(id, None, false);
+        Ok(())
+    }
+
+    fn append(&mut self, run_id: &str, events: &[RawEvent]) -> Result<()> {
+        let after = check_continues(run_id, self.state(run_id)?, events)?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        insert_events(&self.conn, run_id, events)?;
+        self.set_state(run_id, Some(after), true);
+        Ok(())
+    }
+
+    fn finish(&mut self, row: &RunRow, terminal: &RawEvent) -> Result<()> {
+        let after = check_continues(
+            &row.id,
+            self.state(&row.id)?,
+            std::slice::from_ref(terminal),
+        )?;
+        update_run(&self.conn, row)?;
+        insert_events(&self.conn, &row.id, std::slice::from_ref(terminal))?;
+        self.set_state(&row.id, Some(after), true);
+        Ok(())
+    }
+
+    fn put_checkpoint(&mut self, run_id: &str, data: &[u8]) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO checkpoints (run_id, data) SELECT id, ?2 FROM runs WHERE id = ?1")
+            .map_err(db("storing a checkpoint"))?;
+        let changed = stmt
+            .execute(params![run_id, data])
+            .map_err(db("storing a checkpoint"))?;
+        if changed == 0 {
+            return Err(Error::run_not_found(run_id));
+        }
+        Ok(())
+    }
+
+    fn inbox_push(
+        &mut self,
+        run_id: &str,
+        event_type: &str,
+        data: &str,
+        received_at: i64,
+    ) -> Result<u64> {
+        let id: i64 = self
+            .conn
+            .prepare_cached("UPDATE runs SET inbox_next = inbox_next + 1 WHERE id = ?1 RETURNING inbox_next - 1")
+            .and_then(|mut stmt| stmt.query_row([run_id], |row| row.get(0)).optional())
+            .map_err(db("numbering an inbox entry"))?
+            .ok_or_else(|| Error::run_not_found(run_id))?;
+        self.conn
+            .prepare_cached("INSERT INTO inbox (run_id, id, type, data, received_at) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .and_then(|mut stmt| stmt.execute(params![run_id, id, event_type, data, received_at]))
+            .map_err(db("queueing an inbox entry"))?;
+        Ok(from_sql_int(id))
+    }
+
+    fn inbox_ack(&mut self, run_id: &str, up_to: u64) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM inbox WHERE run_id = ?1 AND id <= ?2")
+            .and_then(|mut stmt| stmt.execute(params![run_id, to_sql_int(up_to)]))
+            .map_err(db("acknowledging inbox entries"))?;
+        Ok(())
+    }
+
+    fn create_session(&mut self, id: &str, json: &str) -> Result<()> {
+        let result = self
+            .conn
+            .prepare_cached("INSERT INTO sessions (id, record) VALUES (?1, ?2)")
+            .and_then(|mut stmt| stmt.execute([id, json]));
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_constraint(&e) => Err(Error::AlreadyExists {
+                what: "session",
+                id: id.to_owned(),
+            }),
+            Err(e) => Err(Error::backend("creating a session", e)),
+        }
+    }
+
+    fn put_session(&mut self, id: &str, json: &str) -> Result<()> {
+        let changed = self
+            .conn
+            .prepare_cached("UPDATE sessions SET record = ?2 WHERE id = ?1")
+            .and_then(|mut stmt| stmt.execute([id, json]))
+            .map_err(db("updating a session"))?;
+        if changed == 0 {
+            return Err(Error::session_not_found(id));
+        }
+        Ok(())
+    }
+
+    fn delete_session(&mut self, id: &str) -> Result<bool> {
+        let changed = self
+            .conn
+            .prepare_cached("DELETE FROM sessions WHERE id = ?1")
+            .and_then(|mut stmt| stmt.execute([id]))
+            .map_err(db("deleting a session"))?;
+        Ok(changed > 0)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use serde_json::json;
+    use sluice_protocol::Timestamp;
+
+    use super::*;
+    use crate::Synchronous;
+    use crate::schema::open_writer;
+
+    fn ev(run: &str, seq: u64) -> RawEvent {
+        RawEvent::encode(seq, run, "tick", Timestamp::now(), None, "{}")
+    }
+
+    fn writer() -> (tempfile::TempDir, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("w.db"), Synchronous::Normal).unwrap();
+        let w = Writer::new(
+            conn,
+            Arc::default(),
+            Arc::default(),
+            Duration::from_millis(2),
+            8192,
+        );
+        (dir, w)
+    }
+
+    fn create(id: &str) -> (Command, oneshot::Receiver<Result<()>>) {
+        let (reply, rx) = oneshot::channel();
+        let row = RunRow::new(&RunRecord::new(id, "wf", json!(null))).unwrap();
+        (Command::CreateRun { row, reply }, rx)
+    }
+
+    fn append(
+        run: &str,
+        seqs: std::ops::RangeInclusive<u64>,
+    ) -> (Command, oneshot::Receiver<Result<()>>) {
+        let (reply, rx) = oneshot::channel();
+        let events = seqs.map(|s| ev(run, s)).collect();
+        (
+            Command::Append {
+                run_id: run.to_owned(),
+                events,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    fn count(w: &Writer, sql: &str) -> i64 {
+        w.conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_rejected_command_fails_alone_within_its_group() {
+        let (_dir, mut w) = writer();
+        let (cmds, rxs): (Vec<_>, Vec<_>) = [
+            create("run_a"),
+            create("run_b"),
+            append("run_a", 1..=3),
+            append("run_b", 2..=3), // gap: expected 1
+            append("run_ghost", 1..=1),
+            append("run_a", 4..=5),
+            create("run_a"), // duplicate
+            append("run_b", 1..=2),
+        ]
+        .into_iter()
+        .unzip();
+        w.commit_group(cmds.into_iter());
+        let outcomes: Vec<_> = rxs
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap())
+            .collect();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok() && outcomes[2].is_ok());
+        assert!(
+            matches!(
+                outcomes[3],
+                Err(Error::SeqConflict {
+                    expected: 1,
+                    got: 2,
+                    ..
+                })
+            ),
+            "{:?}",
+            outcomes[3]
+        );
+        assert!(
+            matches!(outcomes[4], Err(Error::NotFound { .. })),
+            "{:?}",
+            outcomes[4]
+        );
+        assert!(outcomes[5].is_ok());
+        assert!(
+            matches!(outcomes[6], Err(Error::AlreadyExists { .. })),
+            "{:?}",
+            outcomes[6]
+        );
+        assert!(outcomes[7].is_ok());
+        assert_eq!(
+            count(&w, "SELECT count(*) FROM events WHERE run_id = 'run_a'"),
+            5
+        );
+        assert_eq!(
+            count(&w, "SELECT count(*) FROM events WHERE run_id = 'run_b'"),
+            2
+        );
+        assert_eq!(count(&w, "SELECT count(*) FROM runs"), 2);
+        // The committed state reached the shared cache.
+        assert_eq!(
+            w.cache.get("run_a"),
+            Some(RunState {
+                last_seq: 5,
+                closed: false
+            })
+        );
+        assert_eq!(
+            w.cache.get("run_b"),
+            Some(RunState {
+                last_seq: 2,
+                closed: false
+            })
+        );
+        assert_eq!(w.cache.get("run_ghost"), None);
+    }
+
+    #[test]
+    fn a_compound_command_failing_midway_leaves_nothing_behind() {
+        let (_dir, mut w) = writer();
+        let (cmd, rx) = create("run_a");
+        w.commit_group(std::iter::once(cmd));
+        rx.blocking_recv().unwrap().unwrap();
+        // Plant a row that makes inbox_push's INSERT fail after its UPDATE has numbered it.
+        w.conn
+            .execute("INSERT INTO inbox (run_id, id, type, data, received_at) VALUES ('run_a', 1, 'x', '1', 0)", [])
+            .unwrap();
+        let (reply, mut rx) = oneshot::channel();
+        let push = Command::InboxPush {
+            run_id: "run_a".into(),
+            event_type: "input".into(),
+            data: "1".into(),
+            received_at: 0,
+            reply,
+        };
+        let (ok, mut ok_rx) = append("run_a", 1..=2);
+        w.commit_group([push, ok].into_iter());
+        assert!(matches!(rx.try_recv().unwrap(), Err(Error::Backend { .. })));
+        ok_rx.try_recv().unwrap().unwrap();
+        // The savepoint undid the counter bump along with the failed insert.
+        assert_eq!(
+            count(&w, "SELECT inbox_next FROM runs WHERE id = 'run_a'"),
+            1
+        );
+        assert_eq!(count(&w, "SELECT count(*) FROM events"), 2);
+    }
+
+    #[test]
+    fn state_is_loaded_lazily_from_the_database() {
+        let (_dir, mut w) = writer();
+        let (cmd, rx) = create("run_a");
+        w.commit_group(std::iter::once(cmd));
+        rx.blocking_recv().unwrap().unwrap();
+        let term = RawEvent::encode(
+            3,
+            "run_a",
+            kind::CHAIN_COMPLETED,
+            Timestamp::now(),
+            None,
+            "{}",
+        );
+        w.conn
+            .execute_batch(
+                "INSERT INTO events VALUES ('run_a', 1, 'tick', x'7b7d'), ('run_a', 2, 'tick', x'7b7d');",
+            )
+            .unwrap();
+        // A fresh writer on the same file knows nothing yet.
+        w.cache = Arc::default();
+        let (reply, mut rx) = oneshot::channel();
+        w.commit_group(std::iter::once(Command::Append {
+            run_id: "run_a".into(),
+            events: vec![term],
+            reply,
+        }));
+        rx.try_recv().unwrap().unwrap();
+        assert_eq!(w.cache.get("run_a"), None, "closed logs are not cached");
+        let (again, mut rx) = append("run_a", 4..=4);
+        w.commit_group(std::iter::once(again));
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            Err(Error::LogClosed { .. })
+        ));
+    }
+}

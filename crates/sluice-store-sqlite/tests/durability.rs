@@ -1,0 +1,224 @@
+//! What the SQLite store adds to the conformance suite: data outlives the store, and commands
+//! grouped into one transaction succeed or fail on their own.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::json;
+use sluice_protocol::{RawEvent, RunRecord, RunStatus, SessionRecord, Timestamp, kind};
+use sluice_store::{Error, RunFilter, Store};
+use sluice_store_sqlite::{SqliteOptions, SqliteStore};
+
+fn open(path: &Path) -> SqliteStore {
+    SqliteStore::open(path, SqliteOptions::default()).unwrap()
+}
+
+fn ev(run: &str, seq: u64, data: &str) -> RawEvent {
+    RawEvent::encode(seq, run, kind::TEXT_DELTA, Timestamp::now(), Some(1), data)
+}
+
+async fn new_run(store: &SqliteStore, id: &str) -> RunRecord {
+    let mut rec = RunRecord::new(id, "wf", json!({"q": "why?"}));
+    rec.status = RunStatus::Running;
+    store.create_run(&rec).await.unwrap();
+    rec
+}
+
+#[tokio::test]
+async fn everything_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dir/sluice.db");
+    let store = open(&path);
+    let mut done = new_run(&store, "run_done").await;
+    let open_run = new_run(&store, "run_open").await;
+    let written: Vec<RawEvent> = (1..=100)
+        .map(|s| {
+            ev(
+                "run_done",
+                s,
+                &serde_json::to_string(&json!({"text": format!("é\"ß {s}\n")})).unwrap(),
+            )
+        })
+        .collect();
+    for chunk in written.chunks(7) {
+        store.append("run_done", chunk).await.unwrap();
+    }
+    done.status = RunStatus::Completed;
+    done.last_seq = 101;
+    done.result = Some(json!({"answer": 42}));
+    done.finished_at = Some(Timestamp::now());
+    let terminal = RawEvent::encode(
+        101,
+        "run_done",
+        kind::CHAIN_COMPLETED,
+        Timestamp::now(),
+        None,
+        "{}",
+    );
+    store.finish(&done, &terminal).await.unwrap();
+    store
+        .append(
+            "run_open",
+            &[ev("run_open", 1, "1"), ev("run_open", 2, "2")],
+        )
+        .await
+        .unwrap();
+    store
+        .put_checkpoint("run_open", Bytes::from_static(b"\x00cp\xff"))
+        .await
+        .unwrap();
+    let session = SessionRecord {
+        id: "ses_1".into(),
+        created_at: Timestamp::now(),
+        updated_at: Timestamp::now(),
+        state: json!({"messages": ["hi"]}),
+        active_run: Some("run_open".into()),
+        owner: Some("k1".into()),
+    };
+    store.create_session(&session).await.unwrap();
+    store.close().await.unwrap();
+
+    let store = open(&path);
+    let log = store.read("run_done", 0, 1000).await.unwrap();
+    assert_eq!(log.len(), 101);
+    assert_eq!(log[..100], written[..], "identical bytes, seqs and types");
+    assert_eq!(log[100], terminal);
+    assert_eq!(store.get_run("run_done").await.unwrap(), Some(done.clone()));
+    assert_eq!(store.get_run("run_open").await.unwrap(), Some(open_run));
+    assert_eq!(store.last_seq("run_done").await.unwrap(), 101);
+    assert_eq!(store.last_seq("run_open").await.unwrap(), 2);
+    assert_eq!(
+        store.get_checkpoint("run_open").await.unwrap(),
+        Some(Bytes::from_static(b"\x00cp\xff"))
+    );
+    assert_eq!(store.get_session("ses_1").await.unwrap(), Some(session));
+    // The writer relearns each log's state from the database.
+    let closed = store.append("run_done", &[ev("run_done", 102, "1")]).await;
+    assert!(matches!(closed, Err(Error::LogClosed { .. })), "{closed:?}");
+    let gap = store.append("run_open", &[ev("run_open", 4, "4")]).await;
+    assert!(
+        matches!(
+            gap,
+            Err(Error::SeqConflict {
+                expected: 3,
+                got: 4,
+                ..
+            })
+        ),
+        "{gap:?}"
+    );
+    store
+        .append("run_open", &[ev("run_open", 3, "3")])
+        .await
+        .unwrap();
+    let finished = RunFilter {
+        statuses: vec![RunStatus::Completed],
+        ..Default::default()
+    };
+    assert_eq!(store.list_runs(&finished).await.unwrap().runs, [done]);
+}
+
+#[tokio::test]
+async fn the_inbox_counter_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = open(&path);
+    new_run(&store, "run_a").await;
+    assert_eq!(
+        store.inbox_push("run_a", "input", &json!(1)).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.inbox_push("run_a", "input", &json!(2)).await.unwrap(),
+        2
+    );
+    store.inbox_ack("run_a", 2).await.unwrap();
+    store.close().await.unwrap();
+
+    let store = open(&path);
+    assert!(store.inbox_read("run_a").await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .inbox_push("run_a", "tool-results", &json!({"r": []}))
+            .await
+            .unwrap(),
+        3
+    );
+    let inbox = store.inbox_read("run_a").await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(
+        (inbox[0].id, inbox[0].event_type.as_str(), &inbox[0].data),
+        (3, "tool-results", &json!({"r": []}))
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_store_keeps_acknowledged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = open(&path);
+    new_run(&store, "run_a").await;
+    store.append("run_a", &[ev("run_a", 1, "1")]).await.unwrap();
+    drop(store); // no close(): the writer winds down on its own
+    let store = open(&path);
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_append_does_not_fail_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir.path().join("sluice.db")));
+    for i in 0..32 {
+        new_run(&store, &format!("run_{i:02}")).await;
+    }
+    // Keep the writer busy so the appends below queue up and commit together.
+    new_run(&store, "run_big").await;
+    let big: Vec<_> = (1..=20_000).map(|s| ev("run_big", s, "0")).collect();
+    let busy = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append("run_big", &big).await })
+    };
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let run = format!("run_{i:02}");
+                let first = if i == 13 { 2 } else { 1 }; // run_13 skips seq 1
+                let events: Vec<_> = (first..first + 4).map(|s| ev(&run, s, "0")).collect();
+                store.append(&run, &events).await
+            })
+        })
+        .collect();
+    busy.await.unwrap().unwrap();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let outcome = task.await.unwrap();
+        if i == 13 {
+            assert!(
+                matches!(
+                    outcome,
+                    Err(Error::SeqConflict {
+                        expected: 1,
+                        got: 2,
+                        ..
+                    })
+                ),
+                "{outcome:?}"
+            );
+        } else {
+            outcome.unwrap();
+        }
+    }
+    for i in 0..32 {
+        let run = format!("run_{i:02}");
+        let want = if i == 13 { 0 } else { 4 };
+        assert_eq!(store.last_seq(&run).await.unwrap(), want, "{run}");
+        assert_eq!(
+            store.read(&run, 0, 10).await.unwrap().len() as u64,
+            want,
+            "{run}"
+        );
+    }
+}
