@@ -2,7 +2,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use sluice_store::RunFilter;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery};
+use crate::extract::{ApiBytes, ApiJson, ApiQuery};
 use crate::metrics::Rejection;
 use crate::stream::{self, Format, StreamOptions, TypeFilter};
 use crate::{AppState, ws};
@@ -130,7 +130,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// Parses an optional JSON body (an empty body is the default value).
 fn optional_json<T: serde::de::DeserializeOwned + Default>(
     headers: &HeaderMap,
-    body: &Bytes,
+    body: &axum::body::Bytes,
 ) -> ApiResult<T> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -167,7 +167,7 @@ async fn create_run(
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<CreateQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Response> {
     let wait = parse_bool(q.wait.as_deref(), "wait")?;
     if state.engine.workflow(&name).is_none() {
@@ -408,13 +408,6 @@ pub(crate) async fn deliver(
     id: &str,
     ev: SendEvent,
 ) -> ApiResult<()> {
-    let rec = visible_run(state, who, id).await?;
-    if rec.status.is_terminal() {
-        return Err(ApiError::Conflict(format!(
-            "run {id:?} is already {}",
-            rec.status.as_str()
-        )));
-    }
     let size = serde_json::to_vec(&ev.data)
         .map(|v| v.len())
         .unwrap_or(usize::MAX);
@@ -425,6 +418,13 @@ pub(crate) async fn deliver(
         return Err(ApiError::Unprocessable(
             "body.type: must be an event type such as \"input\" or \"tool-results\"".into(),
         ));
+    }
+    let rec = visible_run(state, who, id).await?;
+    if rec.status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "run {id:?} is already {}",
+            rec.status.as_str()
+        )));
     }
     state.engine.send(id, &ev.event_type, ev.data).await?;
     Ok(())
@@ -445,7 +445,7 @@ async fn cancel_run(
     who: Principal,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Response> {
     #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -1,0 +1,917 @@
+//! The HTTP API end to end on an ephemeral port: every route and status, streams, resume,
+//! heartbeats, admission, idempotency, auth, and bad input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{SseReader, TestServer, seqs};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sluice_engine::builtin;
+use sluice_server::config::ServerOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflows_and_run_lifecycle() {
+    let s = TestServer::start().await;
+    let (status, wfs) = s.get_json("/v1/workflows").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = wfs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ask-human", "ticker"]);
+    assert_eq!(wfs[1]["input_schema"]["required"], json!(["n"]));
+
+    let resp = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .json(&json!({"input": {"n": 3}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let rec: Value = resp.json().await.unwrap();
+    let id = rec["id"].as_str().unwrap();
+    assert!(id.starts_with("run_"));
+    assert_eq!(location, format!("/v1/runs/{id}"));
+    assert_eq!(rec["workflow"], "ticker");
+    assert!(rec.get("owner").is_none());
+
+    // ?wait=true answers the finished record.
+    let resp = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs?wait=true"))
+        .json(&json!({"input": {"n": 5}, "metadata": {"k": "v"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let done: Value = resp.json().await.unwrap();
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["result"], json!({"count": 5}));
+    assert_eq!(done["last_seq"], 9);
+    assert_eq!(done["metadata"], json!({"k": "v"}));
+    assert!(done["finished_at"].is_string());
+
+    s.wait_status(id, "completed").await;
+    let (status, got) = s.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(got["last_seq"], 7);
+
+    // list: newest first, filters, pagination.
+    let (_, page) = s.get_json("/v1/runs?limit=1").await;
+    assert_eq!(page["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(page["runs"][0]["id"], done["id"]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, page2) = s
+        .get_json(&format!("/v1/runs?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(page2["runs"][0]["id"], rec["id"]);
+    assert!(page2.get("next_cursor").is_none());
+    let (_, filtered) = s.get_json("/v1/runs?workflow=ask-human").await;
+    assert_eq!(filtered["runs"], json!([]));
+    let (_, by_status) = s.get_json("/v1/runs?status=completed,failed").await;
+    assert_eq!(by_status["runs"].as_array().unwrap().len(), 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_with_accept_streams_the_run() {
+    let s = TestServer::start().await;
+    let resp = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"input": {"n": 3}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["cache-control"], "no-cache");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
+    assert!(resp.headers().get("content-encoding").is_none());
+    let mut sse = SseReader::new(resp);
+    let first = sse.next().await.unwrap();
+    assert_eq!(first.retry, Some(1000));
+    let evs = sse.rest().await;
+    let types: Vec<&str> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "chain-started",
+            "step-started",
+            "tick",
+            "tick",
+            "tick",
+            "step-completed",
+            "chain-completed"
+        ]
+    );
+    assert_eq!(seqs(&evs), [1, 2, 3, 4, 5, 6, 7]);
+
+    // NDJSON in the same call.
+    let resp = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"input": {"n": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let text = resp.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(seqs(&lines), [1, 2, 3, 4, 5, 6]);
+    s.stop().await;
+}
+
+async fn sse_events(s: &TestServer, id: &str, extra: &str) -> Vec<Value> {
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events{extra}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    SseReader::new(resp).rest().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_readers_of_three_transports_see_identical_sequences() {
+    let s = TestServer::start().await;
+    let id = s
+        .start_run("ticker", json!({"n": 300, "delay_ms": 1}))
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let (client, url) = (s.client.clone(), s.url(&format!("/v1/runs/{id}/events")));
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .get(url)
+                .header("accept", "text/event-stream")
+                .send()
+                .await
+                .unwrap();
+            SseReader::new(resp).rest().await
+        }));
+    }
+    {
+        let (client, url) = (s.client.clone(), s.url(&format!("/v1/runs/{id}/events")));
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .get(url)
+                .header("accept", "application/x-ndjson")
+                .send()
+                .await
+                .unwrap();
+            let text = resp.text().await.unwrap();
+            text.lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        }));
+    }
+    {
+        let url = format!("ws://{}/v1/runs/{id}/events", s.addr);
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut out = Vec::new();
+            while let Some(msg) = ws.next().await {
+                match msg.unwrap() {
+                    tokio_tungstenite::tungstenite::Message::Text(t) => {
+                        out.push(serde_json::from_str::<Value>(t.as_str()).unwrap())
+                    }
+                    tokio_tungstenite::tungstenite::Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    assert_eq!(all[0].len(), 304);
+    assert_eq!(seqs(&all[0]), (1..=304).collect::<Vec<_>>());
+    for other in &all[1..] {
+        assert_eq!(other, &all[0]);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reader_dropped_after_500_resumes_with_last_event_id() {
+    let s = TestServer::start().await;
+    let id = s
+        .start_run("ticker", json!({"n": 1996, "delay_ms": 0}))
+        .await;
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseReader::new(resp);
+    let mut got = Vec::new();
+    while got.len() < 500 {
+        got.push(sse.next_event().await.unwrap());
+    }
+    drop(sse);
+    let last = got.last().unwrap()["seq"].as_u64().unwrap();
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("last-event-id", last.to_string())
+        .send()
+        .await
+        .unwrap();
+    got.extend(SseReader::new(resp).rest().await);
+    assert_eq!(
+        seqs(&got),
+        (1..=2000).collect::<Vec<_>>(),
+        "0 lost, 0 duplicated"
+    );
+
+    // At the end of a finished run: 204, which stops EventSource reconnecting.
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events?after=2000")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("last-event-id", "2000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    // ?types filters server-side; the terminal event always comes through.
+    let filtered = sse_events(&s, &id, "?types=step-started,step-completed").await;
+    let types: Vec<&str> = filtered
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["step-started", "step-completed", "chain-completed"]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_while_a_run_waits_then_input_completes_it() {
+    let opts = ServerOptions {
+        heartbeat: Duration::from_millis(100),
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ask_human()]).await;
+    let id = s.start_run("ask-human", json!({"prompt": "Go?"})).await;
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseReader::new(resp);
+    let mut pings = 0;
+    let mut seen = Vec::new();
+    while pings < 3 {
+        let f = sse.next().await.unwrap();
+        if f.comment {
+            pings += 1;
+        } else if let Some(d) = f.data {
+            seen.push(d["type"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "chain-started",
+            "step-started",
+            "input-requested",
+            "step-completed"
+        ]
+    );
+    s.wait_status(&id, "waiting").await;
+
+    // Not waiting for tool results: 422; malformed: 400; missing type: 422.
+    let send = |body: Value| {
+        s.client
+            .post(s.url(&format!("/v1/runs/{id}/events")))
+            .json(&body)
+            .send()
+    };
+    let r = send(json!({"type": "tool-results", "data": {"results": []}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_input");
+    assert!(err["error"]["message"].as_str().unwrap().contains("input"));
+    let r = send(json!({"data": 1})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = send(json!({"type": "input", "data": "yes"})).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let rest = sse.rest().await;
+    let types: Vec<&str> = rest.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "chain-resumed",
+            "step-started",
+            "step-completed",
+            "chain-completed"
+        ]
+    );
+    let (_, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(rec["result"], json!({"answer": "yes"}));
+    // Terminal: 409.
+    let r = send(json!({"type": "input", "data": "again"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_beyond_capacity_gets_429_with_retry_after_and_accepted_runs_complete() {
+    let limits = sluice_engine::Limits {
+        max_concurrent_runs: Some(4),
+        queue: Some(6),
+        ..Default::default()
+    };
+    let wf = builtin::ticker().configure("ticker", &limits).unwrap();
+    let s = TestServer::with(ServerOptions::default(), vec![wf]).await;
+    let mut accepted = Vec::new();
+    let mut rejected = 0;
+    for _ in 0..100 {
+        let r = s
+            .client
+            .post(s.url("/v1/workflows/ticker/runs"))
+            .json(&json!({"input": {"n": 20, "delay_ms": 10}}))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            202 => accepted.push(
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            ),
+            429 => {
+                let retry: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(retry >= 1);
+                assert_eq!(
+                    r.json::<Value>().await.unwrap()["error"]["code"],
+                    "queue_full"
+                );
+                rejected += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(accepted.len(), 10);
+    assert_eq!(rejected, 90);
+    for id in &accepted {
+        let evs = sse_events(&s, id, "").await;
+        assert_eq!(evs.len(), 24);
+        assert_eq!(evs.last().unwrap()["type"], "chain-completed");
+    }
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_rejections_total{reason=\"queue_full\"} 90"),
+        "{metrics}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_idempotent_create() {
+    let s = TestServer::start().await;
+    let id = s
+        .start_run("ticker", json!({"n": 100000, "delay_ms": 5}))
+        .await;
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let evs = sse_events(&s, &id, "").await;
+    assert_eq!(evs.last().unwrap()["type"], "chain-cancelled");
+    let (_, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(rec["status"], "cancelled");
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+
+    let create = || {
+        s.client
+            .post(s.url("/v1/workflows/ticker/runs"))
+            .header("idempotency-key", "order-42")
+            .json(&json!({"input": {"n": 1}}))
+            .send()
+    };
+    let a: Value = create().await.unwrap().json().await.unwrap();
+    let r = create().await.unwrap();
+    assert_eq!(r.status(), 200, "a replayed create answers the same run");
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    let (_, all) = s.get_json("/v1/runs?workflow=ticker").await;
+    assert_eq!(all["runs"].as_array().unwrap().len(), 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_own_their_runs() {
+    let (k1, k2, admin) = (
+        "k1-0123456789abcdef",
+        "k2-0123456789abcdef",
+        "ad-0123456789abcdef",
+    );
+    let opts = ServerOptions {
+        api_keys: vec![k1.into(), k2.into()],
+        admin_keys: vec![admin.into()],
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ticker()]).await;
+    let r = s.client.get(s.url("/v1/workflows")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "unauthorized"
+    );
+    let r = s
+        .client
+        .get(s.url("/v1/workflows"))
+        .bearer_auth("wrong-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        s.client
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "health needs no key"
+    );
+
+    let r = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs?wait=true"))
+        .bearer_auth(k1)
+        .json(&json!({"input": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let get = |key: &'static str, path: String| s.client.get(s.url(&path)).bearer_auth(key).send();
+    assert_eq!(
+        get(k1, format!("/v1/runs/{id}")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get(k2, format!("/v1/runs/{id}")).await.unwrap().status(),
+        404,
+        "a foreign run is invisible"
+    );
+    assert_eq!(
+        get(k2, format!("/v1/runs/{id}/events"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        get(admin, format!("/v1/runs/{id}")).await.unwrap().status(),
+        200
+    );
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{id}/cancel")))
+        .bearer_auth(k2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let list: Value = get(k2, "/v1/runs".into())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["runs"], json!([]));
+    let list: Value = get(admin, "/v1/runs".into())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["runs"].as_array().unwrap().len(), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_client_frames_are_sent_events() {
+    let s = TestServer::with(ServerOptions::default(), vec![builtin::ask_human()]).await;
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/runs/{id}/events", s.addr))
+            .await
+            .unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Text("not json".into())).await.unwrap();
+    ws.send(Message::Text(r#"{"type":"input","data":42}"#.into()))
+        .await
+        .unwrap();
+    let mut texts = Vec::new();
+    while let Some(Ok(msg)) = ws.next().await {
+        if let Message::Text(t) = msg {
+            texts.push(serde_json::from_str::<Value>(t.as_str()).unwrap());
+        }
+    }
+    let replies: Vec<&Value> = texts.iter().filter(|t| t.get("seq").is_none()).collect();
+    assert_eq!(replies[0]["error"]["code"], "400");
+    assert_eq!(replies[1], &json!({"accepted": true}));
+    assert_eq!(texts.last().unwrap()["type"], "chain-completed");
+    assert_eq!(
+        texts.last().unwrap()["data"]["result"],
+        json!({"answer": 42})
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_never_gets_a_5xx() {
+    let opts = ServerOptions {
+        max_body: 4096,
+        max_event: 1024,
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ticker(), builtin::ask_human()]).await;
+    let id = s.start_run("ticker", json!({"n": 1})).await;
+    let post = |path: &str, ct: &str, body: Vec<u8>| {
+        s.client
+            .post(s.url(path))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(u16, reqwest::Response)> = vec![
+        (
+            400,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                b"{\"input\":".to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            400,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                vec![0xff, 0xfe, b'{'],
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            422,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                br#"{"input":{"n":1},"bogus":1}"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            422,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                br#"{"input":{"n":true}}"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            422,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                br#"{"session_id":5}"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            422,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                b"[1,2]".to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            415,
+            post("/v1/workflows/ticker/runs", "text/plain", b"n=1".to_vec())
+                .await
+                .unwrap(),
+        ),
+        (
+            413,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                format!("{{\"input\":\"{}\"}}", "x".repeat(10_000)).into_bytes(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            404,
+            post(
+                "/v1/workflows/nope/runs",
+                "application/json",
+                b"{}".to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            404,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                br#"{"session_id":"ses_none","input":{"n":1}}"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .post(s.url("/v1/workflows/ticker/runs?wait=maybe"))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .post(s.url("/v1/workflows/ticker/runs"))
+                .header("idempotency-key", "")
+                .json(&json!({"input": {"n": 1}}))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            404,
+            s.client
+                .get(s.url("/v1/runs/run_nope"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            404,
+            s.client
+                .get(s.url("/v1/runs/run_nope/events"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events?after=-7")))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events")))
+                .header("last-event-id", "abc")
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events?types=Tick")))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events?bogus=1")))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?limit=0"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?limit=abc"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?limit=5000"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?status=done"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            404,
+            s.client
+                .post(s.url("/v1/runs/run_nope/events"))
+                .json(&json!({"type": "input"}))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            404,
+            s.client
+                .post(s.url("/v1/runs/run_nope/cancel"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            413,
+            post(
+                &format!("/v1/runs/{id}/events"),
+                "application/json",
+                format!("{{\"type\":\"input\",\"data\":\"{}\"}}", "y".repeat(2000)).into_bytes(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            405,
+            s.client.delete(s.url("/v1/runs")).send().await.unwrap(),
+        ),
+        (
+            405,
+            s.client.put(s.url("/v1/workflows")).send().await.unwrap(),
+        ),
+        (
+            404,
+            s.client.get(s.url("/v2/anything")).send().await.unwrap(),
+        ),
+    ];
+    for (i, (want, resp)) in cases.into_iter().enumerate() {
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, want, "case {i}: {body}");
+        assert!(
+            body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+            "case {i}: error shape: {body}"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints() {
+    let s = TestServer::start().await;
+    assert_eq!(s.get_json("/healthz").await, (200, json!({"status": "ok"})));
+    assert_eq!(
+        s.get_json("/readyz").await,
+        (200, json!({"status": "ready"}))
+    );
+    let (status, doc) = s.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/v1/workflows",
+        "/v1/workflows/{name}/runs",
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/runs/{id}/events",
+        "/v1/runs/{id}/cancel",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} documented");
+    }
+    s.start_run("ticker", json!({"n": 2})).await;
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "sluice_runs_running{workflow=\"ticker\"}",
+        "sluice_events_appended_total",
+        "sluice_stream_readers",
+        "sluice_http_request_duration_seconds_count",
+    ] {
+        assert!(text.contains(name), "{name} in {text}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_streams_and_refuses_new_work() {
+    let s = TestServer::start().await;
+    let id = s
+        .start_run("ticker", json!({"n": 1000000, "delay_ms": 10}))
+        .await;
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseReader::new(resp);
+    sse.next_event().await.unwrap();
+    let engine = s.engine.clone();
+    let started = std::time::Instant::now();
+    s.stop().await;
+    // The open stream ended instead of blocking shutdown.
+    tokio::time::timeout(Duration::from_secs(5), sse.rest())
+        .await
+        .expect("stream did not end");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(matches!(
+        engine
+            .start("ticker", sluice_engine::StartRun::default())
+            .await,
+        Err(sluice_engine::Error::ShuttingDown)
+    ));
+}
