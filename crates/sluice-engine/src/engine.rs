@@ -36,6 +36,8 @@ pub struct StartRun {
     pub owner: Option<String>,
     /// Use this id instead of a fresh one (for idempotent creation by the server).
     pub run_id: Option<String>,
+    /// Stay `queued` until this run has ended (runs of one session, one after the other).
+    pub after_run: Option<String>,
 }
 
 /// Admission state of one workflow.
@@ -232,9 +234,15 @@ impl Engine {
             .ok_or_else(|| Error::UnknownWorkflow(workflow.to_owned()))?
             .clone();
         slot.wf.validate_input(&req.input)?;
-        let permit = match slot.semaphore.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
+        // A run that follows another waits in the queue, holding no slot.
+        let free = if req.after_run.is_some() {
+            None
+        } else {
+            slot.semaphore.clone().try_acquire_owned().ok()
+        };
+        let permit = match free {
+            Some(p) => Some(p),
+            None => {
                 let cap = slot.wf.queue();
                 let admitted = slot
                     .queued
@@ -264,7 +272,8 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
         self.inner.active().insert(id.clone(), tx);
-        let driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+        let mut driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+        driver.after_run = req.after_run;
         self.inner.tracker.spawn(driver.run(Mode::Fresh(permit)));
         Ok(self.handle(&id))
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use sluice_protocol::payload::{
     ChainCancelled, ChainCompleted, ChainError, ChainResumed, ChainStarted, ErrorCode, ErrorInfo,
@@ -86,6 +86,8 @@ pub(crate) struct Driver {
     started: Instant,
     boundary: bool,
     acks: Vec<oneshot::Sender<Result<()>>>,
+    /// A run that must end before this one starts.
+    pub(crate) after_run: Option<String>,
 }
 
 impl Driver {
@@ -127,6 +129,7 @@ impl Driver {
             started: Instant::now(),
             boundary: false,
             acks: Vec::new(),
+            after_run: None,
         }
     }
 
@@ -215,6 +218,40 @@ impl Driver {
         reserved: Option<OwnedSemaphorePermit>,
     ) -> Result<Option<OwnedSemaphorePermit>> {
         let slot = self.slot.clone();
+        if let Some(prev) = self.after_run.take() {
+            let store = self.engine.store.clone();
+            let from = store.last_seq(&prev).await?;
+            let previous_ends = async move {
+                let mut events =
+                    std::pin::pin!(sluice_store::follow(store, prev, from.saturating_sub(1)));
+                while let Some(Ok(_)) = events.next().await {}
+            };
+            tokio::pin!(previous_ends);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.engine.token.cancelled() => {
+                        slot.leave_queue();
+                        self.engine.release(&self.record.id);
+                        return Ok(None);
+                    }
+                    c = self.ctl.recv() => match c {
+                        Some(Control::Cancel { reason }) => {
+                            slot.leave_queue();
+                            self.end(Outcome::Cancelled(reason)).await?;
+                            return Ok(None);
+                        }
+                        Some(Control::Deliver { event_type, reply, .. }) => {
+                            let _ = reply.send(Err(Error::NotWaiting {
+                                run_id: self.record.id.clone(), event_type, waiting_for: Vec::new(),
+                            }));
+                        }
+                        None => {}
+                    },
+                    () = &mut previous_ends => break,
+                }
+            }
+        }
         let permit = if let Some(p) = reserved {
             p
         } else {

@@ -67,6 +67,8 @@ pub(crate) struct AppInner {
     pub(crate) draining: CancellationToken,
     /// (owner, workflow, Idempotency-Key) → run id and when it was first used.
     pub(crate) idempotency: Mutex<HashMap<IdempotencyKey, (String, Instant)>>,
+    /// Serialises session changes (one active run per session).
+    pub(crate) sessions: tokio::sync::Mutex<()>,
 }
 
 impl std::ops::Deref for AppState {
@@ -92,6 +94,7 @@ impl App {
             metrics: Metrics::default(),
             draining: CancellationToken::new(),
             idempotency: Mutex::default(),
+            sessions: tokio::sync::Mutex::new(()),
         };
         Self {
             state: AppState {

@@ -6,7 +6,22 @@
 use serde_json::{Value, json};
 
 /// `(method, path, summary, request body schema, success status)` of every route.
-pub(crate) const ROUTES: [(&str, &str, &str, Option<&str>, &str); 13] = [
+pub(crate) const ROUTES: [(&str, &str, &str, Option<&str>, &str); 16] = [
+    (
+        "post",
+        "/v1/sessions",
+        "Create a session (runs started with its id continue it)",
+        Some("CreateSession"),
+        "201",
+    ),
+    ("get", "/v1/sessions/{id}", "A session", None, "200"),
+    (
+        "delete",
+        "/v1/sessions/{id}",
+        "Delete a session (409 while a run of it is active)",
+        None,
+        "204",
+    ),
     ("get", "/v1/workflows", "Deployed workflows", None, "200"),
     (
         "post",
@@ -93,7 +108,14 @@ fn params(path: &str) -> Vec<Value> {
             ));
             out.push(q("types", "string", "comma-separated event types to keep"));
         }
-        "/v1/workflows/{name}/runs" => out.push(q("wait", "boolean", "block until the run ends")),
+        "/v1/workflows/{name}/runs" => {
+            out.push(q("wait", "boolean", "block until the run ends"));
+            out.push(q(
+                "if_busy",
+                "string",
+                "reject (default, 409) or enqueue, when the session has an active run",
+            ));
+        }
         _ => {}
     }
     out
@@ -142,6 +164,7 @@ pub fn openapi() -> Value {
                     "input": {}, "session_id": {"type": "string"}, "metadata": {"type": "object"}}},
                 "SendEvent": {"type": "object", "additionalProperties": false, "required": ["type"], "properties": {
                     "type": {"type": "string", "maxLength": 64}, "data": {}}},
+                "CreateSession": {"type": "object", "additionalProperties": false, "properties": {"state": {}}},
                 "CancelRun": {"type": "object", "additionalProperties": false, "properties": {"reason": {"type": "string"}}},
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
                     "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}

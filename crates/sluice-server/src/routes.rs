@@ -33,6 +33,8 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/events", get(run_events).post(send_event))
         .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/sessions", post(create_session))
+        .route("/sessions/{id}", get(get_session).delete(delete_session))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::authenticate,
@@ -103,6 +105,7 @@ use axum::Json;
 #[serde(deny_unknown_fields)]
 struct CreateQuery {
     wait: Option<String>,
+    if_busy: Option<String>,
 }
 
 fn parse_bool(v: Option<&str>, what: &str) -> ApiResult<bool> {
@@ -173,14 +176,17 @@ async fn create_run(
     if state.engine.workflow(&name).is_none() {
         return Err(ApiError::not_found("workflow", &name));
     }
+    let enqueue = match q.if_busy.as_deref() {
+        None | Some("reject") => false,
+        Some("enqueue") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "if_busy: expected reject or enqueue, got {other:?}"
+            )));
+        }
+    };
     let req: CreateRun = optional_json(&headers, &body)?;
     let stream_format = Format::requested(&headers);
-    if let Some(session) = &req.session_id {
-        match state.engine.store().get_session(session).await? {
-            Some(s) if who.can_see(s.owner.as_deref()) => {}
-            _ => return Err(ApiError::not_found("session", session)),
-        }
-    }
     let key = idempotency_key(&headers)?;
     let slot_key = key
         .as_ref()
@@ -199,8 +205,9 @@ async fn create_run(
                 metadata: req.metadata,
                 owner: who.owner.clone(),
                 run_id: None,
+                after_run: None,
             };
-            let handle = state.engine.start(&name, start).await?;
+            let handle = start_in_session(&state, &who, &name, start, enqueue).await?;
             if let Some(k) = slot_key {
                 let mut map = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
                 map.insert(k, (handle.id().to_owned(), Instant::now()));
@@ -246,6 +253,132 @@ async fn create_run(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+/// Starts a run, in its session when it names one: one active run per session; a busy session
+/// refuses (409) or, with `enqueue`, queues the run behind the active one.
+async fn start_in_session(
+    state: &AppState,
+    who: &Principal,
+    workflow: &str,
+    mut start: StartRun,
+    enqueue: bool,
+) -> ApiResult<sluice_engine::RunHandle> {
+    let Some(session_id) = start.session_id.clone() else {
+        return Ok(state.engine.start(workflow, start).await?);
+    };
+    let _guard = state.sessions.lock().await;
+    let store = state.engine.store();
+    let mut session = match store.get_session(&session_id).await? {
+        Some(s) if who.can_see(s.owner.as_deref()) => s,
+        _ => return Err(ApiError::not_found("session", &session_id)),
+    };
+    if let Some(active) = &session.active_run {
+        let busy = store
+            .get_run(active)
+            .await?
+            .is_some_and(|r| !r.status.is_terminal());
+        if busy && !enqueue {
+            return Err(ApiError::Conflict(format!(
+                "session {session_id:?} has an active run {active:?} (use ?if_busy=enqueue to queue behind it)"
+            )));
+        }
+        if busy {
+            start.after_run = Some(active.clone());
+        }
+    }
+    let handle = state.engine.start(workflow, start).await?;
+    session.active_run = Some(handle.id().to_owned());
+    session.updated_at = sluice_protocol::Timestamp::now();
+    store.put_session(&session).await?;
+    Ok(handle)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSession {
+    #[serde(default)]
+    state: Option<Value>,
+}
+
+async fn create_session(
+    State(state): State<AppState>,
+    who: Principal,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Response> {
+    let req: CreateSession = optional_json(&headers, &body)?;
+    let now = sluice_protocol::Timestamp::now();
+    let session = sluice_protocol::SessionRecord {
+        id: format!("ses_{}", uuid_like()),
+        created_at: now,
+        updated_at: now,
+        state: req.state.unwrap_or(Value::Null),
+        active_run: None,
+        owner: who.owner.clone(),
+    };
+    state.engine.store().create_session(&session).await?;
+    let location = format!("/v1/sessions/{}", session.id);
+    let mut resp = (StatusCode::CREATED, Json(public_session(session))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+fn uuid_like() -> String {
+    sluice_engine::new_run_id()
+        .trim_start_matches("run_")
+        .to_owned()
+}
+
+fn public_session(mut s: sluice_protocol::SessionRecord) -> sluice_protocol::SessionRecord {
+    s.owner = None;
+    s
+}
+
+async fn visible_session(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+) -> ApiResult<sluice_protocol::SessionRecord> {
+    match state.engine.store().get_session(id).await? {
+        Some(s) if who.can_see(s.owner.as_deref()) => Ok(s),
+        _ => Err(ApiError::not_found("session", id)),
+    }
+}
+
+async fn get_session(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<sluice_protocol::SessionRecord>> {
+    Ok(Json(public_session(
+        visible_session(&state, &who, &id).await?,
+    )))
+}
+
+async fn delete_session(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let _guard = state.sessions.lock().await;
+    let session = visible_session(&state, &who, &id).await?;
+    if let Some(active) = &session.active_run
+        && state
+            .engine
+            .store()
+            .get_run(active)
+            .await?
+            .is_some_and(|r| !r.status.is_terminal())
+    {
+        return Err(ApiError::Conflict(format!(
+            "session {id:?} has an active run {active:?}; cancel it first"
+        )));
+    }
+    state.engine.store().delete_session(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -915,3 +915,81 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
         Err(sluice_engine::Error::ShuttingDown)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_hold_one_active_run_and_enqueue_on_request() {
+    let s = TestServer::start().await;
+    let r = s.client.post(s.url("/v1/sessions")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let ses: Value = r.json().await.unwrap();
+    let sid = ses["id"].as_str().unwrap().to_owned();
+    assert!(sid.starts_with("ses_"));
+    assert_eq!(s.get_json(&format!("/v1/sessions/{sid}")).await.0, 200);
+
+    let start = |input: Value, q: &'static str| {
+        s.client
+            .post(s.url(&format!("/v1/workflows/ticker/runs{q}")))
+            .json(&json!({"input": input, "session_id": sid}))
+            .send()
+    };
+    let first: Value = start(json!({"n": 30, "delay_ms": 10}), "")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    assert_eq!(first["session_id"], sid.as_str());
+
+    let busy = start(json!({"n": 1}), "").await.unwrap();
+    assert_eq!(busy.status(), 409);
+    assert!(
+        busy.json::<Value>().await.unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("if_busy=enqueue")
+    );
+    assert_eq!(
+        start(json!({"n": 1}), "?if_busy=later")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+
+    let second = start(json!({"n": 2}), "?if_busy=enqueue").await.unwrap();
+    assert_eq!(second.status(), 202);
+    let second: Value = second.json().await.unwrap();
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    assert_eq!(second["status"], "queued");
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/sessions/{sid}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "no delete while a run is active");
+
+    // The queued run starts only after the first has ended.
+    sse_events(&s, &second_id, "").await;
+    let (_, a) = s.get_json(&format!("/v1/runs/{first_id}")).await;
+    let (_, b) = s.get_json(&format!("/v1/runs/{second_id}")).await;
+    assert_eq!(a["status"], "completed");
+    assert_eq!(b["status"], "completed");
+    assert!(b["started_at"].as_str().unwrap() >= a["finished_at"].as_str().unwrap());
+    let (_, by_session) = s.get_json(&format!("/v1/runs?session_id={sid}")).await;
+    assert_eq!(by_session["runs"].as_array().unwrap().len(), 2);
+    let (_, ses) = s.get_json(&format!("/v1/sessions/{sid}")).await;
+    assert_eq!(ses["active_run"], second_id.as_str());
+
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/sessions/{sid}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(s.get_json(&format!("/v1/sessions/{sid}")).await.0, 404);
+    assert_eq!(start(json!({"n": 1}), "").await.unwrap().status(), 404);
+    s.stop().await;
+}
