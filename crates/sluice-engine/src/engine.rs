@@ -516,6 +516,81 @@ impl Engine {
     }
 }
 
+/// Which finished runs [`Engine::sweep`] removes (with their logs, checkpoints and inboxes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Remove runs that finished longer ago than this.
+    pub ttl: Option<Duration>,
+    /// Keep at most this many finished runs (the newest).
+    pub max_finished_runs: Option<usize>,
+}
+
+const FINISHED: [RunStatus; 3] = [
+    RunStatus::Completed,
+    RunStatus::Failed,
+    RunStatus::Cancelled,
+];
+
+impl Engine {
+    /// Removes finished runs beyond the retention policy; returns how many. Active, queued and
+    /// waiting runs are never touched.
+    ///
+    /// # Errors
+    /// A store error (runs removed before it stay removed).
+    pub async fn sweep(&self, policy: &Retention) -> Result<usize> {
+        let store = &self.inner.store;
+        let mut removed = 0;
+        if let Some(ttl) = policy.ttl {
+            let cutoff = sluice_protocol::Timestamp::from_micros(
+                sluice_protocol::Timestamp::now().as_micros()
+                    - i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX),
+            );
+            loop {
+                let filter = RunFilter {
+                    statuses: FINISHED.to_vec(),
+                    finished_before: Some(cutoff),
+                    limit: 1000,
+                    ..RunFilter::default()
+                };
+                let page = store.list_runs(&filter).await?;
+                if page.runs.is_empty() {
+                    break;
+                }
+                for r in &page.runs {
+                    store.delete_run(&r.id).await?;
+                    removed += 1;
+                }
+            }
+        }
+        if let Some(max) = policy.max_finished_runs {
+            let mut kept = 0usize;
+            let mut cursor = None;
+            loop {
+                let filter = RunFilter {
+                    statuses: FINISHED.to_vec(),
+                    limit: 1000,
+                    cursor: cursor.take(),
+                    ..RunFilter::default()
+                };
+                let page = store.list_runs(&filter).await?;
+                for r in &page.runs {
+                    if kept < max {
+                        kept += 1;
+                    } else {
+                        store.delete_run(&r.id).await?;
+                        removed += 1;
+                    }
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
 /// A fresh, time-ordered run id: `run_` and a UUIDv7 in hex.
 pub fn new_run_id() -> String {
     format!("run_{}", uuid::Uuid::now_v7().simple())

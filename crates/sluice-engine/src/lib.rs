@@ -55,7 +55,7 @@ mod step;
 mod workflow;
 
 pub use context::Context;
-pub use engine::{Engine, Recovered, RunHandle, StartRun, WorkflowStats, new_run_id};
+pub use engine::{Engine, Recovered, Retention, RunHandle, StartRun, WorkflowStats, new_run_id};
 pub use error::{Error, Result, StepError};
 pub use event::{AnyEvent, InputEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
 pub use step::{Emit, RetryPolicy, Step};

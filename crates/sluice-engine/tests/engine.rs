@@ -908,3 +908,68 @@ fn public_futures_and_streams_are_send() {
     is_send(&engine.recover());
     let _ = InputEvent(json!(1));
 }
+
+#[tokio::test]
+async fn sweep_removes_finished_runs_beyond_retention() {
+    let engine = engine_with(vec![builtin::ticker(), builtin::ask_human()]);
+    let mut done = Vec::new();
+    for n in 0..5 {
+        let run = engine
+            .start("ticker", input(json!({"n": n})))
+            .await
+            .unwrap();
+        run.wait().await.unwrap();
+        done.push(run.id().to_owned());
+    }
+    let waiting = engine.start("ask-human", input(Value::Null)).await.unwrap();
+    for _ in 0..200 {
+        if waiting.record().await.unwrap().status == RunStatus::Waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let keep2 = sluice_engine::Retention {
+        ttl: None,
+        max_finished_runs: Some(2),
+    };
+    assert_eq!(engine.sweep(&keep2).await.unwrap(), 3);
+    let left: Vec<String> = engine
+        .store()
+        .list_runs(&Default::default())
+        .await
+        .unwrap()
+        .runs
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        left,
+        [waiting.id().to_owned(), done[4].clone(), done[3].clone()]
+    );
+    assert!(
+        engine
+            .store()
+            .read(&done[0], 0, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the log went with the record"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ttl = sluice_engine::Retention {
+        ttl: Some(Duration::from_millis(1)),
+        max_finished_runs: None,
+    };
+    assert_eq!(engine.sweep(&ttl).await.unwrap(), 2);
+    assert_eq!(
+        engine
+            .store()
+            .list_runs(&Default::default())
+            .await
+            .unwrap()
+            .runs
+            .len(),
+        1,
+        "the waiting run stays"
+    );
+}

@@ -75,6 +75,14 @@ pub struct ServerOptions {
     /// How long shutdown waits for runs to reach a checkpoint and streams to close.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Finished runs older than this are removed with their logs (`"0s"`: keep forever).
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    /// Keep at most this many finished runs (0: no limit).
+    pub max_finished_runs: usize,
+    /// How often the retention sweeper runs.
+    #[serde(deserialize_with = "duration")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for ServerOptions {
@@ -90,6 +98,9 @@ impl Default for ServerOptions {
             max_event: 256 << 10,
             max_connections: 20_000,
             shutdown_grace: Duration::from_secs(10),
+            retention: Duration::from_secs(7 * 86_400),
+            max_finished_runs: 0,
+            sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -245,6 +256,9 @@ impl Config {
         }
         if s.max_body < 1024 {
             return Err(invalid("server.max_body", "must be at least 1KiB"));
+        }
+        if s.sweep_interval < Duration::from_secs(1) {
+            return Err(invalid("server.sweep_interval", "must be at least 1s"));
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));

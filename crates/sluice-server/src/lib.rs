@@ -158,6 +158,7 @@ pub async fn serve(
             }
         }
     };
+    spawn_sweeper(&state);
     let server = axum::serve(listener, router).with_graceful_shutdown(drain);
     let grace = state.options.shutdown_grace;
     let done = state.draining.clone();
@@ -171,4 +172,34 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// Removes finished runs beyond the retention policy every `sweep_interval`, until shutdown.
+fn spawn_sweeper(state: &AppState) {
+    let o = &state.options;
+    let policy = sluice_engine::Retention {
+        ttl: (!o.retention.is_zero()).then_some(o.retention),
+        max_finished_runs: (o.max_finished_runs > 0).then_some(o.max_finished_runs),
+    };
+    if policy == sluice_engine::Retention::default() {
+        return;
+    }
+    let (engine, every, token) = (
+        state.engine.clone(),
+        o.sweep_interval,
+        state.draining.clone(),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return,
+                _ = tick.tick() => match engine.sweep(&policy).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "retention sweep"),
+                    Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+                },
+            }
+        }
+    });
 }

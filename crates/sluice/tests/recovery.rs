@@ -1,0 +1,217 @@
+//! Durability of the real binary on its embedded SQLite store: `kill -9` mid-run and after runs
+//! finished, restart on the same data dir, and check what the docs promise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(data_dir: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sluice");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected: {line:?}"))
+            .to_owned();
+        Self { child, base }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn post(c: &reqwest::Client, url: String, body: Value) -> Value {
+    let r = c.post(url).json(&body).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}
+
+async fn record(c: &reqwest::Client, s: &Server, id: &str) -> Value {
+    c.get(s.url(&format!("/v1/runs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn ndjson(c: &reqwest::Client, s: &Server, id: &str) -> (String, Vec<Value>) {
+    let r = c
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
+        .await
+        .expect("stream ended")
+        .unwrap();
+    let evs = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (text, evs)
+}
+
+fn assert_contiguous(evs: &[Value]) {
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "contiguous from 1");
+    }
+    let terminal = ["chain-completed", "chain-error", "chain-cancelled"];
+    assert!(terminal.contains(&evs.last().unwrap()["type"].as_str().unwrap()));
+}
+
+async fn until(c: &reqwest::Client, s: &Server, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..1000 {
+        let rec = record(c, s, id).await;
+        if pred(&rec) {
+            return rec;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("run {id} never reached the expected state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_finished_logs_resumes_running_runs_and_waiting_runs_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let first = Server::start(dir.path());
+
+    let done = post(
+        &c,
+        first.url("/v1/workflows/ticker/runs?wait=true"),
+        json!({"input": {"n": 200}}),
+    )
+    .await;
+    let done_id = done["id"].as_str().unwrap().to_owned();
+    assert_eq!(done["status"], "completed");
+    let (done_log, done_events) = ndjson(&c, &first, &done_id).await;
+    assert_eq!(done_events.len(), 204);
+
+    let waiting = post(
+        &c,
+        first.url("/v1/workflows/ask-human/runs"),
+        json!({"input": {"prompt": "still there?"}}),
+    )
+    .await;
+    let waiting_id = waiting["id"].as_str().unwrap().to_owned();
+    until(&c, &first, &waiting_id, |r| r["status"] == "waiting").await;
+
+    let running = post(
+        &c,
+        first.url("/v1/workflows/ticker/runs"),
+        json!({"input": {"n": 150, "delay_ms": 10}}),
+    )
+    .await;
+    let running_id = running["id"].as_str().unwrap().to_owned();
+    until(&c, &first, &running_id, |r| {
+        r["last_seq"].as_u64().unwrap_or(0) >= 30
+    })
+    .await;
+
+    first.kill9();
+    let second = Server::start(dir.path());
+
+    // The finished run: byte for byte the same log, same record.
+    let (log_after, _) = ndjson(&c, &second, &done_id).await;
+    assert_eq!(log_after, done_log);
+    assert_eq!(
+        record(&c, &second, &done_id).await["result"],
+        json!({"count": 200})
+    );
+
+    // The interrupted run resumed from its last checkpoint and completed, its log contiguous.
+    let (_, evs) = ndjson(&c, &second, &running_id).await;
+    assert_contiguous(&evs);
+    let types: Vec<&str> = evs.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(types.contains(&"chain-resumed"), "{types:?}");
+    assert_eq!(types.last(), Some(&"chain-completed"));
+    let rec = record(&c, &second, &running_id).await;
+    assert_eq!(rec["status"], "completed");
+    assert_eq!(rec["last_seq"], evs.len() as u64);
+
+    // The waiting run is still waiting and completes when its input arrives.
+    assert_eq!(record(&c, &second, &waiting_id).await["status"], "waiting");
+    let r = c
+        .post(second.url(&format!("/v1/runs/{waiting_id}/events")))
+        .json(&json!({"type": "input", "data": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let (_, evs) = ndjson(&c, &second, &waiting_id).await;
+    assert_contiguous(&evs);
+    let rec = record(&c, &second, &waiting_id).await;
+    assert_eq!(rec["result"], json!({"answer": "yes"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_heavy_appends_leaves_every_log_contiguous() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let first = Server::start(dir.path());
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let r = post(
+            &c,
+            first.url("/v1/workflows/ticker/runs"),
+            json!({"input": {"n": 20000}}),
+        )
+        .await;
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    until(&c, &first, &ids[7], |r| {
+        r["last_seq"].as_u64().unwrap_or(0) >= 100
+    })
+    .await;
+    first.kill9();
+    let second = Server::start(dir.path());
+    for id in &ids {
+        let (_, evs) = ndjson(&c, &second, id).await;
+        assert_contiguous(&evs);
+        let rec = record(&c, &second, id).await;
+        assert!(
+            ["completed", "failed"].contains(&rec["status"].as_str().unwrap()),
+            "{rec}"
+        );
+        if rec["status"] == "failed" {
+            assert_eq!(rec["error"]["code"], "interrupted");
+        }
+    }
+}
