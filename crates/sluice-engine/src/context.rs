@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -21,7 +22,7 @@ pub(crate) enum Msg {
     Stream {
         step: Option<u32>,
         event_type: Cow<'static, str>,
-        data: String,
+        data: Bytes,
         ts: Timestamp,
     },
     Send {
@@ -69,6 +70,32 @@ pub struct Context {
     shared: Arc<RunShared>,
     step: u32,
     step_name: Arc<str>,
+}
+
+/// Bytes a thread's data buffer allocates at a time.
+const DATA_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// Where this thread serialises stream event data: one allocation per chunk, and the `Bytes`
+    /// handed to the driver share it, so no event costs a malloc/free pair across threads.
+    static DATA_BUF: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+fn encode_data(data: &impl Serialize) -> Result<Bytes> {
+    DATA_BUF.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.capacity() < 1024 {
+            buf.reserve(DATA_CHUNK);
+        }
+        let mut writer = (&mut *buf).writer();
+        match serde_json::to_writer(&mut writer, data) {
+            Ok(()) => Ok(buf.split().freeze()),
+            Err(e) => {
+                buf.clear();
+                Err(e.into())
+            }
+        }
+    })
 }
 
 /// Event types a step may write with [`Context::write_event_to_stream`] besides its own names:
@@ -128,7 +155,7 @@ impl Context {
         if !allowed {
             return Err(Error::InvalidEventType(event_type.into_owned()));
         }
-        let data = serde_json::to_string(data)?;
+        let data = encode_data(data)?;
         let msg = Msg::Stream {
             step: Some(self.step),
             event_type,

@@ -1,4 +1,4 @@
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -57,6 +57,40 @@ impl RawEvent {
         step: Option<u32>,
         data_json: &str,
     ) -> Self {
+        let json = Self::envelope(seq, run_id, event_type, ts, step, data_json);
+        Self {
+            seq,
+            event_type: Bytes::copy_from_slice(event_type.as_bytes()),
+            json,
+        }
+    }
+
+    /// Like [`encode`](RawEvent::encode) for a `'static` type name, which is then shared rather
+    /// than copied (no allocation for it, and clones touch no reference count for it).
+    pub fn encode_static(
+        seq: u64,
+        run_id: &str,
+        event_type: &'static str,
+        ts: Timestamp,
+        step: Option<u32>,
+        data_json: &str,
+    ) -> Self {
+        let json = Self::envelope(seq, run_id, event_type, ts, step, data_json);
+        Self {
+            seq,
+            event_type: Bytes::from_static(event_type.as_bytes()),
+            json,
+        }
+    }
+
+    fn envelope(
+        seq: u64,
+        run_id: &str,
+        event_type: &str,
+        ts: Timestamp,
+        step: Option<u32>,
+        data_json: &str,
+    ) -> Bytes {
         let mut out = Vec::with_capacity(96 + run_id.len() + data_json.len());
         out.extend_from_slice(b"{\"seq\":");
         push_u64(&mut out, seq);
@@ -74,11 +108,7 @@ impl RawEvent {
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(data_json.as_bytes());
         out.push(b'}');
-        Self {
-            seq,
-            event_type: Bytes::copy_from_slice(event_type.as_bytes()),
-            json: Bytes::from(out),
-        }
+        Bytes::from(out)
     }
 
     /// Rebuilds a raw event from stored parts (`json` must be the envelope with this `seq`).
@@ -133,6 +163,140 @@ impl RawEvent {
     pub fn parse(&self) -> Result<Event, serde_json::Error> {
         serde_json::from_slice(&self.json)
     }
+}
+
+/// Encodes the envelopes of one run, fast: the run id is quoted once, and envelopes are carved
+/// out of one growing buffer, so encoding an event allocates nothing (one allocation per
+/// [`CHUNK`](EnvelopeWriter::CHUNK) bytes) and the resulting [`RawEvent`]s share it.
+#[derive(Debug)]
+pub struct EnvelopeWriter {
+    run_id_json: Vec<u8>,
+    buf: BytesMut,
+}
+
+impl EnvelopeWriter {
+    /// Bytes allocated at a time.
+    pub const CHUNK: usize = 64 * 1024;
+
+    /// A writer for the events of `run_id`.
+    pub fn new(run_id: &str) -> Self {
+        let mut run_id_json = Vec::with_capacity(run_id.len() + 2);
+        push_json_str(&mut run_id_json, run_id);
+        Self {
+            run_id_json,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Encodes one event whose type name is `'static` (shared, not copied). `data_json` must be
+    /// one valid JSON value.
+    pub fn encode_static(
+        &mut self,
+        seq: u64,
+        event_type: &'static str,
+        ts: Timestamp,
+        step: Option<u32>,
+        data_json: &[u8],
+    ) -> RawEvent {
+        let json = self.envelope(seq, event_type, ts, step, data_json);
+        RawEvent {
+            seq,
+            event_type: Bytes::from_static(event_type.as_bytes()),
+            json,
+        }
+    }
+
+    /// Encodes one event.
+    pub fn encode(
+        &mut self,
+        seq: u64,
+        event_type: &str,
+        ts: Timestamp,
+        step: Option<u32>,
+        data_json: &[u8],
+    ) -> RawEvent {
+        let json = self.envelope(seq, event_type, ts, step, data_json);
+        RawEvent {
+            seq,
+            event_type: Bytes::copy_from_slice(event_type.as_bytes()),
+            json,
+        }
+    }
+
+    fn envelope(
+        &mut self,
+        seq: u64,
+        event_type: &str,
+        ts: Timestamp,
+        step: Option<u32>,
+        data_json: &[u8],
+    ) -> Bytes {
+        let need = 96 + self.run_id_json.len() + event_type.len() + data_json.len();
+        if self.buf.capacity() < need {
+            self.buf.reserve(need.max(Self::CHUNK));
+        }
+        let out = &mut self.buf;
+        out.put_slice(b"{\"seq\":");
+        put_u64(out, seq);
+        out.put_slice(b",\"run_id\":");
+        out.put_slice(&self.run_id_json);
+        out.put_slice(b",\"type\":");
+        if event_type
+            .bytes()
+            .all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+        {
+            out.put_u8(b'"');
+            out.put_slice(event_type.as_bytes());
+            out.put_u8(b'"');
+        } else {
+            let mut quoted = Vec::new();
+            push_json_str(&mut quoted, event_type);
+            out.put_slice(&quoted);
+        }
+        out.put_slice(b",\"ts\":\"");
+        let mut stamp = [0u8; 27];
+        ts.write_rfc3339_into(&mut stamp);
+        out.put_slice(&stamp);
+        out.put_u8(b'"');
+        if let Some(step) = step {
+            out.put_slice(b",\"step\":");
+            put_u64(out, u64::from(step));
+        }
+        out.put_slice(b",\"data\":");
+        out.put_slice(data_json);
+        out.put_u8(b'}');
+        out.split().freeze()
+    }
+}
+
+fn put_u64(out: &mut BytesMut, v: u64) {
+    let mut buf = itoa_digits(v);
+    out.put_slice(buf.digits());
+}
+
+struct Digits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn digits(&mut self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+fn itoa_digits(mut v: u64) -> Digits {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    Digits { buf, start: i }
 }
 
 fn push_u64(out: &mut Vec<u8>, mut v: u64) {
@@ -229,6 +393,64 @@ mod tests {
         assert_eq!(ev.run_id, "a\"b");
         assert_eq!(ev.step, None);
         assert!(!std::str::from_utf8(raw.json()).unwrap().contains("step"));
+    }
+
+    #[test]
+    fn envelope_writer_matches_encode() {
+        for run_id in ["run_0193", "we\"ird\\id"] {
+            let mut w = EnvelopeWriter::new(run_id);
+            let mut all = Vec::new();
+            for (i, micros) in [
+                0i64,
+                999_999,
+                1_000_000,
+                1_000_001,
+                86_399_999_999,
+                1_795_323_600_123_456,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ts = Timestamp::from_micros(micros);
+                let seq = i as u64 + 1;
+                let a = w.encode_static(seq, kind::TEXT_DELTA, ts, Some(3), br#"{"text":"x"}"#);
+                let b = RawEvent::encode(
+                    seq,
+                    run_id,
+                    kind::TEXT_DELTA,
+                    ts,
+                    Some(3),
+                    r#"{"text":"x"}"#,
+                );
+                assert_eq!(a, b);
+                let c = w.encode(seq, "my.event", ts, None, b"[1,2]");
+                assert_eq!(
+                    c,
+                    RawEvent::encode(seq, run_id, "my.event", ts, None, "[1,2]")
+                );
+                assert_eq!(c.parse().unwrap().ts, ts);
+                all.push(a);
+            }
+            // Earlier events are untouched by later ones sharing the buffer.
+            assert_eq!(all[0].parse().unwrap().seq, 1);
+            assert_eq!(
+                all[5].parse().unwrap().ts.to_string(),
+                "2026-11-22T05:00:00.123456Z"
+            );
+        }
+        let mut w = EnvelopeWriter::new("r");
+        let big = format!("\"{}\"", "z".repeat(100_000));
+        let e = w.encode_static(
+            1,
+            kind::TEXT_DELTA,
+            Timestamp::from_micros(0),
+            None,
+            big.as_bytes(),
+        );
+        assert_eq!(
+            e.parse().unwrap().data.as_str().map(str::len),
+            Some(100_000)
+        );
     }
 
     #[test]

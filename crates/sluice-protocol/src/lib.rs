@@ -29,6 +29,6 @@ pub mod payload;
 pub mod record;
 mod time;
 
-pub use event::{Event, EventNameError, RawEvent, validate_custom_name};
+pub use event::{EnvelopeWriter, Event, EventNameError, RawEvent, validate_custom_name};
 pub use record::{RunRecord, RunStatus, SessionRecord, Usage};
 pub use time::{Timestamp, TimestampError};

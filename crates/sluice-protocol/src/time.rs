@@ -38,14 +38,39 @@ impl Timestamp {
         (self.0.saturating_sub(earlier.0).max(0) / 1000) as u64
     }
 
-    /// Appends the RFC 3339 form to `out` without allocating.
+    /// Appends the RFC 3339 form to `out`.
     pub fn write_rfc3339(self, out: &mut Vec<u8>) {
+        let mut buf = [0u8; 27];
+        self.write_rfc3339_into(&mut buf);
+        out.extend_from_slice(&buf);
+    }
+
+    /// Writes the RFC 3339 form (always 27 bytes). Consecutive calls within the same second on
+    /// one thread reuse the formatted date and time and only format the microseconds.
+    pub fn write_rfc3339_into(self, out: &mut [u8; 27]) {
         let secs = self.0.div_euclid(1_000_000);
         let micros = self.0.rem_euclid(1_000_000) as u32;
+        LAST_SECOND.with(|cell| {
+            let (cached, prefix) = cell.get();
+            if cached == secs {
+                out[..20].copy_from_slice(&prefix);
+            } else {
+                let mut full = [0u8; 27];
+                Self::format_full(secs, &mut full);
+                out[..20].copy_from_slice(&full[..20]);
+                let mut prefix = [0u8; 20];
+                prefix.copy_from_slice(&full[..20]);
+                cell.set((secs, prefix));
+            }
+        });
+        put(&mut out[20..26], micros);
+        out[26] = b'Z';
+    }
+
+    fn format_full(secs: i64, buf: &mut [u8; 27]) {
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400) as u32;
         let (y, m, d) = civil_from_days(days);
-        let mut buf = [0u8; 27];
         put(&mut buf[0..4], y.clamp(0, 9999) as u32);
         buf[4] = b'-';
         put(&mut buf[5..7], m);
@@ -58,9 +83,6 @@ impl Timestamp {
         buf[16] = b':';
         put(&mut buf[17..19], sod % 60);
         buf[19] = b'.';
-        put(&mut buf[20..26], micros);
-        buf[26] = b'Z';
-        out.extend_from_slice(&buf);
     }
 
     /// Parses the RFC 3339 UTC form (`Z` suffix; 0 to 9 fraction digits).
@@ -120,6 +142,11 @@ impl Timestamp {
         let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + se);
         Ok(Self(secs * 1_000_000 + i64::from(micros)))
     }
+}
+
+thread_local! {
+    /// The second last formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS.` prefix.
+    static LAST_SECOND: std::cell::Cell<(i64, [u8; 20])> = const { std::cell::Cell::new((i64::MIN, [0; 20])) };
 }
 
 fn put(dst: &mut [u8], mut v: u32) {
