@@ -63,3 +63,8 @@ pub use workflow::{InputValidator, Limits, Workflow, WorkflowBuilder};
 
 /// The protocol's typed payloads steps use (re-exported so workflows need no extra dependency).
 pub use sluice_protocol::payload as protocol_payload;
+
+/// The README's example workflow, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

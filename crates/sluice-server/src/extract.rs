@@ -101,3 +101,18 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
         }
     }
 }
+
+/// `Path<T>` answering 400 in the protocol's shape (e.g. a segment that is not UTF-8).
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Self(v)),
+            Err(e) => Err(ApiError::BadRequest(format!("path: {}", e.body_text()))),
+        }
+    }
+}

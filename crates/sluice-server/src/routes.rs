@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,7 @@ use sluice_store::RunFilter;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiBytes, ApiJson, ApiQuery};
+use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery};
 use crate::metrics::Rejection;
 use crate::stream::{self, Format, StreamOptions, TypeFilter};
 use crate::{AppState, ws};
@@ -167,7 +167,7 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
 async fn create_run(
     State(state): State<AppState>,
     who: Principal,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     ApiQuery(q): ApiQuery<CreateQuery>,
     headers: HeaderMap,
     ApiBytes(body): ApiBytes,
@@ -351,7 +351,7 @@ async fn visible_session(
 async fn get_session(
     State(state): State<AppState>,
     who: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<sluice_protocol::SessionRecord>> {
     Ok(Json(public_session(
         visible_session(&state, &who, &id).await?,
@@ -361,7 +361,7 @@ async fn get_session(
 async fn delete_session(
     State(state): State<AppState>,
     who: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     let _guard = state.sessions.lock().await;
     let session = visible_session(&state, &who, &id).await?;
@@ -447,7 +447,7 @@ async fn list_runs(
 async fn get_run(
     State(state): State<AppState>,
     who: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<RunRecord>> {
     let rec = visible_run(&state, &who, &id).await?;
     Ok(Json(public(&state, rec).await?))
@@ -463,7 +463,7 @@ struct EventsQuery {
 async fn run_events(
     State(state): State<AppState>,
     who: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<EventsQuery>,
     headers: HeaderMap,
     upgrade: Result<
@@ -566,7 +566,7 @@ pub(crate) async fn deliver(
 async fn send_event(
     State(state): State<AppState>,
     who: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(ev): ApiJson<SendEvent>,
 ) -> ApiResult<Response> {
     deliver(&state, &who, &id, ev).await?;
@@ -576,7 +576,7 @@ async fn send_event(
 async fn cancel_run(
     State(state): State<AppState>,
     who: Principal,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<Response> {

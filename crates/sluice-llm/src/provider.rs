@@ -1,0 +1,664 @@
+//! [`Provider`]: one configured provider, with its pooled HTTP client, its concurrency limit and
+//! the streaming call (timeouts, retries, cancellation).
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt, stream};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::assemble::Assembler;
+use crate::error::{BODY_EXCERPT_LIMIT, from_reqwest};
+use crate::providers::{Flow, Parser, anthropic, excerpt, openai};
+use crate::sse::SseDecoder;
+use crate::{
+    ChatChunk, ChatRequest, ChatResponse, ChatStream, Error, ProviderConfig, ProviderKind, Result,
+};
+
+/// A configured model provider: cheap to clone, shared by every call to it.
+///
+/// It owns one pooled HTTP client (keep-alive connections are reused across calls) and a
+/// semaphore of `max_concurrent_requests` permits; each call holds a permit while its request is
+/// in flight and its response streams.
+///
+/// ```no_run
+/// # async fn demo() -> sluice_llm::Result<()> {
+/// use futures_util::StreamExt;
+/// use sluice_llm::{ChatChunk, ChatRequest, Message, Provider, ProviderConfig, ProviderKind};
+///
+/// let provider = Provider::new(ProviderConfig::new(
+///     "local", ProviderKind::OpenAi, "http://127.0.0.1:11434/v1"))?;
+/// let mut stream = provider.stream_chat(&ChatRequest::new("qwen3:8b", vec![Message::user("Hi")]));
+/// while let Some(chunk) = stream.next().await {
+///     match chunk? {
+///         ChatChunk::TextDelta(text) => print!("{text}"),
+///         ChatChunk::Finished { usage, .. } => println!("\n{} tokens", usage.total_tokens),
+///         _ => {}
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Provider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProviderConfig,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    headers: HeaderMap,
+    permits: Arc<Semaphore>,
+}
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Provider")
+            .field("config", &self.inner.config)
+            .field("available_permits", &self.inner.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Provider {
+    /// Builds the provider: validates the config, builds its HTTP client.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a base URL that does not parse or is not `http`/`https` (`https`
+    /// needs the `tls` feature), a zero concurrency limit or attempt count, a zero idle timeout,
+    /// or an API key or header that cannot be sent as a header value.
+    pub fn new(config: ProviderConfig) -> Result<Self> {
+        if config.max_concurrent_requests == 0
+            || config.max_concurrent_requests > Semaphore::MAX_PERMITS
+        {
+            return Err(Error::Config(format!(
+                "provider {}: max_concurrent_requests must be between 1 and {}",
+                config.name,
+                Semaphore::MAX_PERMITS
+            )));
+        }
+        if config.retry.max_attempts == 0 {
+            return Err(Error::Config(format!(
+                "provider {}: retry.max_attempts must be at least 1",
+                config.name
+            )));
+        }
+        if config.idle_timeout.is_zero() {
+            return Err(Error::Config(format!(
+                "provider {}: idle_timeout must be more than zero",
+                config.name
+            )));
+        }
+        let path = match config.kind {
+            ProviderKind::OpenAi => openai::PATH,
+            ProviderKind::Anthropic => anthropic::PATH,
+        };
+        let raw_url = format!("{}{path}", config.base_url.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&raw_url).map_err(|e| {
+            Error::Config(format!(
+                "provider {}: invalid base_url {:?}: {e}",
+                config.name, config.base_url
+            ))
+        })?;
+        match url.scheme() {
+            "http" => {}
+            "https" if cfg!(feature = "tls") => {}
+            "https" => {
+                return Err(Error::Config(format!(
+                    "provider {}: https base_url needs sluice-llm's `tls` feature",
+                    config.name
+                )));
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "provider {}: unsupported URL scheme {other:?}",
+                    config.name
+                )));
+            }
+        }
+        let headers = build_headers(&config)?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(config.max_concurrent_requests)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                Error::Config(format!(
+                    "provider {}: cannot build the HTTP client: {e}",
+                    config.name
+                ))
+            })?;
+        let permits = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                url,
+                headers,
+                permits,
+            }),
+        })
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    /// Its wire format.
+    pub fn kind(&self) -> ProviderKind {
+        self.inner.config.kind
+    }
+
+    /// Its config.
+    pub fn config(&self) -> &ProviderConfig {
+        &self.inner.config
+    }
+
+    /// The full URL requests go to.
+    pub fn endpoint(&self) -> &str {
+        self.inner.url.as_str()
+    }
+
+    /// Free concurrency slots right now (for metrics).
+    pub fn available_permits(&self) -> usize {
+        self.inner.permits.available_permits()
+    }
+
+    /// Starts a streaming call. Nothing is sent until the stream is first polled.
+    ///
+    /// The stream waits for a concurrency permit, sends the request, and yields the deltas as
+    /// they arrive, then [`ChatChunk::Finished`]. Failures before the first chunk that may pass
+    /// (see [`Error::is_retryable`]) are retried with jittered exponential backoff, honouring
+    /// `Retry-After`, up to the policy's `max_attempts`; after the first chunk nothing is
+    /// retried and a failure is the stream's last item. No bytes for the idle timeout ends the
+    /// stream with [`Error::Stalled`]. Dropping the stream aborts the request.
+    pub fn stream_chat(&self, request: &ChatRequest) -> ChatStream {
+        let body = match self.inner.config.kind {
+            ProviderKind::OpenAi => openai::request_body(request),
+            ProviderKind::Anthropic => anthropic::request_body(request),
+        };
+        let body = match serde_json::to_vec(&body) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                let error = Error::Config(format!("cannot encode the request: {e}"));
+                return ChatStream::new(stream::iter([Err(error)]));
+            }
+        };
+        let call = Call {
+            inner: self.inner.clone(),
+            body,
+            started: None,
+            attempts: 0,
+            state: State::Start,
+            asm: Assembler::default(),
+        };
+        ChatStream::new(stream::unfold(call, |mut call| async move {
+            let item = call.next().await?;
+            Some((item, call))
+        }))
+    }
+
+    /// Runs a call to its end and returns the assembled response.
+    ///
+    /// # Errors
+    /// Whatever ended the stream; see [`Provider::stream_chat`].
+    pub async fn chat(&self, request: &ChatRequest) -> Result<ChatResponse> {
+        self.stream_chat(request).into_response().await
+    }
+}
+
+fn build_headers(config: &ProviderConfig) -> Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+    let bad_key = || {
+        Error::Config(format!(
+            "provider {}: the API key is not a valid header value",
+            config.name
+        ))
+    };
+    match config.kind {
+        ProviderKind::OpenAi => {
+            if let Some(key) = config.api_key.as_ref().filter(|k| !k.is_empty()) {
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                    .map_err(|_| bad_key())?;
+                value.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, value);
+            }
+        }
+        ProviderKind::Anthropic => {
+            headers.insert(
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static(anthropic::API_VERSION),
+            );
+            if let Some(key) = config.api_key.as_ref().filter(|k| !k.is_empty()) {
+                let mut value = HeaderValue::from_str(key.expose()).map_err(|_| bad_key())?;
+                value.set_sensitive(true);
+                headers.insert(HeaderName::from_static("x-api-key"), value);
+            }
+        }
+    }
+    for (name, value) in &config.headers {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            Error::Config(format!(
+                "provider {}: invalid header name {name:?}",
+                config.name
+            ))
+        })?;
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            Error::Config(format!(
+                "provider {}: invalid value for header {name:?}",
+                config.name
+            ))
+        })?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
+impl Inner {
+    /// Removes the API key from provider-supplied text kept in an error.
+    fn scrub(&self, error: Error) -> Error {
+        let Some(key) = self.config.api_key.as_ref().filter(|k| !k.is_empty()) else {
+            return error;
+        };
+        let clean = |s: String| {
+            if s.contains(key.expose()) {
+                s.replace(key.expose(), "***")
+            } else {
+                s
+            }
+        };
+        match error {
+            Error::Http {
+                status,
+                body_excerpt,
+                request_id,
+                retry_after,
+            } => Error::Http {
+                status,
+                body_excerpt: clean(body_excerpt),
+                request_id,
+                retry_after,
+            },
+            Error::RateLimited {
+                retry_after,
+                body_excerpt,
+                request_id,
+            } => Error::RateLimited {
+                retry_after,
+                body_excerpt: clean(body_excerpt),
+                request_id,
+            },
+            Error::Protocol(message) => Error::Protocol(clean(message)),
+            Error::Provider { message } => Error::Provider {
+                message: clean(message),
+            },
+            other => other,
+        }
+    }
+}
+
+/// The state of one streaming call.
+struct Call {
+    inner: Arc<Inner>,
+    body: Bytes,
+    started: Option<Instant>,
+    attempts: u32,
+    state: State,
+    asm: Assembler,
+}
+
+enum State {
+    /// No request in flight: send one (the first, or a retry).
+    Start,
+    /// A response is streaming.
+    Streaming(Box<Active>),
+    /// Complete: yield this, then end.
+    Finished(Box<ChatChunk>),
+    /// Failed: yield this, then end.
+    Failed(Error),
+    /// Ended.
+    Done,
+}
+
+/// A response being read.
+struct Active {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    decoder: SseDecoder,
+    parser: Parser,
+    eof: bool,
+    /// Held while the response streams; dropping it frees the slot.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Call {
+    async fn next(&mut self) -> Option<Result<ChatChunk>> {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        loop {
+            if let Some(chunk) = self.asm.pop() {
+                return Some(Ok(chunk));
+            }
+            match std::mem::replace(&mut self.state, State::Done) {
+                State::Done => return None,
+                State::Finished(chunk) => return Some(Ok(*chunk)),
+                State::Failed(error) => return Some(Err(error)),
+                State::Start => match self.open().await {
+                    Ok(active) => self.state = State::Streaming(Box::new(active)),
+                    Err(error) => self.state = State::Failed(error),
+                },
+                State::Streaming(mut active) => {
+                    let idle = self.inner.config.idle_timeout;
+                    match active.read(&mut self.asm, idle).await {
+                        Ok(Flow::Continue) => self.state = State::Streaming(active),
+                        Ok(Flow::Done) => {
+                            active.drain();
+                            drop(active);
+                            let chunk = self.asm.finish(started.elapsed());
+                            tracing::debug!(
+                                provider = %self.inner.config.name,
+                                latency_ms = started.elapsed().as_millis() as u64,
+                                "model call finished"
+                            );
+                            self.state = State::Finished(Box::new(chunk));
+                        }
+                        Err(error) => {
+                            // Closes the connection and frees the permit before any backoff.
+                            drop(active);
+                            let error = self.inner.scrub(error);
+                            if !self.asm.committed()
+                                && let Some(delay) = self.retry_delay(&error)
+                            {
+                                self.log_retry(&error, delay);
+                                tokio::time::sleep(delay).await;
+                                self.asm = Assembler::default();
+                                self.state = State::Start;
+                                continue;
+                            }
+                            tracing::debug!(
+                                provider = %self.inner.config.name,
+                                error = %error,
+                                "model call failed"
+                            );
+                            self.state = State::Failed(error);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the request, retrying failures before a response stream is open.
+    async fn open(&mut self) -> Result<Active> {
+        loop {
+            let permit = self
+                .inner
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Config("the provider's semaphore is closed".into()))?;
+            self.attempts += 1;
+            match send(&self.inner, self.body.clone()).await {
+                Ok(response) => {
+                    return Ok(Active {
+                        body: Box::pin(response.bytes_stream()),
+                        decoder: SseDecoder::default(),
+                        parser: Parser::new(self.inner.config.kind),
+                        eof: false,
+                        _permit: permit,
+                    });
+                }
+                Err(error) => {
+                    drop(permit);
+                    let error = self.inner.scrub(error);
+                    match self.retry_delay(&error) {
+                        Some(delay) => {
+                            self.log_retry(&error, delay);
+                            tokio::time::sleep(delay).await;
+                        }
+                        None => return Err(error),
+                    }
+                }
+            }
+        }
+    }
+
+    fn log_retry(&self, error: &Error, delay: Duration) {
+        tracing::warn!(
+            provider = %self.inner.config.name,
+            attempt = self.attempts,
+            delay_ms = delay.as_millis() as u64,
+            error = %error,
+            "model call failed before the first token; retrying"
+        );
+    }
+
+    /// The delay before the next attempt, or `None` if the error is final.
+    fn retry_delay(&self, error: &Error) -> Option<Duration> {
+        let policy = &self.inner.config.retry;
+        if !error.is_retryable() || self.attempts >= policy.max_attempts {
+            return None;
+        }
+        let retry_after = error.retry_after();
+        if retry_after.is_some_and(|after| after > policy.max_retry_after) {
+            return None;
+        }
+        Some(policy.backoff(self.attempts, retry_after))
+    }
+}
+
+/// One attempt: the request, and the response head.
+async fn send(inner: &Inner, body: Bytes) -> Result<reqwest::Response> {
+    let idle = inner.config.idle_timeout;
+    let request = inner
+        .client
+        .post(inner.url.clone())
+        .headers(inner.headers.clone())
+        .body(body);
+    let response = match tokio::time::timeout(idle, request.send()).await {
+        Err(_) => return Err(Error::Timeout { after: idle }),
+        Ok(Err(e)) => return Err(from_reqwest(e, idle)),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status();
+    if !status.is_success() {
+        return Err(error_from_response(response, idle).await);
+    }
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        // Not a stream: an error object, or a server that ignored `stream: true`.
+        let text = read_excerpt(response, idle).await;
+        let error = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").cloned());
+        return Err(match error {
+            Some(error) => Error::Provider {
+                message: crate::providers::error_message(&error),
+            },
+            None => Error::Protocol(format!("expected an event stream, got JSON: {text}")),
+        });
+    }
+    Ok(response)
+}
+
+impl Active {
+    /// Handles one buffered event, or reads more bytes.
+    async fn read(&mut self, asm: &mut Assembler, idle: Duration) -> Result<Flow> {
+        if let Some(event) = self.decoder.next_event()? {
+            return self.parser.on_event(&event, asm);
+        }
+        if self.eof {
+            return self.parser.on_eof(asm);
+        }
+        match tokio::time::timeout(idle, self.body.next()).await {
+            Err(_) => Err(Error::Stalled { idle }),
+            Ok(None) => {
+                self.decoder.finish();
+                self.eof = true;
+                Ok(Flow::Continue)
+            }
+            Ok(Some(Err(e))) => Err(from_reqwest(e, idle)),
+            Ok(Some(Ok(bytes))) => {
+                self.decoder.push(&bytes);
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    /// Reads the end of the body if it is already there, so the connection can be reused.
+    fn drain(&mut self) {
+        if !self.eof {
+            let _ = self.body.next().now_or_never();
+        }
+    }
+}
+
+/// Reads at most [`BODY_EXCERPT_LIMIT`] bytes of a body, each read within `idle`.
+async fn read_excerpt(response: reqwest::Response, idle: Duration) -> String {
+    let mut body = response.bytes_stream();
+    let mut bytes = Vec::new();
+    while bytes.len() < BODY_EXCERPT_LIMIT {
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => bytes.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    excerpt(&text, BODY_EXCERPT_LIMIT).to_owned()
+}
+
+/// [`Error::Http`] or [`Error::RateLimited`] from a non-success response.
+async fn error_from_response(response: reqwest::Response, idle: Duration) -> Error {
+    let status = response.status().as_u16();
+    let headers = response.headers();
+    let request_id = ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|name| headers.get(*name))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| excerpt(v, 200).to_owned());
+    let retry_after = parse_retry_after(headers);
+    let body_excerpt = read_excerpt(response, idle).await;
+    if status == 429 {
+        Error::RateLimited {
+            retry_after,
+            body_excerpt,
+            request_id,
+        }
+    } else {
+        Error::Http {
+            status,
+            body_excerpt,
+            request_id,
+            retry_after,
+        }
+    }
+}
+
+/// `retry-after-ms` (milliseconds, sent by OpenAI) or `Retry-After` in seconds. The HTTP-date
+/// form is not honoured.
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| -> Option<f64> {
+        let value: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        (value.is_finite() && value >= 0.0).then_some(value)
+    };
+    if let Some(ms) = number("retry-after-ms") {
+        return Duration::try_from_secs_f64(ms / 1000.0).ok();
+    }
+    number("retry-after").and_then(|s| Duration::try_from_secs_f64(s).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ApiKey;
+
+    #[test]
+    fn retry_after_parsing() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(parse_retry_after(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(
+            parse_retry_after(&headers),
+            Some(Duration::from_millis(150))
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(parse_retry_after(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("-1"));
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn config_validation() {
+        let ok = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1/v1/");
+        let provider = Provider::new(ok.clone()).unwrap();
+        assert_eq!(
+            provider.endpoint(),
+            "http://127.0.0.1:1/v1/chat/completions"
+        );
+        assert!(matches!(
+            Provider::new(ok.clone().with_max_concurrent_requests(0)),
+            Err(Error::Config(_))
+        ));
+        let bad = ProviderConfig::new("p", ProviderKind::Anthropic, "not a url");
+        assert!(matches!(Provider::new(bad), Err(Error::Config(_))));
+        let bad_key = ok.clone().with_api_key(ApiKey::new("sk-line\nbreak"));
+        let err = Provider::new(bad_key).unwrap_err();
+        assert!(!err.to_string().contains("sk-line"));
+        if !cfg!(feature = "tls") {
+            let https = ProviderConfig::new("p", ProviderKind::OpenAi, "https://api.openai.com/v1");
+            assert!(matches!(Provider::new(https), Err(Error::Config(m)) if m.contains("tls")));
+        }
+    }
+
+    #[test]
+    fn scrubs_the_key() {
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1")
+            .with_api_key(ApiKey::new("sk-secret"));
+        let provider = Provider::new(config).unwrap();
+        let error = provider.inner.scrub(Error::Http {
+            status: 401,
+            body_excerpt: "bad key sk-secret".into(),
+            request_id: None,
+            retry_after: None,
+        });
+        assert!(!format!("{error} {error:?}").contains("sk-secret"));
+        assert!(!format!("{provider:?}").contains("sk-secret"));
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn streams_and_futures_are_send() {
+        let provider = Provider::new(ProviderConfig::new(
+            "p",
+            ProviderKind::OpenAi,
+            "http://127.0.0.1:1",
+        ))
+        .unwrap();
+        let request = ChatRequest::new("m", vec![]);
+        let stream = provider.stream_chat(&request);
+        assert_send(&stream);
+        assert_send(&provider.chat(&request));
+        assert_send(&stream.into_response());
+    }
+}
