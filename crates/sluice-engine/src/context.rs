@@ -49,6 +49,8 @@ pub(crate) struct RunShared {
     pub collected: Mutex<HashMap<String, Vec<AnyEvent>>>,
     pub cancel: CancellationToken,
     pub usage: Mutex<Usage>,
+    pub store: std::sync::Arc<dyn sluice_store::Store>,
+    pub session_id: Option<String>,
 }
 
 impl RunShared {
@@ -264,6 +266,43 @@ impl Context {
             )),
             None => Ok(None),
         }
+    }
+
+    /// The session the run belongs to, if any.
+    pub fn session_id(&self) -> Option<&str> {
+        self.shared.session_id.as_deref()
+    }
+
+    /// The state of the run's session (for agents: the conversation so far); `None` outside a
+    /// session or when the session was deleted.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn session_state(&self) -> Result<Option<Value>> {
+        let Some(id) = &self.shared.session_id else {
+            return Ok(None);
+        };
+        Ok(self.shared.store.get_session(id).await?.map(|s| s.state))
+    }
+
+    /// Replaces the state of the run's session (no-op outside a session). Runs of one session
+    /// execute one at a time, so this is not racing another run of it.
+    ///
+    /// # Errors
+    /// A store error, or [`Error::Store`] with `NotFound` if the session was deleted.
+    pub async fn set_session_state(&self, state: Value) -> Result<()> {
+        let Some(id) = &self.shared.session_id else {
+            return Ok(());
+        };
+        let store = &self.shared.store;
+        let mut session = store
+            .get_session(id)
+            .await?
+            .ok_or_else(|| Error::Store(sluice_store::Error::session_not_found(id)))?;
+        session.state = state;
+        session.updated_at = Timestamp::now();
+        store.put_session(&session).await?;
+        Ok(())
     }
 
     /// Adds model token usage to the run's total (reported in `chain-completed` and the record).

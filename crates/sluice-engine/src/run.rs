@@ -112,6 +112,8 @@ impl Driver {
             collected: Mutex::default(),
             cancel: engine.token.child_token(),
             usage: Mutex::new(record.usage),
+            store: engine.store.clone(),
+            session_id: record.session_id.clone(),
         });
         let n = wf.inner.steps.len();
         Self {

@@ -973,3 +973,60 @@ async fn sweep_removes_finished_runs_beyond_retention() {
         "the waiting run stays"
     );
 }
+
+#[tokio::test]
+async fn steps_read_and_write_their_session_state() {
+    let wf = Workflow::builder("counter")
+        .step(
+            Step::new("count", |c: Context, _s: StartEvent| async move {
+                let seen = c
+                    .session_state()
+                    .await?
+                    .and_then(|v| v["runs"].as_u64())
+                    .unwrap_or(0);
+                c.set_session_state(json!({"runs": seen + 1})).await?;
+                Ok(Emit::stop(
+                    json!({"session": c.session_id(), "runs": seen + 1}),
+                ))
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let now = sluice_protocol::Timestamp::now();
+    let session = sluice_protocol::SessionRecord {
+        id: "ses_1".into(),
+        created_at: now,
+        updated_at: now,
+        state: Value::Null,
+        active_run: None,
+        owner: None,
+    };
+    engine.store().create_session(&session).await.unwrap();
+    for expected in 1..=2u64 {
+        let start = StartRun {
+            session_id: Some("ses_1".into()),
+            ..Default::default()
+        };
+        let rec = engine
+            .start("counter", start)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(
+            rec.result,
+            Some(json!({"session": "ses_1", "runs": expected}))
+        );
+    }
+    let outside = engine
+        .start("counter", StartRun::default())
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(outside.result, Some(json!({"session": null, "runs": 1})));
+}
