@@ -21,12 +21,25 @@ struct Shared {
 fn shared() -> &'static Shared {
     static S: OnceLock<Shared> = OnceLock::new();
     S.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let (server, run_id) = rt.block_on(async {
             let mut opts = sluice_server::config::ServerOptions::default();
             opts.max_body = 16 * 1024;
-            let s = TestServer::with(opts, vec![sluice_engine::builtin::ticker(), sluice_engine::builtin::ask_human()]).await;
-            let id = s.start_run("ask-human", serde_json::json!({"prompt": "?"})).await;
+            let s = TestServer::with(
+                opts,
+                vec![
+                    sluice_engine::builtin::ticker(),
+                    sluice_engine::builtin::ask_human(),
+                ],
+            )
+            .await;
+            let id = s
+                .start_run("ask-human", serde_json::json!({"prompt": "?"}))
+                .await;
             (s, id)
         });
         Shared { rt, server, run_id }
@@ -66,12 +79,26 @@ fn query() -> impl Strategy<Value = String> {
     proptest::collection::vec(
         (
             prop_oneof![
-                Just("after"), Just("types"), Just("limit"), Just("cursor"), Just("status"), Just("wait"),
-                Just("if_busy"), Just("workflow"), Just("session_id"), Just("x")
+                Just("after"),
+                Just("types"),
+                Just("limit"),
+                Just("cursor"),
+                Just("status"),
+                Just("wait"),
+                Just("if_busy"),
+                Just("workflow"),
+                Just("session_id"),
+                Just("x")
             ],
             prop_oneof![
-                Just("-7".to_owned()), Just("abc".to_owned()), Just("0".to_owned()), Just("99999999999999999999".to_owned()),
-                Just("tick,text-delta".to_owned()), Just("true".to_owned()), Just("enqueue".to_owned()), "[ -~]{0,12}"
+                Just("-7".to_owned()),
+                Just("abc".to_owned()),
+                Just("0".to_owned()),
+                Just("99999999999999999999".to_owned()),
+                Just("tick,text-delta".to_owned()),
+                Just("true".to_owned()),
+                Just("enqueue".to_owned()),
+                "[ -~]{0,12}"
             ],
         ),
         0..4,
@@ -80,7 +107,10 @@ fn query() -> impl Strategy<Value = String> {
         if kv.is_empty() {
             return String::new();
         }
-        let parts: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={}", v.replace([' ', '#', '&'], "%20"))).collect();
+        let parts: Vec<String> = kv
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.replace([' ', '#', '&'], "%20")))
+            .collect();
         format!("?{}", parts.join("&"))
     })
 }

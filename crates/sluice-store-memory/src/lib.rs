@@ -62,7 +62,11 @@ fn check_batch(run_id: &str, entry: &RunEntry, events: &[RawEvent]) -> Result<()
     let first = entry.log.len() as u64 + 1;
     for (expected, e) in (first..).zip(events) {
         if e.seq() != expected {
-            return Err(Error::SeqConflict { run_id: run_id.to_owned(), expected, got: e.seq() });
+            return Err(Error::SeqConflict {
+                run_id: run_id.to_owned(),
+                expected,
+                got: e.seq(),
+            });
         }
     }
     Ok(())
