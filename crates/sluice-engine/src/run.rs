@@ -235,67 +235,60 @@ impl Driver {
                     std::pin::pin!(sluice_store::follow(store, prev, from.saturating_sub(1)));
                 while let Some(Ok(_)) = events.next().await {}
             };
-            tokio::pin!(previous_ends);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = self.engine.token.cancelled() => {
-                        slot.leave_queue();
+            if self.queued(previous_ends).await?.is_none() {
+                return Ok(None);
+            }
+        }
+        let permit = match reserved {
+            Some(p) => p,
+            None => {
+                let Some(acquired) = self.queued(slot.semaphore.clone().acquire_owned()).await?
+                else {
+                    return Ok(None);
+                };
+                slot.leave_queue();
+                match acquired {
+                    Ok(p) => p,
+                    Err(_closed) => {
                         self.engine.release(&self.record.id);
                         return Ok(None);
                     }
-                    c = self.ctl.recv() => match c {
-                        Some(Control::Cancel { reason }) => {
-                            slot.leave_queue();
-                            self.end(Outcome::Cancelled(reason)).await?;
-                            return Ok(None);
-                        }
-                        Some(Control::Deliver { event_type, reply, .. }) => {
-                            let _ = reply.send(Err(Error::NotWaiting {
-                                run_id: self.record.id.clone(), event_type, waiting_for: Vec::new(),
-                            }));
-                        }
-                        None => {}
-                    },
-                    () = &mut previous_ends => break,
-                }
-            }
-        }
-        let permit = if let Some(p) = reserved {
-            p
-        } else {
-            let acquire = slot.semaphore.clone().acquire_owned();
-            tokio::pin!(acquire);
-            let res = loop {
-                tokio::select! {
-                    biased;
-                    _ = self.engine.token.cancelled() => break None,
-                    c = self.ctl.recv() => match c {
-                        Some(Control::Cancel { reason }) => {
-                            slot.leave_queue();
-                            self.end(Outcome::Cancelled(reason)).await?;
-                            return Ok(None);
-                        }
-                        Some(Control::Deliver { event_type, reply, .. }) => {
-                            let _ = reply.send(Err(Error::NotWaiting {
-                                run_id: self.record.id.clone(), event_type, waiting_for: Vec::new(),
-                            }));
-                        }
-                        None => break None,
-                    },
-                    p = &mut acquire => break p.ok(),
-                }
-            };
-            slot.leave_queue();
-            match res {
-                Some(p) => p,
-                None => {
-                    self.engine.release(&self.record.id);
-                    return Ok(None);
                 }
             }
         };
         Ok(Some(permit))
+    }
+
+    /// While the run is queued: waits for `ready`, refusing deliveries (a queued run waits for
+    /// nothing) and honouring cancel and shutdown. `None` when the run was cancelled (and ended)
+    /// or the engine shuts down (and the run is left for recovery); either way it left the queue.
+    async fn queued<T>(
+        &mut self,
+        ready: impl std::future::Future<Output = T>,
+    ) -> Result<Option<T>> {
+        tokio::pin!(ready);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.engine.token.cancelled() => break,
+                c = self.ctl.recv() => match c {
+                    Some(Control::Cancel { reason }) => {
+                        self.slot.leave_queue();
+                        self.end(Outcome::Cancelled(reason)).await?;
+                        return Ok(None);
+                    }
+                    Some(Control::Deliver { event_type, reply, .. }) => {
+                        let run_id = self.record.id.clone();
+                        let _ = reply.send(Err(Error::NotWaiting { run_id, event_type, waiting_for: Vec::new() }));
+                    }
+                    None => break,
+                },
+                v = &mut ready => return Ok(Some(v)),
+            }
+        }
+        self.slot.leave_queue();
+        self.engine.release(&self.record.id);
+        Ok(None)
     }
 
     /// A slot for a run that was already admitted once (resume after a pause or restart).

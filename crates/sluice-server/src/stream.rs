@@ -73,8 +73,7 @@ impl Format {
         match self {
             Self::Sse => {
                 out.put_slice(b"id: ");
-                let mut seq = itoa_buf(ev.seq());
-                out.put_slice(seq.as_bytes_mut());
+                out.put_slice(itoa::Buffer::new().format(ev.seq()).as_bytes());
                 out.put_slice(b"\nevent: ");
                 out.put_slice(ev.event_type().as_bytes());
                 out.put_slice(b"\ndata: ");
@@ -87,31 +86,6 @@ impl Format {
             }
         }
     }
-}
-
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Digits {
-    fn as_bytes_mut(&mut self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-fn itoa_buf(mut v: u64) -> Digits {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    Digits { buf, start: i }
 }
 
 /// Where a reader starts: `Last-Event-ID` (a reconnecting EventSource) or `?after=`.

@@ -27,8 +27,10 @@ fn shared() -> &'static Shared {
             .build()
             .unwrap();
         let (server, run_id) = rt.block_on(async {
-            let mut opts = sluice_server::config::ServerOptions::default();
-            opts.max_body = 16 * 1024;
+            let opts = sluice_server::config::ServerOptions {
+                max_body: 16 * 1024,
+                ..Default::default()
+            };
             let s = TestServer::with(
                 opts,
                 vec![
