@@ -20,6 +20,7 @@
 //! - `schema.rs`: the tables, the ordered migrations (tracked in `PRAGMA user_version`, see
 //!   [`SCHEMA_VERSION`]) and how connections are set up.
 //! - `writer.rs`: the writer thread and its group commit.
+//! - `checkpoint.rs`: the checkpoint thread, which keeps WAL checkpoints off the writer.
 //! - `reader.rs`: the pool of read-only connections and the read queries.
 //! - `cache.rs`: the committed `run_id → (last_seq, closed)` of open logs.
 //!
@@ -32,15 +33,23 @@
 //! group in one transaction, commits, replies to every caller, then wakes the followers of every
 //! run that got events (through a [`Notifier`]; nobody polls). It never sleeps waiting for company:
 //! a lone append commits at once, and groups grow by themselves while a commit is in progress.
+//! (After a group it stays awake for about 50 µs before it sleeps, so a caller that appends again
+//! right after its reply finds it awake.)
 //!
-//! Each command succeeds or fails on its own inside the group: appends are validated against the
-//! writer's cache of each open log's last seq (loaded from the database on first touch), and
-//! commands of more than one statement run under a savepoint. A rejected append (unknown run, seq
-//! conflict, closed log) leaves nothing behind and does not affect the others. Only a failure of
-//! the transaction itself (I/O error, full disk) fails the whole group.
+//! Each command succeeds or fails on its own inside the group. Appends and `finish` are checked
+//! against the writer's cache of each open log's last seq and closed flag (loaded from the
+//! database on a run's first touch), before they write anything; the other commands of more
+//! than one statement run under a savepoint. A rejected command (unknown run, seq conflict, closed
+//! log, duplicate id) leaves nothing behind and does not affect the others. Only a failure of the
+//! transaction itself (I/O error, full disk) fails the whole group. An append's events go in with
+//! few multi-row `INSERT`s through cached prepared statements.
 //!
 //! [`finish`](Store::finish) writes the final record and the terminal event in the same
 //! transaction, so a reader that sees the terminal event sees the final record.
+//!
+//! Checkpoints (copying the WAL back into the database file, with its fsyncs) run on a separate
+//! thread every few MiB of commits, concurrently with the writer; the writer itself only finishes
+//! one, briefly, when the WAL has grown to about 128 MiB, so that the WAL starts over.
 //!
 //! Reads run on a small pool of read-only connections
 //! ([`SqliteOptions::read_connections`]) on Tokio's blocking thread pool, never on the async
@@ -59,16 +68,18 @@
 //!   - [`Synchronous::Full`]: every acknowledged write survives (the WAL is fsynced at every
 //!     group commit).
 //!   - [`Synchronous::Normal`] (the default): the database stays consistent, but the most recent
-//!     commits may be lost — those made since the WAL was last synced, which happens at each
-//!     checkpoint (about every 16 MiB of writes). What is lost is a suffix of whole transactions:
-//!     every run's log is still contiguous from seq 1, and a finished run is either finished with
-//!     its terminal event or not finished at all.
+//!     acknowledged commits may be lost — those made since the WAL was last fsynced, which
+//!     happens at each checkpoint: about every 4 MiB of committed data, more if the checkpoint
+//!     thread falls behind (the OS may also have written them back on its own by then). What is
+//!     lost is a suffix of whole transactions: every run's log is still contiguous from seq 1,
+//!     and a finished run is either finished with its terminal event or not finished at all.
 //!   - [`Synchronous::Off`]: recent commits may be lost and the database file may be corrupted.
 //!
 //! The path must name a file on a local file system (WAL needs shared memory between the
 //! connections of this process); the store is meant to be the only writer of its file.
 
 mod cache;
+mod checkpoint;
 mod options;
 mod reader;
 mod schema;
@@ -134,12 +145,13 @@ impl SqliteStore {
         let cache = Arc::new(RunCache::default());
         let notifier = Arc::new(Notifier::new());
         let (commands, rx) = mpsc::channel(WRITE_QUEUE);
+        let checkpointer = checkpoint::Checkpointer::spawn(&path, options.synchronous)?;
         let writer = Writer::new(
             conn,
             cache.clone(),
             notifier.clone(),
-            options.commit_window,
-            options.max_batch,
+            &options,
+            Some(checkpointer),
         );
         let writer = std::thread::Builder::new()
             .name("sluice-sqlite-writer".into())

@@ -64,6 +64,11 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// How long a connection retries when the database is locked (another process, a checkpoint).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The WAL size (in pages) past which SQLite makes the writer checkpoint after each commit: a
+/// safety net for when the checkpoint thread falls behind. Normally the WAL is reset long before
+/// (see `checkpoint.rs`).
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 65_536;
+
 /// Statements each connection keeps prepared.
 const STATEMENT_CACHE: usize = 64;
 
@@ -91,9 +96,10 @@ pub(crate) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
         "PRAGMA synchronous = {};
          PRAGMA cache_size = -65536;
          PRAGMA temp_store = MEMORY;
-         PRAGMA wal_autocheckpoint = 4000;
-         PRAGMA journal_size_limit = 67108864;",
-        synchronous.pragma()
+         PRAGMA wal_autocheckpoint = {};
+         PRAGMA journal_size_limit = 268435456;",
+        synchronous.pragma(),
+        WRITER_AUTOCHECKPOINT_PAGES
     ))
     .map_err(|e| Error::backend("configuring the writer connection", e))?;
     migrate(&conn)?;
@@ -114,6 +120,24 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
         "PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY; PRAGMA query_only = ON;",
     )
     .map_err(|e| Error::backend("configuring a reader connection", e))?;
+    Ok(conn)
+}
+
+/// Opens the checkpoint thread's connection: read-write (a checkpoint writes the database file)
+/// with the writer's `synchronous`, which decides whether the checkpoint fsyncs.
+pub(crate) fn open_checkpointer(path: &Path, synchronous: Synchronous) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::backend(format!("opening {} to checkpoint", path.display()), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| Error::backend("setting the busy timeout", e))?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0;",
+        synchronous.pragma()
+    ))
+    .map_err(|e| Error::backend("configuring the checkpoint connection", e))?;
     Ok(conn)
 }
 

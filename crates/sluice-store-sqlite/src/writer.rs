@@ -10,7 +10,13 @@ use sluice_protocol::{RawEvent, RunRecord, kind};
 use sluice_store::{Error, Notifier, Result};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::SqliteOptions;
 use crate::cache::{RunCache, RunState};
+use crate::checkpoint::{self, Checkpointer};
+
+/// Row counts of the prepared multi-row inserts: an append of n events uses n's binary
+/// decomposition (capped at 64 rows a statement).
+const INSERT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
 /// A failure that ends a whole write transaction, reported to every command in it.
 type Fatal = Arc<dyn std::error::Error + Send + Sync>;
@@ -124,13 +130,28 @@ impl Command {
         }
     }
 
-    /// Whether the command runs more than one statement, and so needs a savepoint to fail alone.
-    fn is_compound(&self) -> bool {
+    /// Roughly how many bytes the command adds to the WAL.
+    fn bytes(&self) -> usize {
+        const ROW: usize = 64;
         match self {
-            Self::Append { events, .. } => events.len() > 1,
-            Self::DeleteRun { .. } | Self::Finish { .. } | Self::InboxPush { .. } => true,
-            _ => false,
+            Self::Append { events, .. } => events.iter().map(|e| e.json().len() + ROW).sum(),
+            Self::Finish { row, terminal, .. } => row.json.len() + terminal.json().len() + 2 * ROW,
+            Self::CreateRun { row, .. } | Self::PutRun { row, .. } => row.json.len() + ROW,
+            Self::PutCheckpoint { data, .. } => data.len() + ROW,
+            Self::InboxPush { data, .. } => data.len() + 2 * ROW,
+            Self::CreateSession { json, .. } | Self::PutSession { json, .. } => json.len() + ROW,
+            Self::DeleteRun { .. } | Self::InboxAck { .. } | Self::DeleteSession { .. } => ROW,
         }
+    }
+
+    /// Whether the command needs a savepoint to fail alone: it runs several statements and can
+    /// fail after the first. (An append is checked against the log's state before it writes, so
+    /// only an I/O-level failure can interrupt it; that fails the whole group instead.)
+    fn needs_savepoint(&self) -> bool {
+        matches!(
+            self,
+            Self::DeleteRun { .. } | Self::Finish { .. } | Self::InboxPush { .. }
+        )
     }
 
     /// Replies with `err` without running the command.
@@ -204,8 +225,17 @@ pub(crate) struct Writer {
     notifier: Arc<Notifier>,
     /// Runs the open transaction has looked at or changed.
     touched: HashMap<String, Touched>,
+    /// Set when a command without a savepoint failed after it began writing: the transaction
+    /// holds part of it, so it must not commit.
+    interrupted: Option<Fatal>,
+    /// The `INSERT INTO events` statements, by how many rows each inserts (largest first).
+    inserts: Vec<(usize, String)>,
     commit_window: Duration,
     max_batch: usize,
+    /// Takes checkpoints off this thread; `None` in unit tests.
+    checkpointer: Option<Checkpointer>,
+    /// Bytes committed since the last checkpoint nudge.
+    since_checkpoint: usize,
 }
 
 fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
@@ -270,22 +300,6 @@ fn check_continues(run_id: &str, state: Option<RunState>, events: &[RawEvent]) -
     })
 }
 
-fn insert_events(conn: &Connection, run_id: &str, events: &[RawEvent]) -> Result<()> {
-    let mut stmt = conn
-        .prepare_cached("INSERT INTO events (run_id, seq, type, json) VALUES (?1, ?2, ?3, ?4)")
-        .map_err(db("appending events"))?;
-    for e in events {
-        stmt.execute(params![
-            run_id,
-            to_sql_int(e.seq()),
-            e.event_type(),
-            &e.json()[..]
-        ])
-        .map_err(db("appending events"))?;
-    }
-    Ok(())
-}
-
 fn update_run(conn: &Connection, row: &RunRow) -> Result<()> {
     let mut stmt = conn
         .prepare_cached(
@@ -311,21 +325,59 @@ fn update_run(conn: &Connection, row: &RunRow) -> Result<()> {
     Ok(())
 }
 
+/// How long the writer keeps looking for a next command before it sleeps: a caller that appends
+/// again right after its reply (the common case for a busy run) then finds the writer awake.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// The next command, or `None` once every sender is gone.
+fn next_command(rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+    let started = Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(cmd) => return Some(cmd),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if started.elapsed() < SPIN => {
+                std::thread::yield_now()
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return rx.blocking_recv(),
+        }
+    }
+}
+
 impl Writer {
     pub(crate) fn new(
         conn: Connection,
         cache: Arc<RunCache>,
         notifier: Arc<Notifier>,
-        commit_window: Duration,
-        max_batch: usize,
+        options: &SqliteOptions,
+        checkpointer: Option<Checkpointer>,
     ) -> Self {
+        let inserts = INSERT_ROWS
+            .iter()
+            .map(|&rows| {
+                // OR FAIL: the rows are checked before, so a failure is an I/O-level one that
+                // fails the whole group; SQLite then needs no statement journal to undo a
+                // statement halfway.
+                let mut sql = String::from(
+                    "INSERT OR FAIL INTO events (run_id, seq, type, json) VALUES (?, ?, ?, ?)",
+                );
+                for _ in 1..rows {
+                    sql.push_str(", (?, ?, ?, ?)");
+                }
+                (rows, sql)
+            })
+            .collect();
         Self {
             conn,
             cache,
             notifier,
             touched: HashMap::new(),
-            commit_window,
-            max_batch: max_batch.max(1),
+            interrupted: None,
+            inserts,
+            commit_window: options.commit_window,
+            max_batch: options.max_batch.max(1),
+            checkpointer,
+            since_checkpoint: 0,
         }
     }
 
@@ -337,7 +389,7 @@ impl Writer {
     /// load groups grow while the previous one commits.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut group = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = next_command(&mut rx) {
             let started = Instant::now();
             let mut weight = first.weight();
             group.push(first);
@@ -352,11 +404,15 @@ impl Writer {
             }
             self.commit_group(group.drain(..));
         }
+        // Stop the checkpoint thread before the connection closes (closing the last connection
+        // checkpoints the rest of the WAL).
+        drop(self.checkpointer.take());
     }
 
     /// Runs `group` in one transaction, commits, replies, then wakes followers.
     fn commit_group(&mut self, group: impl ExactSizeIterator<Item = Command>) {
         let mut done = Vec::with_capacity(group.len());
+        let mut bytes = 0;
         let mut fatal: Option<Fatal> = None;
         if let Err(e) = self.exec("BEGIN IMMEDIATE") {
             fatal = Some(Arc::new(e));
@@ -369,6 +425,7 @@ impl Writer {
                 ));
                 continue;
             }
+            bytes += cmd.bytes();
             let (d, e) = self.apply_isolated(cmd);
             done.extend(d);
             fatal = e;
@@ -389,6 +446,7 @@ impl Writer {
         let mut wake = Vec::new();
         match outcome {
             Ok(()) => {
+                self.since_checkpoint += bytes;
                 self.cache
                     .apply(self.touched.iter().map(|(id, t)| (id.as_str(), t.state)));
                 for (id, t) in self.touched.drain() {
@@ -398,6 +456,7 @@ impl Writer {
                 }
             }
             Err(e) => {
+                tracing::error!(error = %e, commands = done.len(), "an SQLite write transaction failed");
                 self.touched.clear();
                 for d in &mut done {
                     d.undo(|| Error::backend("committing a write transaction", Arc::clone(&e)));
@@ -410,6 +469,15 @@ impl Writer {
         for (id, seq) in wake {
             self.notifier.publish(&id, seq);
         }
+        if let Some(checkpointer) = &self.checkpointer {
+            if self.since_checkpoint >= checkpoint::NUDGE_BYTES {
+                checkpointer.nudge();
+                self.since_checkpoint = 0;
+            }
+            checkpointer.finish_if_asked(|| {
+                checkpoint::passive(&self.conn);
+            });
+        }
     }
 
     /// Runs a statement without parameters through the statement cache.
@@ -420,7 +488,7 @@ impl Writer {
     /// Runs one command so that its failure undoes only its own writes. The second value is a
     /// failure that ended the whole transaction; the first, the command's outcome if it ran.
     fn apply_isolated(&mut self, cmd: Command) -> (Option<Done>, Option<Fatal>) {
-        let savepoint = cmd.is_compound();
+        let savepoint = cmd.needs_savepoint();
         if savepoint && let Err(e) = self.exec("SAVEPOINT cmd") {
             let e: Fatal = Arc::new(e);
             cmd.fail(Error::backend("opening a savepoint", Arc::clone(&e)));
@@ -438,9 +506,13 @@ impl Writer {
                 return (Some(d), Some(Arc::new(e)));
             }
         }
+        let interrupted = self.interrupted.take();
         if self.conn.is_autocommit() {
             // SQLite rolled the whole transaction back (I/O error, disk full, …).
             return (Some(d), Some(Arc::new(TransactionLost)));
+        }
+        if let Some(e) = interrupted {
+            return (Some(d), Some(e));
         }
         (Some(d), None)
     }
@@ -489,6 +561,25 @@ impl Writer {
             }
             Command::DeleteSession { id, reply } => Done::Flag(reply, self.delete_session(&id)),
         }
+    }
+
+    /// Inserts `events` with as few statements as the prepared sizes allow.
+    fn insert_events(&self, run_id: &str, mut events: &[RawEvent]) -> rusqlite::Result<()> {
+        for (rows, sql) in &self.inserts {
+            while events.len() >= *rows {
+                let (now, rest) = events.split_at(*rows);
+                let mut stmt = self.conn.prepare_cached(sql)?;
+                for (i, e) in now.iter().enumerate() {
+                    stmt.raw_bind_parameter(4 * i + 1, run_id)?;
+                    stmt.raw_bind_parameter(4 * i + 2, to_sql_int(e.seq()))?;
+                    stmt.raw_bind_parameter(4 * i + 3, e.event_type())?;
+                    stmt.raw_bind_parameter(4 * i + 4, &e.json()[..])?;
+                }
+                stmt.raw_execute()?;
+                events = rest;
+            }
+        }
+        Ok(())
     }
 
     /// The state of a run's log as of the open transaction: what it did, else the committed
@@ -580,7 +671,14 @@ impl Writer {
         if events.is_empty() {
             return Ok(());
         }
-        insert_events(&self.conn, run_id, events)?;
+        if let Err(e) = self.insert_events(run_id, events) {
+            // Rows of this append may be in the transaction already: it must not commit.
+            self.interrupted = Some(Arc::new(Error::backend("appending events", e)));
+            return Err(Error::Backend {
+                message: "appending events failed".into(),
+                source: None,
+            });
+        }
         self.set_state(run_id, Some(after), true);
         Ok(())
     }
@@ -592,7 +690,8 @@ impl Writer {
             std::slice::from_ref(terminal),
         )?;
         update_run(&self.conn, row)?;
-        insert_events(&self.conn, &row.id, std::slice::from_ref(terminal))?;
+        self.insert_events(&row.id, std::slice::from_ref(terminal))
+            .map_err(db("appending the terminal event"))?;
         self.set_state(&row.id, Some(after), true);
         Ok(())
     }
@@ -697,8 +796,8 @@ mod tests {
             conn,
             Arc::default(),
             Arc::default(),
-            Duration::from_millis(2),
-            8192,
+            &SqliteOptions::default(),
+            None,
         );
         (dir, w)
     }
