@@ -30,7 +30,7 @@ macro_rules! store_conformance_tests {
             append_unknown_run, finish_closes_log_and_updates_record, follow_history_then_live,
             follow_many_readers_identical, follow_join_mid_run, follow_finished_run_ends,
             follow_unknown_run, slow_reader_does_not_block_writer, concurrent_runs_append,
-            checkpoints, inbox, sessions, delete_run_removes_everything);
+            checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -507,4 +507,49 @@ pub async fn delete_run_removes_everything(store: Arc<dyn Store>) {
     // The id can be used again from scratch.
     new_run(&store, "run_a").await;
     store.append("run_a", &events("run_a", 1, 1)).await.unwrap();
+}
+
+pub async fn list_runs_finished_before_and_limits(store: Arc<dyn Store>) {
+    for i in 0..1_005u32 {
+        let mut rec = RunRecord::new(format!("run_{i:05}"), "wf", json!(null));
+        if i < 3 {
+            rec.status = RunStatus::Completed;
+            rec.finished_at = Some(Timestamp::from_micros(1_000 * i64::from(i + 1)));
+        }
+        store.create_run(&rec).await.unwrap();
+    }
+    let old = store
+        .list_runs(&RunFilter {
+            finished_before: Some(Timestamp::from_micros(2_500)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = old.runs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["run_00001", "run_00000"],
+        "finished before the instant; unfinished runs never match"
+    );
+    let default_page = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(default_page.runs.len(), 50, "limit 0 means 50");
+    assert!(default_page.next_cursor.is_some());
+    let capped = store
+        .list_runs(&RunFilter {
+            limit: 5_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(capped.runs.len(), 1_000, "pages are capped at 1,000");
+    let rest = store
+        .list_runs(&RunFilter {
+            limit: 5_000,
+            cursor: capped.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest.runs.len(), 5);
+    assert_eq!(rest.next_cursor, None);
 }
