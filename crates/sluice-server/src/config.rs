@@ -147,7 +147,8 @@ pub struct WorkflowOptions {
     /// Time limit of a run.
     #[serde(default, deserialize_with = "opt_duration")]
     pub run_timeout: Option<Duration>,
-    /// Step budget of a run.
+    /// Step budget of a run; for an agent, the number of model calls a run may make
+    /// (default 8).
     #[serde(default)]
     pub max_steps: Option<u32>,
     /// Agent: provider name.
@@ -159,12 +160,177 @@ pub struct WorkflowOptions {
     /// Agent: system prompt.
     #[serde(default)]
     pub system: Option<String>,
-    /// Agent: tools.
+    /// Agent: sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Agent: output token limit of one model call.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Agent: tools (`[[workflows.NAME.tools]]`); read them typed with
+    /// [`WorkflowOptions::agent_tools`].
     #[serde(default)]
     pub tools: Vec<toml::Table>,
     /// Shown by `GET /v1/workflows`.
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// One `[[workflows.NAME.tools]]` entry of an agent, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolOptions {
+    /// The name the model calls it by (`^[a-zA-Z0-9_-]{1,64}$`).
+    pub name: String,
+    /// What it does, for the model.
+    pub description: String,
+    /// JSON Schema of its arguments (default: an object without properties).
+    pub parameters: serde_json::Value,
+    /// Where it runs.
+    pub kind: ToolKind,
+}
+
+/// Where a tool runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolKind {
+    /// `kind = "http"`: the server POSTs the arguments as JSON to `url`.
+    Http {
+        /// The tool's URL (`http://` or `https://`).
+        url: String,
+        /// Time limit of one call (`timeout`, default 30s).
+        timeout: Duration,
+        /// Largest response body (`max_response_bytes`, default 1MiB).
+        max_response_bytes: usize,
+    },
+    /// `kind = "client"`: the run pauses until the client sends the result.
+    Client,
+}
+
+/// The raw form of a tool table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTool {
+    name: String,
+    kind: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    parameters: Option<toml::Value>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_size")]
+    max_response_bytes: Option<usize>,
+}
+
+/// Whether `name` is a valid tool name: `^[a-zA-Z0-9_-]{1,64}$`.
+fn valid_tool_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `url` looks like `http(s)://host…`.
+fn http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        let host = r.split(['/', '?', '#']).next().unwrap_or_default();
+        !host.is_empty() && !host.contains(char::is_whitespace)
+    })
+}
+
+impl WorkflowOptions {
+    /// The agent's tools, typed and checked: each table has a valid, unique `name`, and `kind`
+    /// `http` (with an `http(s)` `url`, optional `timeout` and `max_response_bytes`) or
+    /// `client`; `description` and `parameters` (an inline table, JSON Schema) are optional.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `workflows.NAME.tools[i]` and the field.
+    pub fn agent_tools(&self, workflow: &str) -> Result<Vec<ToolOptions>, ConfigError> {
+        let mut out: Vec<ToolOptions> = Vec::with_capacity(self.tools.len());
+        for (i, table) in self.tools.iter().enumerate() {
+            let key = |k: &str| format!("workflows.{workflow}.tools[{i}]{k}");
+            let raw = RawTool::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| invalid(key(""), e.to_string()))?;
+            if !valid_tool_name(&raw.name) {
+                return Err(invalid(
+                    key(".name"),
+                    format!("{:?} must match ^[a-zA-Z0-9_-]{{1,64}}$", raw.name),
+                ));
+            }
+            if out.iter().any(|t| t.name == raw.name) {
+                return Err(invalid(
+                    key(".name"),
+                    format!("{:?} is used by another tool of this agent", raw.name),
+                ));
+            }
+            let parameters = match raw.parameters {
+                None => serde_json::json!({"type": "object", "properties": {}}),
+                Some(toml::Value::Table(t)) => serde_json::to_value(t)
+                    .map_err(|e| invalid(key(".parameters"), e.to_string()))?,
+                Some(_) => {
+                    return Err(invalid(
+                        key(".parameters"),
+                        "must be a table (a JSON Schema object)",
+                    ));
+                }
+            };
+            let kind = match raw.kind.as_str() {
+                "http" => {
+                    let Some(url) = raw.url else {
+                        return Err(invalid(key(".url"), "required for kind \"http\""));
+                    };
+                    if !http_url(&url) {
+                        return Err(invalid(
+                            key(".url"),
+                            format!("{url:?} is not an http:// or https:// URL"),
+                        ));
+                    }
+                    let timeout = raw.timeout.unwrap_or(Duration::from_secs(30));
+                    if timeout.is_zero() {
+                        return Err(invalid(key(".timeout"), "must be more than zero"));
+                    }
+                    let max_response_bytes = raw.max_response_bytes.unwrap_or(1 << 20);
+                    if max_response_bytes == 0 {
+                        return Err(invalid(key(".max_response_bytes"), "must be at least 1"));
+                    }
+                    ToolKind::Http {
+                        url,
+                        timeout,
+                        max_response_bytes,
+                    }
+                }
+                "client" => {
+                    if raw.url.is_some()
+                        || raw.timeout.is_some()
+                        || raw.max_response_bytes.is_some()
+                    {
+                        return Err(invalid(
+                            key(".kind"),
+                            "url, timeout and max_response_bytes belong to kind \"http\"",
+                        ));
+                    }
+                    ToolKind::Client
+                }
+                other => {
+                    return Err(invalid(
+                        key(".kind"),
+                        format!("{other:?}: expected \"http\" or \"client\""),
+                    ));
+                }
+            };
+            out.push(ToolOptions {
+                name: raw.name,
+                description: raw.description,
+                parameters,
+                kind,
+            });
+        }
+        Ok(out)
+    }
 }
 
 impl Config {
@@ -264,10 +430,32 @@ impl Config {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
         for (name, p) in &self.providers {
+            let key = |k: &str| format!("providers.{name}.{k}");
             if !matches!(p.kind.as_str(), "openai" | "anthropic") {
                 return Err(invalid(
-                    format!("providers.{name}.kind"),
+                    key("kind"),
                     format!("{:?}: expected \"openai\" or \"anthropic\"", p.kind),
+                ));
+            }
+            if !http_url(&p.base_url) {
+                return Err(invalid(
+                    key("base_url"),
+                    format!("{:?} is not an http:// or https:// URL", p.base_url),
+                ));
+            }
+            if p.max_concurrent_requests == 0 {
+                return Err(invalid(
+                    key("max_concurrent_requests"),
+                    "must be at least 1",
+                ));
+            }
+            if p.timeout.is_zero() {
+                return Err(invalid(key("timeout"), "must be more than zero"));
+            }
+            if p.api_key_env.as_deref().is_some_and(str::is_empty) {
+                return Err(invalid(
+                    key("api_key_env"),
+                    "must name an environment variable",
                 ));
             }
         }
@@ -278,19 +466,47 @@ impl Config {
                     if w.provider.is_some()
                         || w.model.is_some()
                         || w.system.is_some()
+                        || w.temperature.is_some()
+                        || w.max_tokens.is_some()
                         || !w.tools.is_empty()
                     {
                         return Err(invalid(
                             key("kind"),
-                            "provider, model, system and tools belong to kind \"agent\"",
+                            "provider, model, system, temperature, max_tokens and tools belong to kind \"agent\"",
                         ));
                     }
                 }
                 "agent" => {
-                    return Err(invalid(
-                        key("kind"),
-                        "kind \"agent\" needs the model providers, which this build does not include yet",
-                    ));
+                    match w.provider.as_deref() {
+                        None => {
+                            return Err(invalid(
+                                key("provider"),
+                                "required for kind \"agent\" (a [providers.NAME])",
+                            ));
+                        }
+                        Some(p) if !self.providers.contains_key(p) => {
+                            return Err(invalid(
+                                key("provider"),
+                                format!("{p:?}: no [providers.{p}] is declared"),
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                    if w.model.as_deref().is_none_or(|m| m.trim().is_empty()) {
+                        return Err(invalid(key("model"), "required for kind \"agent\""));
+                    }
+                    if w.max_steps == Some(0) {
+                        return Err(invalid(key("max_steps"), "must be at least 1"));
+                    }
+                    if w.temperature
+                        .is_some_and(|t| !t.is_finite() || !(0.0..=2.0).contains(&t))
+                    {
+                        return Err(invalid(key("temperature"), "must be between 0 and 2"));
+                    }
+                    if w.max_tokens == Some(0) {
+                        return Err(invalid(key("max_tokens"), "must be at least 1"));
+                    }
+                    w.agent_tools(name)?;
                 }
                 other => {
                     return Err(invalid(
@@ -382,6 +598,10 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     duration(d).map(Some)
 }
 
+fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    size(d).map(Some)
+}
+
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     match NumOrText::deserialize(d)? {
         NumOrText::Num(n) => usize::try_from(n).map_err(serde::de::Error::custom),
@@ -420,6 +640,139 @@ run_timeout = "10m"
         assert_eq!(
             c.workflows["ticker"].run_timeout,
             Some(Duration::from_secs(600))
+        );
+    }
+
+    const AGENT_EXAMPLE: &str = r#"
+[providers.local]
+kind = "openai"
+base_url = "http://127.0.0.1:11434/v1"
+api_key_env = "OPENAI_API_KEY"
+max_concurrent_requests = 64
+timeout = "60s"
+
+[workflows.assistant]
+kind = "agent"
+provider = "local"
+model = "qwen3:8b"
+system = "You are a helpful assistant."
+max_steps = 8
+max_concurrent_runs = 100
+queue = 1000
+run_timeout = "10m"
+
+[[workflows.assistant.tools]]
+name = "get_weather"
+kind = "http"
+url = "http://127.0.0.1:9000/weather"
+description = "Current weather for a city"
+parameters = { type = "object", properties = { city = { type = "string" } }, required = ["city"] }
+
+[[workflows.assistant.tools]]
+name = "confirm"
+kind = "client"
+description = "Ask the user to confirm an action"
+parameters = { type = "object", properties = { action = { type = "string" } } }
+"#;
+
+    #[test]
+    fn agent_example_validates() {
+        let c = Config::from_toml(AGENT_EXAMPLE).unwrap();
+        c.validate().unwrap();
+        let w = &c.workflows["assistant"];
+        let tools = w.agent_tools("assistant").unwrap();
+        assert_eq!(tools.len(), 2);
+        assert_eq!(
+            tools[0].kind,
+            ToolKind::Http {
+                url: "http://127.0.0.1:9000/weather".into(),
+                timeout: Duration::from_secs(30),
+                max_response_bytes: 1 << 20,
+            }
+        );
+        assert_eq!(
+            tools[0].parameters,
+            serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+        );
+        assert_eq!(tools[1].kind, ToolKind::Client);
+        assert_eq!(tools[1].description, "Ask the user to confirm an action");
+    }
+
+    #[test]
+    fn agent_errors_name_the_key() {
+        let check = |edit: &dyn Fn(&str) -> String, key: &str| {
+            let text = edit(AGENT_EXAMPLE);
+            let e = match Config::from_toml(&text) {
+                Ok(c) => c.validate().unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(key), "{key}: {e}");
+        };
+        check(
+            &|t| t.replace("provider = \"local\"\n", ""),
+            "workflows.assistant.provider",
+        );
+        check(
+            &|t| t.replace("provider = \"local\"", "provider = \"nope\""),
+            "workflows.assistant.provider",
+        );
+        check(
+            &|t| t.replace("model = \"qwen3:8b\"\n", ""),
+            "workflows.assistant.model",
+        );
+        check(
+            &|t| t.replace("max_steps = 8", "max_steps = 0"),
+            "workflows.assistant.max_steps",
+        );
+        check(
+            &|t| t.replace("name = \"confirm\"", "name = \"get_weather\""),
+            "workflows.assistant.tools[1].name",
+        );
+        check(
+            &|t| t.replace("name = \"confirm\"", "name = \"con firm\""),
+            "workflows.assistant.tools[1].name",
+        );
+        check(
+            &|t| t.replace("url = \"http://127.0.0.1:9000/weather\"\n", ""),
+            "workflows.assistant.tools[0].url",
+        );
+        check(
+            &|t| t.replace("http://127.0.0.1:9000/weather", "file:///etc/passwd"),
+            "workflows.assistant.tools[0].url",
+        );
+        check(
+            &|t| t.replace("kind = \"client\"", "kind = \"shell\""),
+            "workflows.assistant.tools[1].kind",
+        );
+        check(
+            &|t| t.replace("kind = \"client\"", "kind = \"client\"\nurl = \"http://x\""),
+            "workflows.assistant.tools[1].kind",
+        );
+        check(
+            &|t| t.replace("kind = \"client\"", "kind = \"client\"\nbogus = 1"),
+            "workflows.assistant.tools[1]",
+        );
+        check(
+            &|t| {
+                t.replace(
+                    "base_url = \"http://127.0.0.1:11434/v1\"",
+                    "base_url = \"localhost\"",
+                )
+            },
+            "providers.local.base_url",
+        );
+        check(
+            &|t| {
+                t.replace(
+                    "max_concurrent_requests = 64",
+                    "max_concurrent_requests = 0",
+                )
+            },
+            "providers.local.max_concurrent_requests",
+        );
+        check(
+            &|t| format!("{t}\n[workflows.t]\nkind = \"ticker\"\nmodel = \"x\"\n"),
+            "workflows.t.kind",
         );
     }
 

@@ -1,5 +1,9 @@
 //! `sluice`: parse arguments, load configuration, initialise logging, run.
+//!
+//! `serve` runs the server (`serve.rs`); the other commands are its command-line client
+//! (`cli/`).
 
+mod cli;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -8,6 +12,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about)]
 struct Cli {
+    #[command(flatten)]
+    connect: cli::Connect,
     #[command(subcommand)]
     command: Command,
 }
@@ -16,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(serve::ServeArgs),
+    #[command(flatten)]
+    Client(cli::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,11 +40,14 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(args)
+                .await
+                .map(|()| std::process::ExitCode::SUCCESS),
+            Command::Client(command) => Ok(cli::execute(cli.connect, command).await),
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("sluice: {e:#}");
             std::process::ExitCode::from(2)

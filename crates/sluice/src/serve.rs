@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use anyhow::Context as _;
+use sluice_agent::{AgentOptions, Tool};
 use sluice_engine::{Engine, Limits, Workflow, builtin};
-use sluice_server::config::Config;
+use sluice_llm::{ApiKey, Provider, ProviderConfig, ProviderKind};
+use sluice_server::config::{Config, ToolKind, WorkflowOptions};
 use sluice_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -39,24 +43,138 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// The workflows to deploy: exactly those the file declares, or the built-ins without one.
-fn workflows(config: &Config, from_file: bool) -> anyhow::Result<Vec<Workflow>> {
-    if !from_file {
-        return Ok(vec![builtin::ticker(), builtin::ask_human()]);
+/// Reads one environment variable; empty counts as unset. (Tests pass their own.)
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The model used by `assistant` when `OPENAI_MODEL` is not set.
+const DEFAULT_ASSISTANT_MODEL: &str = "gpt-4o-mini";
+
+/// Builds every `[providers.NAME]`, with its API key read from the variable `api_key_env`
+/// names.
+fn providers(config: &Config, env: Env<'_>) -> anyhow::Result<BTreeMap<String, Provider>> {
+    let mut out = BTreeMap::new();
+    for (name, p) in &config.providers {
+        let kind = match p.kind.as_str() {
+            "anthropic" => ProviderKind::Anthropic,
+            _ => ProviderKind::OpenAi,
+        };
+        let mut provider = ProviderConfig::new(name.clone(), kind, p.base_url.clone())
+            .with_max_concurrent_requests(p.max_concurrent_requests)
+            .with_connect_timeout(p.timeout)
+            .with_idle_timeout(p.timeout);
+        if let Some(var) = &p.api_key_env {
+            match env(var) {
+                Some(key) => provider = provider.with_api_key(ApiKey::new(key)),
+                None => tracing::warn!(
+                    provider = %name,
+                    "providers.{name}.api_key_env: {var} is not set; calling the provider without an API key"
+                ),
+            }
+        }
+        let provider = Provider::new(provider).with_context(|| format!("providers.{name}"))?;
+        out.insert(name.clone(), provider);
     }
+    Ok(out)
+}
+
+/// A `kind = "agent"` workflow from its (validated) configuration.
+fn agent_workflow(
+    name: &str,
+    w: &WorkflowOptions,
+    providers: &BTreeMap<String, Provider>,
+) -> anyhow::Result<Workflow> {
+    let provider_name = w.provider.as_deref().unwrap_or_default();
+    let provider = providers
+        .get(provider_name)
+        .with_context(|| format!("workflows.{name}.provider: no [providers.{provider_name}]"))?;
+    let mut options = AgentOptions::new(provider.clone(), w.model.clone().unwrap_or_default());
+    options.system = w.system.clone();
+    options.max_steps = w.max_steps.unwrap_or(sluice_agent::DEFAULT_MAX_STEPS);
+    options.temperature = w.temperature;
+    options.max_tokens = w.max_tokens;
+    options.description = w.description.clone().unwrap_or_default();
+    options.tools = w
+        .agent_tools(name)?
+        .into_iter()
+        .map(|t| match t.kind {
+            ToolKind::Http {
+                url,
+                timeout,
+                max_response_bytes,
+            } => Tool::Http {
+                name: t.name,
+                description: t.description,
+                parameters: t.parameters,
+                url,
+                timeout,
+                max_response_bytes,
+            },
+            ToolKind::Client => Tool::Client {
+                name: t.name,
+                description: t.description,
+                parameters: t.parameters,
+            },
+        })
+        .collect();
+    Ok(sluice_agent::agent(name, options)?)
+}
+
+/// `assistant` from `OPENAI_API_KEY` / `OPENAI_BASE_URL` / `OPENAI_MODEL`, when either of the
+/// first two is set.
+fn default_assistant(env: Env<'_>) -> anyhow::Result<Option<Workflow>> {
+    let key = env("OPENAI_API_KEY");
+    let base_url = env("OPENAI_BASE_URL");
+    if key.is_none() && base_url.is_none() {
+        return Ok(None);
+    }
+    let base_url = base_url.unwrap_or_else(|| ProviderKind::OpenAi.default_base_url().to_owned());
+    let mut config = ProviderConfig::new("openai", ProviderKind::OpenAi, base_url);
+    if let Some(key) = key {
+        config = config.with_api_key(ApiKey::new(key));
+    }
+    let provider = Provider::new(config).context("OPENAI_BASE_URL")?;
+    let model = env("OPENAI_MODEL").unwrap_or_else(|| DEFAULT_ASSISTANT_MODEL.to_owned());
+    let options = AgentOptions::new(provider, model)
+        .with_description("A general assistant on the OpenAI-compatible model of OPENAI_MODEL.");
+    Ok(Some(sluice_agent::agent("assistant", options)?))
+}
+
+/// The workflows to deploy: exactly those the file declares, or without one the built-ins
+/// (and `assistant` when an OpenAI-compatible provider is set in the environment).
+fn workflows(config: &Config, from_file: bool, env: Env<'_>) -> anyhow::Result<Vec<Workflow>> {
+    if !from_file {
+        let mut out = vec![builtin::ticker(), builtin::ask_human()];
+        match default_assistant(env)? {
+            Some(assistant) => out.push(assistant),
+            None => tracing::info!(
+                "no model provider: set OPENAI_API_KEY or OPENAI_BASE_URL to serve the `assistant` agent, or declare [providers.NAME] and a kind = \"agent\" workflow in a config file"
+            ),
+        }
+        return Ok(out);
+    }
+    let providers = providers(config, env)?;
     let mut out = Vec::new();
     for (name, w) in &config.workflows {
-        let base = match w.kind.as_str() {
-            "ticker" => builtin::ticker(),
-            "ask-human" => builtin::ask_human(),
-            other => anyhow::bail!("workflows.{name}.kind: {other:?} is not available"),
-        };
-        let limits = Limits {
+        let mut limits = Limits {
             max_concurrent_runs: w.max_concurrent_runs,
             queue: w.queue,
             run_timeout: w.run_timeout,
             max_steps: w.max_steps,
             description: w.description.clone(),
+        };
+        let base = match w.kind.as_str() {
+            "ticker" => builtin::ticker(),
+            "ask-human" => builtin::ask_human(),
+            "agent" => {
+                // An agent's max_steps counts model calls; its step budget follows from it.
+                limits.max_steps = None;
+                agent_workflow(name, w, &providers)?
+            }
+            other => anyhow::bail!("workflows.{name}.kind: {other:?} is not available"),
         };
         out.push(base.configure(name, &limits)?);
     }
@@ -92,7 +210,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = load(&args)?;
     let addr = config.validate()?;
     let store = open_store(&config)?;
-    let engine = Engine::new(store, workflows(&config, args.config.is_some())?)?;
+    let engine = Engine::new(
+        store,
+        workflows(&config, args.config.is_some(), &process_env)?,
+    )?;
     let recovered = engine.recover().await.context("recovering runs")?;
     if recovered != sluice_engine::Recovered::default() {
         tracing::info!(
@@ -141,4 +262,70 @@ async fn wait_for_signal() {
         }
     }
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            vars.iter()
+                .find(|(n, v)| *n == name && !v.is_empty())
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn names(w: &[Workflow]) -> Vec<(&str, &str)> {
+        w.iter().map(|w| (w.name(), w.kind())).collect()
+    }
+
+    #[test]
+    fn assistant_only_with_an_openai_provider_in_the_environment() {
+        let config = Config::default();
+        let none = workflows(&config, false, &env_of(&[("OPENAI_API_KEY", "")])).unwrap();
+        assert_eq!(
+            names(&none),
+            [("ticker", "ticker"), ("ask-human", "ask-human")]
+        );
+        let with = workflows(
+            &config,
+            false,
+            &env_of(&[("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")]),
+        )
+        .unwrap();
+        assert_eq!(names(&with)[2], ("assistant", "agent"));
+        let bad = workflows(&config, false, &env_of(&[("OPENAI_BASE_URL", "nope")]));
+        assert!(format!("{:#}", bad.unwrap_err()).contains("OPENAI_BASE_URL"));
+    }
+
+    #[test]
+    fn agents_from_the_config_file() {
+        let text = r#"
+[providers.local]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "LOCAL_KEY"
+
+[workflows.helper]
+kind = "agent"
+provider = "local"
+model = "m"
+max_steps = 2
+max_concurrent_runs = 3
+
+[[workflows.helper.tools]]
+name = "confirm"
+kind = "client"
+
+[workflows.tick]
+kind = "ticker"
+"#;
+        let config = Config::from_toml(text).unwrap();
+        config.validate().unwrap();
+        let w = workflows(&config, true, &env_of(&[("LOCAL_KEY", "sk-1")])).unwrap();
+        assert_eq!(names(&w), [("helper", "agent"), ("tick", "ticker")]);
+        assert_eq!(w[0].max_concurrent_runs(), 3);
+    }
 }

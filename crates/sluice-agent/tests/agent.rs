@@ -1,0 +1,959 @@
+//! End-to-end: agent runs through the real HTTP server, against the scripted model server and a
+//! tiny tool server, each run's whole event sequence checked in order.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use sluice_agent::{AgentOptions, Tool};
+use sluice_mock_llm::{FinishReason, MockServer, Script, Step, ToolCallSpec, Turn};
+
+fn lines(expected: &[&str]) -> Vec<String> {
+    expected.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn count(evs: &[Value], ty: &str) -> usize {
+    evs.iter().filter(|e| e["type"] == ty).count()
+}
+
+#[tokio::test]
+async fn text_only_answer() {
+    let mock = MockServer::start(Script::new().turn(Turn::text("Hello there")))
+        .await
+        .unwrap();
+    let server = Server::start(vec![assistant(options(&mock))]).await;
+
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Hi"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Hello there",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed Hello there",
+        ])
+    );
+    assert_eq!(count(&evs, "text-delta"), 3, "one event per model delta");
+    let done = &evs.last().unwrap()["data"];
+    assert_eq!(
+        done["result"],
+        json!({"message": {"role": "assistant", "content": "Hello there"}})
+    );
+    assert_eq!(done["usage"]["total_tokens"], 15);
+    let completed = evs
+        .iter()
+        .find(|e| e["type"] == "provider-completed")
+        .unwrap();
+    assert_eq!(
+        completed["data"]["message"],
+        json!({"role": "assistant", "content": "Hello there"})
+    );
+
+    let (_, rec) = server.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(rec["status"], "completed");
+    assert_eq!(rec["usage"]["total_tokens"], 15);
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(transcript(&requests[0]), ["system: Be brief.", "user: Hi"]);
+    assert_eq!(requests[0].model(), Some(MODEL));
+    assert!(requests[0].include_usage());
+
+    // Listed with its schema.
+    let (_, list) = server.get_json("/v1/workflows").await;
+    let wf = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "assistant")
+        .unwrap();
+    assert_eq!(wf["kind"], "agent");
+    assert_eq!(wf["input_schema"]["type"], "object");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_a_run_exists() {
+    let mock = MockServer::start(Script::new()).await.unwrap();
+    let server = Server::start(vec![assistant(options(&mock))]).await;
+    for (input, field) in [
+        (json!(null), "input:"),
+        (json!({"msg": "hi"}), "input.msg"),
+        (json!({"message": 3}), "input.message"),
+        (
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            "input.messages[0].role",
+        ),
+    ] {
+        let (status, body) = server
+            .post_json("/v1/workflows/assistant/runs", json!({"input": input}))
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_input");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{body}"
+        );
+    }
+    let (_, runs) = server.get_json("/v1/runs").await;
+    assert_eq!(runs["runs"].as_array().map(Vec::len), Some(0), "{runs}");
+    assert_eq!(mock.request_count(), 0);
+
+    // The messages form is accepted as given.
+    let rec = server
+        .run_to_end(
+            "assistant",
+            json!({"input": {"messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Again"},
+            ]}}),
+        )
+        .await;
+    // The script is empty: the mock answers 500 "exhausted" on every attempt.
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(rec["error"]["code"], "provider_error");
+    assert_eq!(
+        transcript(&mock.requests()[0]),
+        [
+            "system: Be brief.",
+            "user: Hi",
+            "assistant: Hello",
+            "user: Again"
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_tool_round_trip() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::tool_call(
+                "call_1",
+                "get_weather",
+                r#"{"city":"Paris"}"#,
+            ))
+            .turn(Turn::text("It is 21C in Paris.")),
+    )
+    .await
+    .unwrap();
+    let server = Server::start(vec![assistant(
+        options(&mock).with_tool(tools.tool("get_weather", "/weather")),
+    )])
+    .await;
+
+    let (_, mut sse) = server
+        .start_streaming(
+            "assistant",
+            json!({"input": {"message": "Weather in Paris?"}}),
+        )
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            r#"tool-call-delta call_1:get_weather{"city":"Paris"}"#,
+            "provider-completed tool_calls 10+5",
+            "step-completed model",
+            "step-started tools",
+            r#"tools-started call_1:get_weather{"city":"Paris"}"#,
+            r#"tool-completed call_1:get_weather ok {"city":"Paris","temp_c":21}"#,
+            "step-completed tools",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta It is 21C in Paris.",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed It is 21C in Paris.",
+        ])
+    );
+    assert!(
+        count(&evs, "tool-call-delta") > 3,
+        "argument fragments streamed as they came"
+    );
+    assert_eq!(evs.last().unwrap()["data"]["usage"]["total_tokens"], 30);
+    assert_eq!(
+        *tools.bodies.lock().unwrap(),
+        [("/weather".to_owned(), json!({"city": "Paris"}))]
+    );
+    let requests = mock.requests();
+    assert_eq!(requests[0].tools()[0]["function"]["name"], "get_weather");
+    assert_eq!(
+        transcript(&requests[1]),
+        [
+            "system: Be brief.",
+            "user: Weather in Paris?",
+            r#"assistant calls call_1:get_weather{"city":"Paris"}"#,
+            r#"tool call_1: {"city":"Paris","temp_c":21}"#,
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn two_parallel_tool_calls_run_concurrently() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::ParallelToolCalls(vec![
+                    ToolCallSpec::new("call_a", "slow", r#"{"ms":400}"#),
+                    ToolCallSpec::new("call_b", "fast", r#"{"ms":20}"#),
+                ]),
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("Both done.")),
+    )
+    .await
+    .unwrap();
+    let options = options(&mock)
+        .with_tool(tools.tool("slow", "/sleep"))
+        .with_tool(tools.tool("fast", "/sleep"));
+    let server = Server::start(vec![assistant(options)]).await;
+
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            r#"tool-call-delta call_a:slow{"ms":400} call_b:fast{"ms":20}"#,
+            "provider-completed tool_calls 0+0",
+            "step-completed model",
+            "step-started tools",
+            r#"tools-started call_a:slow{"ms":400} call_b:fast{"ms":20}"#,
+            // Each as it finishes: the fast one first.
+            r#"tool-completed call_b:fast ok {"slept":20}"#,
+            r#"tool-completed call_a:slow ok {"slept":400}"#,
+            "step-completed tools",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Both done.",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed Both done.",
+        ])
+    );
+    let tools_step = evs
+        .iter()
+        .find(|e| e["type"] == "step-completed" && e["data"]["name"] == "tools")
+        .unwrap();
+    let took = tools_step["data"]["duration_ms"].as_u64().unwrap();
+    assert!(
+        (400..800).contains(&took),
+        "the calls overlapped: {took} ms"
+    );
+    // The model gets the results in the order of its calls, not of completion.
+    let t = transcript(&mock.requests()[1]);
+    assert_eq!(
+        t[3..],
+        [
+            r#"tool call_a: {"slept":400}"#,
+            r#"tool call_b: {"slept":20}"#
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failing_tool_calls_become_error_results_for_the_model() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::ParallelToolCalls(vec![
+                    ToolCallSpec::new("c1", "nope", "{}"),
+                    ToolCallSpec::new("c2", "get_weather", r#"{"city":"#),
+                    ToolCallSpec::new("c3", "fail", "{}"),
+                    ToolCallSpec::new("c4", "big", "{}"),
+                    ToolCallSpec::new("c5", "hang", "{}"),
+                    ToolCallSpec::new("c6", "gone", "{}"),
+                ]),
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("Sorry.")),
+    )
+    .await
+    .unwrap();
+    let options = options(&mock)
+        .with_tool(tools.tool("get_weather", "/weather"))
+        .with_tool(tools.tool("fail", "/fail"))
+        .with_tool(tools.tool("big", "/big").with_max_response_bytes(10))
+        .with_tool(
+            tools
+                .tool("hang", "/hang")
+                .with_timeout(Duration::from_millis(400)),
+        )
+        .with_tool(Tool::http("gone", "http://127.0.0.1:1/secret-path"));
+    let server = Server::start(vec![assistant(options)]).await;
+
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    let s = summary(&evs);
+    assert_eq!(
+        s[8..17],
+        lines(&[
+            "step-started tools",
+            r#"tools-started c1:nope{} c2:get_weather"{\"city\":" c3:fail{} c4:big{} c5:hang{} c6:gone{}"#,
+            r#"tool-completed c1:nope error "unknown tool \"nope\"; the tools are: get_weather, fail, big, hang, gone""#,
+            r#"tool-completed c2:get_weather error "the arguments are not valid JSON: {\"city\":""#,
+            r#"tool-completed c6:gone error "the tool could not be reached: error sending request: client error (Connect): tcp connect error: Connection refused (os error 111)""#,
+            r#"tool-completed c3:fail error {"body":"database on fire","error":"the tool answered HTTP 500 Internal Server Error","status":500}"#,
+            r#"tool-completed c4:big error "the tool's response is larger than its limit of 10 bytes""#,
+            r#"tool-completed c5:hang error "the tool did not answer within 400 ms""#,
+            "step-completed tools",
+        ])
+    );
+    assert_eq!(s.last().unwrap(), "chain-completed Sorry.");
+    let t = transcript(&mock.requests()[1]);
+    assert_eq!(t.len(), 2 + 1 + 6);
+    assert!(t[3].starts_with("tool c1: unknown tool"), "{t:?}");
+    assert!(
+        t[7].starts_with("tool c5: the tool did not answer"),
+        "{t:?}"
+    );
+    // Neither the unknown tool nor the unparsable call reached a tool server.
+    let called: Vec<String> = tools
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    assert_eq!(called.len(), 3, "{called:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn client_tool_pause_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sluice.db");
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::tool_call(
+                "call_c",
+                "confirm",
+                r#"{"action":"deploy"}"#,
+            ))
+            .turn(Turn::text("Deployed.")),
+    )
+    .await
+    .unwrap();
+    let workflow = |mock: &MockServer| {
+        assistant(
+            options(mock)
+                .with_tool(Tool::client("confirm").with_description("Ask the user to confirm")),
+        )
+    };
+    let open = || -> Arc<dyn sluice_store::Store> {
+        Arc::new(sluice_store_sqlite::SqliteStore::open(&db, Default::default()).unwrap())
+    };
+
+    let first = Server::with_store(open(), vec![workflow(&mock)]).await;
+    let (id, mut sse) = first
+        .start_streaming("assistant", json!({"input": {"message": "Deploy it"}}))
+        .await;
+    let before = sse.until("tools-requested").await;
+    let rec = first.wait_status(&id, "waiting").await;
+    assert_eq!(
+        rec["last_seq"],
+        before.len() as u64 + 1,
+        "step-completed follows"
+    );
+    // Not waiting for human input.
+    let (status, body) = first
+        .post_json(
+            &format!("/v1/runs/{id}/events"),
+            json!({"type": "input", "data": "yes"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    drop(sse);
+    first.stop().await;
+
+    // A new engine and server on the same database.
+    let second = Server::with_store(open(), vec![workflow(&mock)]).await;
+    let (_, rec) = second.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(
+        rec["status"], "waiting",
+        "a waiting run stays waiting across the restart"
+    );
+    let (status, body) = second
+        .post_json(
+            &format!("/v1/runs/{id}/events"),
+            json!({"type": "tool-results", "data": {"results": [{"id": "call_c", "output": {"confirmed": true}}]}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let evs = second.log(&id).await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            r#"tool-call-delta call_c:confirm{"action":"deploy"}"#,
+            "provider-completed tool_calls 10+5",
+            "step-completed model",
+            "step-started tools",
+            r#"tools-requested call_c:confirm{"action":"deploy"}"#,
+            "step-completed tools",
+            "chain-resumed",
+            "step-started client-results",
+            r#"tool-completed call_c:confirm ok {"confirmed":true}"#,
+            "step-completed client-results",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Deployed.",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed Deployed.",
+        ])
+    );
+    assert_eq!(
+        evs[..before.len()],
+        before[..],
+        "the log before the pause is unchanged"
+    );
+    assert_eq!(
+        evs.last().unwrap()["data"]["usage"]["total_tokens"],
+        30,
+        "usage survives the restart"
+    );
+    assert_eq!(
+        transcript(&mock.requests()[1])[2..],
+        [
+            r#"assistant calls call_c:confirm{"action":"deploy"}"#,
+            r#"tool call_c: {"confirmed":true}"#
+        ]
+    );
+    let (status, _) = second
+        .post_json(
+            &format!("/v1/runs/{id}/events"),
+            json!({"type": "tool-results", "data": {"results": []}}),
+        )
+        .await;
+    assert_eq!(status, 409, "the run is over");
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn mixed_server_and_client_tools_with_missing_and_unknown_ids() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::Text("Checking.".into()),
+                Step::ParallelToolCalls(vec![
+                    ToolCallSpec::new("c1", "get_weather", r#"{"city":"Rome"}"#),
+                    ToolCallSpec::new("c2", "confirm", r#"{"action":"a"}"#),
+                    ToolCallSpec::new("c3", "confirm", r#"{"action":"b"}"#),
+                ]),
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("OK.")),
+    )
+    .await
+    .unwrap();
+    let options = options(&mock)
+        .with_tool(tools.tool("get_weather", "/weather"))
+        .with_tool(Tool::client("confirm"));
+    let server = Server::start(vec![assistant(options)]).await;
+
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    sse.until("tools-requested").await;
+    server.wait_status(&id, "waiting").await;
+    let (status, _) = server
+        .post_json(
+            &format!("/v1/runs/{id}/events"),
+            json!({"type": "tool-results", "data": {"results": [
+                {"id": "bogus", "output": 1},
+                {"id": "c3", "output": "no", "is_error": true},
+            ]}}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let evs = sse.rest().await;
+    let all = server.log(&id).await;
+    check_log(&all);
+    assert_eq!(
+        all[all.len() - evs.len()..],
+        evs[..],
+        "the open stream continues with the run"
+    );
+    assert_eq!(
+        summary(&all),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Checking.",
+            r#"tool-call-delta c1:get_weather{"city":"Rome"} c2:confirm{"action":"a"} c3:confirm{"action":"b"}"#,
+            "provider-completed tool_calls 0+0",
+            "step-completed model",
+            "step-started tools",
+            r#"tools-started c1:get_weather{"city":"Rome"}"#,
+            r#"tool-completed c1:get_weather ok {"city":"Rome","temp_c":21}"#,
+            r#"tools-requested c2:confirm{"action":"a"} c3:confirm{"action":"b"}"#,
+            "step-completed tools",
+            "chain-resumed",
+            "step-started client-results",
+            r#"tool-completed c2:confirm error "no result supplied""#,
+            r#"tool-completed c3:confirm error "no""#,
+            "step-completed client-results",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta OK.",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed OK.",
+        ])
+    );
+    assert_eq!(
+        transcript(&mock.requests()[1])[2..],
+        [
+            r#"assistant calls c1:get_weather{"city":"Rome"} c2:confirm{"action":"a"} c3:confirm{"action":"b"}"#,
+            r#"tool c1: {"city":"Rome","temp_c":21}"#,
+            "tool c2: no result supplied",
+            "tool c3: no",
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retries_on_429_and_503_before_the_first_token() {
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::http_error(
+                429,
+                r#"{"error":{"message":"slow down"}}"#,
+                Some(Duration::from_millis(60)),
+            ))
+            .turn(Turn::http_error(
+                503,
+                r#"{"error":{"message":"overloaded"}}"#,
+                None,
+            ))
+            .turn(Turn::text("Finally.")),
+    )
+    .await
+    .unwrap();
+    let server = Server::start(vec![assistant(options(&mock))]).await;
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Hi"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Finally.",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed Finally.",
+        ])
+    );
+    assert_eq!(mock.request_count(), 3);
+    let completed = evs
+        .iter()
+        .find(|e| e["type"] == "provider-completed")
+        .unwrap();
+    assert!(
+        completed["data"]["latency_ms"].as_u64().unwrap() >= 60,
+        "Retry-After honoured"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limited_beyond_the_retries() {
+    let limited = || Turn::http_error(429, r#"{"error":{"message":"quota"}}"#, None);
+    let mock = MockServer::start(Script::new().turn(limited()).turn(limited()))
+        .await
+        .unwrap();
+    let opts = AgentOptions::new(provider_with(&mock, Duration::from_secs(5), 2), MODEL);
+    let server = Server::start(vec![assistant(opts)]).await;
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Hi"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            "chain-error rate_limited",
+        ])
+    );
+    let error = &evs.last().unwrap()["data"]["error"];
+    assert_eq!(error["details"]["details"]["status"], 429);
+    assert_eq!(error["details"]["details"]["request_id"], "req_mock_2");
+    let (_, rec) = server.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(rec["error"]["code"], "rate_limited");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stall_mid_stream_ends_with_provider_error_without_hanging() {
+    let mock = MockServer::start(Script::new().turn(Turn::new(vec![
+        Step::Text("Hel".into()),
+        Step::Stall(Duration::from_secs(30)),
+    ])))
+    .await
+    .unwrap();
+    let opts = AgentOptions::new(provider_with(&mock, Duration::from_millis(300), 3), MODEL);
+    let server = Server::start(vec![assistant(opts)]).await;
+    let t0 = Instant::now();
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Hi"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Hel",
+            "chain-error provider_error",
+        ])
+    );
+    let error = &evs.last().unwrap()["data"]["error"];
+    assert!(
+        error["message"].as_str().unwrap().contains("stalled"),
+        "{error}"
+    );
+    assert_eq!(error["details"]["details"]["kind"], "Stalled");
+    assert_eq!(
+        mock.request_count(),
+        1,
+        "never retried after the first token"
+    );
+    assert!(
+        mock.wait_for_disconnects(1, Duration::from_secs(2)).await,
+        "the stalled request is closed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_mid_stream_error_ends_with_provider_error() {
+    let mock = MockServer::start(Script::new().turn(Turn::new(vec![
+        Step::Text("Hel".into()),
+        Step::MidStreamError("the model is overloaded".into()),
+    ])))
+    .await
+    .unwrap();
+    let server = Server::start(vec![assistant(options(&mock))]).await;
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Hi"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+            "text-delta Hel",
+            "chain-error provider_error",
+        ])
+    );
+    let error = &evs.last().unwrap()["data"]["error"];
+    assert!(
+        error["message"].as_str().unwrap().contains("overloaded"),
+        "{error}"
+    );
+    assert_eq!(mock.request_count(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn max_steps_limits_model_calls() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(Script::new().fallback(Turn::tool_call(
+        "call_x",
+        "get_weather",
+        r#"{"city":"Oslo"}"#,
+    )))
+    .await
+    .unwrap();
+    let opts = options(&mock)
+        .with_max_steps(2)
+        .with_tool(tools.tool("get_weather", "/weather"));
+    let server = Server::start(vec![assistant(opts)]).await;
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Loop"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    let one_round = [
+        "step-started model",
+        "provider-started mock/test-model",
+        r#"tool-call-delta call_x:get_weather{"city":"Oslo"}"#,
+        "provider-completed tool_calls 10+5",
+        "step-completed model",
+        "step-started tools",
+        r#"tools-started call_x:get_weather{"city":"Oslo"}"#,
+        r#"tool-completed call_x:get_weather ok {"city":"Oslo","temp_c":21}"#,
+        "step-completed tools",
+    ];
+    let mut expected = lines(&[
+        "chain-started",
+        "step-started start",
+        "step-completed start",
+    ]);
+    expected.extend(lines(&one_round));
+    expected.extend(lines(&one_round));
+    expected.extend(lines(&["step-started model", "chain-error max_steps"]));
+    assert_eq!(summary(&evs), expected);
+    assert_eq!(mock.request_count(), 2);
+    let (_, rec) = server.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(rec["error"]["code"], "max_steps");
+    assert_eq!(rec["usage"]["total_tokens"], 30);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_while_streaming_closes_the_upstream_request() {
+    let mock = MockServer::start(Script::new().turn(Turn::paced(1000, 50.0)))
+        .await
+        .unwrap();
+    let server = Server::start(vec![assistant(options(&mock))]).await;
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Talk"}}))
+        .await;
+    let mut evs = Vec::new();
+    while count(&evs, "text-delta") < 3 {
+        evs.push(sse.next_event().await.unwrap());
+    }
+    assert_eq!(mock.active_streams(), 1);
+    let (status, _) = server
+        .post_json(
+            &format!("/v1/runs/{id}/cancel"),
+            json!({"reason": "user left"}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    evs.extend(sse.rest().await);
+    check_log(&evs);
+    let s = summary(&evs);
+    assert_eq!(
+        s[..5],
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started mock/test-model",
+        ])
+    );
+    assert!(s[5].starts_with("text-delta tok tok tok "), "{s:?}");
+    assert_eq!(s[6..], lines(&["chain-cancelled"]));
+    assert_eq!(evs.last().unwrap()["data"]["reason"], "user left");
+    assert!(
+        mock.wait_for_disconnects(1, Duration::from_secs(2)).await,
+        "the model request was closed"
+    );
+    assert_eq!(mock.completed_streams(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_carries_the_conversation() {
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::text("Nice to meet you, Ada."))
+            .turn(Turn::text("Your name is Ada."))
+            .turn(Turn::text("I don't know.")),
+    )
+    .await
+    .unwrap();
+    let server = Server::start(vec![assistant(options(&mock))]).await;
+    let (status, session) = server.post_json("/v1/sessions", json!({})).await;
+    assert_eq!(status, 201);
+    let sid = session["id"].as_str().unwrap();
+
+    let first = server
+        .run_to_end(
+            "assistant",
+            json!({"input": {"message": "My name is Ada."}, "session_id": sid}),
+        )
+        .await;
+    assert_eq!(first["status"], "completed");
+    let (_, mut sse) = server
+        .start_streaming(
+            "assistant",
+            json!({"input": {"message": "What is my name?"}, "session_id": sid}),
+        )
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs).last().unwrap(),
+        "chain-completed Your name is Ada."
+    );
+    assert_eq!(evs[0]["data"]["session_id"], sid);
+
+    let requests = mock.requests();
+    assert_eq!(
+        transcript(&requests[0]),
+        ["system: Be brief.", "user: My name is Ada."]
+    );
+    assert_eq!(
+        transcript(&requests[1]),
+        [
+            "system: Be brief.",
+            "user: My name is Ada.",
+            "assistant: Nice to meet you, Ada.",
+            "user: What is my name?",
+        ]
+    );
+    let (_, session) = server.get_json(&format!("/v1/sessions/{sid}")).await;
+    assert_eq!(
+        session["state"]["messages"],
+        json!([
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada."},
+            {"role": "user", "content": "What is my name?"},
+            {"role": "assistant", "content": "Your name is Ada."},
+        ])
+    );
+    // A run outside the session starts afresh.
+    server
+        .run_to_end("assistant", json!({"input": {"message": "Who am I?"}}))
+        .await;
+    assert_eq!(
+        transcript(&mock.requests()[2]),
+        ["system: Be brief.", "user: Who am I?"]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn anthropic_provider_with_reasoning_and_a_tool() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::Reasoning("The user wants weather.".into()),
+                Step::ToolCall {
+                    id: "toolu_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Lima"}"#.into(),
+                },
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("Lima: 21C.")),
+    )
+    .await
+    .unwrap();
+    let config = sluice_llm::ProviderConfig::new(
+        "claude",
+        sluice_llm::ProviderKind::Anthropic,
+        mock.base_url(),
+    );
+    let provider = sluice_llm::Provider::new(config).unwrap();
+    let opts = AgentOptions::new(provider, "claude-test")
+        .with_system("Be brief.")
+        .with_max_tokens(256)
+        .with_tool(tools.tool("get_weather", "/weather"));
+    let server = Server::start(vec![assistant(opts)]).await;
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Lima?"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started claude/claude-test",
+            "reasoning-delta The user wants weather.",
+            r#"tool-call-delta toolu_1:get_weather{"city":"Lima"}"#,
+            "provider-completed tool_calls 0+0",
+            "step-completed model",
+            "step-started tools",
+            r#"tools-started toolu_1:get_weather{"city":"Lima"}"#,
+            r#"tool-completed toolu_1:get_weather ok {"city":"Lima","temp_c":21}"#,
+            "step-completed tools",
+            "step-started model",
+            "provider-started claude/claude-test",
+            "text-delta Lima: 21C.",
+            "provider-completed stop 10+5",
+            "step-completed model",
+            "chain-completed Lima: 21C.",
+        ])
+    );
+    let requests = mock.requests();
+    assert_eq!(requests[0].format, sluice_mock_llm::WireFormat::Anthropic);
+    assert_eq!(requests[0].body["system"], "Be brief.");
+    assert_eq!(requests[0].body["max_tokens"], 256);
+    // The tool result goes back as a tool_result block.
+    let last = requests[1].messages().last().unwrap().clone();
+    assert_eq!(last["content"][0]["type"], "tool_result");
+    assert_eq!(last["content"][0]["tool_use_id"], "toolu_1");
+    server.stop().await;
+}

@@ -1,0 +1,733 @@
+//! [`Client`], its [`ClientBuilder`], and every call of the HTTP API.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{self, HeaderValue};
+use reqwest::{Method, RequestBuilder, Response, Url};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sluice_protocol::api::{CreateRun, RunList, SendEvent, WorkflowInfo};
+use sluice_protocol::payload::{ToolResult, ToolResults};
+use sluice_protocol::{RunRecord, SessionRecord, kind};
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::run::{RunFilter, RunHandle};
+use crate::stream::EventStream;
+
+/// The server a client talks to when none is given.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
+/// Options of a [`Client`]; [`build`](ClientBuilder::build) checks them.
+///
+/// ```
+/// use std::time::Duration;
+/// let client = sluice_client::Client::builder()
+///     .base_url("http://127.0.0.1:8080")
+///     .api_key("my-key")
+///     .connect_timeout(Duration::from_secs(2))
+///     .request_timeout(Duration::from_secs(10))
+///     .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(2))
+///     .build()?;
+/// # Ok::<(), sluice_client::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct ClientBuilder {
+    base_url: String,
+    api_key: Option<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    idle_timeout: Duration,
+    backoff: Backoff,
+    max_reconnect_attempts: u32,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("backoff", &self.backoff)
+            .field("max_reconnect_attempts", &self.max_reconnect_attempts)
+            .finish()
+    }
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            base_url: DEFAULT_URL.to_owned(),
+            api_key: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(45),
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+            max_reconnect_attempts: 10,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Defaults: [`DEFAULT_URL`], no API key, 5 s to connect, 30 s per request, 45 s of silence
+    /// before a stream counts as dropped, reconnects after 100 ms doubling to 5 s, 10 attempts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Defaults overridden by the environment: `SLUICE_URL` and `SLUICE_API_KEY`.
+    pub fn from_env() -> Self {
+        let mut b = Self::default();
+        if let Ok(url) = std::env::var("SLUICE_URL")
+            && !url.is_empty()
+        {
+            b.base_url = url;
+        }
+        if let Ok(key) = std::env::var("SLUICE_API_KEY")
+            && !key.is_empty()
+        {
+            b.api_key = Some(key);
+        }
+        b
+    }
+
+    /// The server's base URL, such as `http://127.0.0.1:8080` (a path prefix is kept).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = url.into();
+        self
+    }
+
+    /// The bearer key sent as `Authorization: Bearer <key>`.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Time allowed to open a TCP connection.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for a whole request and its answer; for an event stream, for the answer's
+    /// headers (the stream itself runs as long as the run).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Silence after which an event stream counts as dropped and is resumed. The server sends a
+    /// keep-alive every 15 s by default, so keep this well above its `heartbeat`.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Delays between reconnects of an event stream: from `initial`, doubling up to `max`, each
+    /// with random jitter over its upper half.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff {
+            initial,
+            max: max.max(initial),
+        };
+        self
+    }
+
+    /// Consecutive failed reconnects (without an event in between) after which an event stream
+    /// gives up with the last error.
+    pub fn max_reconnect_attempts(mut self, attempts: u32) -> Self {
+        self.max_reconnect_attempts = attempts;
+        self
+    }
+
+    /// Builds the client.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a base URL that is not `http://…` (this build has no TLS) or an
+    /// API key that cannot be sent in a header.
+    pub fn build(self) -> Result<Client> {
+        let mut base = Url::parse(self.base_url.trim())
+            .map_err(|e| Error::Config(format!("base URL {:?}: {e}", self.base_url)))?;
+        match base.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(Error::Config(format!(
+                    "base URL {:?}: https is not supported by this build (no TLS); use http:// or a local TLS-terminating proxy",
+                    self.base_url
+                )));
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "base URL {:?}: scheme {other:?} is not http",
+                    self.base_url
+                )));
+            }
+        }
+        if base.cannot_be_a_base() || base.query().is_some() || base.fragment().is_some() {
+            return Err(Error::Config(format!(
+                "base URL {:?}: expected http://HOST[:PORT][/PREFIX]",
+                self.base_url
+            )));
+        }
+        if let Ok(mut segs) = base.path_segments_mut() {
+            segs.pop_if_empty();
+        }
+        let auth = match &self.api_key {
+            None => None,
+            Some(key) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+                    .map_err(|_| Error::Config("API key: contains invalid characters".into()))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .user_agent(concat!("sluice-client/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                auth,
+                request_timeout: self.request_timeout,
+                idle_timeout: self.idle_timeout,
+                backoff: self.backoff,
+                max_reconnect_attempts: self.max_reconnect_attempts,
+            }),
+        })
+    }
+}
+
+pub(crate) struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    auth: Option<HeaderValue>,
+    request_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) max_reconnect_attempts: u32,
+}
+
+/// A Sluice client. Cheap to clone: clones share one connection pool.
+///
+/// ```no_run
+/// # async fn demo() -> sluice_client::Result<()> {
+/// use futures_util::StreamExt;
+/// use sluice_client::{Client, CreateRun};
+///
+/// let client = Client::new("http://127.0.0.1:8080")?;
+/// let run = client.start("ticker", CreateRun { input: serde_json::json!({"n": 3}), ..Default::default() }).await?;
+/// let mut events = run.events();
+/// while let Some(event) = events.next().await {
+///     let event = event?;
+///     println!("{} {}", event.seq, event.event_type);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.inner.base.as_str())
+            .field("api_key", &self.inner.auth.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for `base_url` with default options.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::build`].
+    pub fn new(base_url: impl Into<String>) -> Result<Self> {
+        ClientBuilder::new().base_url(base_url).build()
+    }
+
+    /// Options to build a client with.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::new()
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &str {
+        self.inner.base.as_str()
+    }
+
+    /// The deployed workflows (`GET /v1/workflows`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// for wf in client.workflows().await? {
+    ///     println!("{} ({}): {}", wf.name, wf.kind, wf.description);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error`] of the request.
+    pub async fn workflows(&self) -> Result<Vec<WorkflowInfo>> {
+        let url = self.url(&["v1", "workflows"]);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// Starts a run of `workflow` (`POST /v1/workflows/{name}/runs`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use sluice_client::CreateRun;
+    /// let run = client
+    ///     .start("ticker", CreateRun { input: serde_json::json!({"n": 5}), ..Default::default() })
+    ///     .await?;
+    /// println!("started {}", run.id());
+    /// let finished = run.wait().await?;
+    /// println!("{:?}: {:?}", finished.status, finished.result);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) for an unknown workflow,
+    /// [`ErrorKind::Invalid`](crate::ErrorKind::Invalid) for input it refuses (the message
+    /// names the field), [`ErrorKind::Rejected`](crate::ErrorKind::Rejected) at capacity.
+    pub async fn start(&self, workflow: &str, run: CreateRun) -> Result<RunHandle> {
+        let url = self.url(&["v1", "workflows", workflow, "runs"]);
+        let record: RunRecord = self
+            .json(self.request(Method::POST, url).json(&run))
+            .await?;
+        Ok(RunHandle::new(self.clone(), record))
+    }
+
+    /// Starts a run and answers its event stream in the same call (the `POST` with
+    /// `Accept: text/event-stream`); the stream resumes on `GET /v1/runs/{id}/events` if the
+    /// connection drops.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use futures_util::StreamExt;
+    /// use sluice_client::CreateRun;
+    /// let mut events = client
+    ///     .start_and_stream("ticker", CreateRun { input: serde_json::json!({"n": 5}), ..Default::default() })
+    ///     .await?;
+    /// println!("run {}", events.run_id());
+    /// while let Some(event) = events.next().await {
+    ///     println!("{:?}", event?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`start`](Self::start); [`ErrorKind::Decode`](crate::ErrorKind::Decode) when the
+    /// answer is not an event stream naming its run.
+    pub async fn start_and_stream(&self, workflow: &str, run: CreateRun) -> Result<EventStream> {
+        let url = self.url(&["v1", "workflows", workflow, "runs"]);
+        let req = self
+            .request(Method::POST, url)
+            .header(header::ACCEPT, "text/event-stream")
+            .json(&run);
+        let resp = self.send_stream(req, "starting a run").await?;
+        if !is_event_stream(&resp) {
+            return Err(Error::decode(
+                "the answer to a streaming start",
+                "not a text/event-stream",
+            ));
+        }
+        let run_id = run_id_of(&resp).ok_or_else(|| {
+            Error::decode(
+                "the answer to a streaming start",
+                "no X-Sluice-Run-Id or Location header",
+            )
+        })?;
+        Ok(EventStream::new(self.clone(), run_id, 0, None, Some(resp)))
+    }
+
+    /// A run's record (`GET /v1/runs/{id}`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// let rec = client.run("run_0193…").await?;
+    /// println!("{} is {}", rec.id, rec.status.as_str());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) for an unknown run.
+    pub async fn run(&self, run_id: &str) -> Result<RunRecord> {
+        let url = self.url(&["v1", "runs", run_id]);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// A page of runs, newest first (`GET /v1/runs`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use sluice_client::{RunFilter, RunStatus};
+    /// let page = client
+    ///     .list_runs(&RunFilter::new().workflow("ticker").status(RunStatus::Completed).limit(20))
+    ///     .await?;
+    /// for run in &page.runs {
+    ///     println!("{} {}", run.id, run.status.as_str());
+    /// }
+    /// if let Some(cursor) = page.next_cursor {
+    ///     let _next = client.list_runs(&RunFilter::new().cursor(cursor)).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Invalid`](crate::ErrorKind::Invalid) for a bad limit or cursor.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<RunList> {
+        let mut url = self.url(&["v1", "runs"]);
+        filter.append_query(&mut url);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// Sends an event into a run (`POST /v1/runs/{id}/events`): `input` for human input,
+    /// `tool-results` for client tool results, or a type the workflow accepts.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// client.send("run_0193…", "input", serde_json::json!("yes")).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) if the run has ended,
+    /// [`ErrorKind::Invalid`](crate::ErrorKind::Invalid) if it is not waiting for this type.
+    pub async fn send(&self, run_id: &str, event_type: &str, data: Value) -> Result<()> {
+        let url = self.url(&["v1", "runs", run_id, "events"]);
+        let body = SendEvent {
+            event_type: event_type.to_owned(),
+            data,
+        };
+        self.execute(self.request(Method::POST, url).json(&body))
+            .await
+            .map(drop)
+    }
+
+    /// Answers an `input-requested` event: sends `data` as `input`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// client.send_input("run_0193…", serde_json::json!({"approved": true})).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub async fn send_input(&self, run_id: &str, data: Value) -> Result<()> {
+        self.send(run_id, kind::INPUT, data).await
+    }
+
+    /// Answers a `tools-requested` event with one result per requested call.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use sluice_client::ToolResult;
+    /// let result = ToolResult { id: "call_1".into(), output: serde_json::json!("confirmed"), is_error: false };
+    /// client.send_tool_results("run_0193…", vec![result]).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`send`](Self::send).
+    pub async fn send_tool_results(&self, run_id: &str, results: Vec<ToolResult>) -> Result<()> {
+        let data = serde_json::to_value(ToolResults { results })
+            .map_err(|e| Error::decode_json("tool results", e))?;
+        self.send(run_id, kind::TOOL_RESULTS, data).await
+    }
+
+    /// Cancels a run (`POST /v1/runs/{id}/cancel`); it ends with `chain-cancelled`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// client.cancel("run_0193…").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) if the run has already ended.
+    pub async fn cancel(&self, run_id: &str) -> Result<RunRecord> {
+        self.cancel_inner(run_id, None).await
+    }
+
+    /// Cancels a run, recording `reason` in its `chain-cancelled` event.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// client.cancel_with_reason("run_0193…", "user pressed stop").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`cancel`](Self::cancel).
+    pub async fn cancel_with_reason(&self, run_id: &str, reason: &str) -> Result<RunRecord> {
+        self.cancel_inner(run_id, Some(reason)).await
+    }
+
+    async fn cancel_inner(&self, run_id: &str, reason: Option<&str>) -> Result<RunRecord> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reason: Option<&'a str>,
+        }
+        let url = self.url(&["v1", "runs", run_id, "cancel"]);
+        self.json(self.request(Method::POST, url).json(&Body { reason }))
+            .await
+    }
+
+    /// A run's events with `seq > after`, in order: history first, then live, until the terminal
+    /// event. The stream resumes by itself with `Last-Event-ID` and jittered backoff when the
+    /// connection drops, never yielding an event twice; a `seq` gap ends it with
+    /// [`ErrorKind::Gap`](crate::ErrorKind::Gap). A finished run whose last event is at or
+    /// before `after` gives an empty stream.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use futures_util::StreamExt;
+    /// let mut events = client.events("run_0193…", 0);
+    /// while let Some(event) = events.next().await {
+    ///     let event = event?;
+    ///     if event.event_type == "text-delta" {
+    ///         print!("{}", event.data["text"].as_str().unwrap_or_default());
+    ///     }
+    /// }
+    /// println!("\n(reconnected {} times)", events.reconnects());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The first connection fails at once when the server cannot be reached (only 429 and 5xx
+    /// are retried then); later ones are retried up to
+    /// [`max_reconnect_attempts`](ClientBuilder::max_reconnect_attempts) times in a row.
+    pub fn events(&self, run_id: &str, after: u64) -> EventStream {
+        EventStream::new(self.clone(), run_id.to_owned(), after, None, None)
+    }
+
+    /// Like [`events`](Self::events), filtered by the server to `types` (the terminal event
+    /// always passes). Gaps in `seq` are expected here and not checked; order and
+    /// no-duplicates still are.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use futures_util::StreamExt;
+    /// let mut text = client.events_filtered("run_0193…", 0, &["text-delta"]);
+    /// while let Some(event) = text.next().await {
+    ///     print!("{}", event?.data["text"].as_str().unwrap_or_default());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn events_filtered(&self, run_id: &str, after: u64, types: &[&str]) -> EventStream {
+        EventStream::new(
+            self.clone(),
+            run_id.to_owned(),
+            after,
+            Some(types.join(",")),
+            None,
+        )
+    }
+
+    /// Creates a session (`POST /v1/sessions`): start runs with its id in
+    /// [`CreateRun::session_id`] to continue it.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use sluice_client::CreateRun;
+    /// let session = client.create_session(None).await?;
+    /// let input = serde_json::json!({"message": "hi"});
+    /// let run = CreateRun { input, session_id: Some(session.id.clone()), ..Default::default() };
+    /// client.start("assistant", run).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error`] of the request.
+    pub async fn create_session(&self, state: Option<Value>) -> Result<SessionRecord> {
+        #[derive(Serialize)]
+        struct Body {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            state: Option<Value>,
+        }
+        let url = self.url(&["v1", "sessions"]);
+        self.json(self.request(Method::POST, url).json(&Body { state }))
+            .await
+    }
+
+    /// A session's record (`GET /v1/sessions/{id}`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// let s = client.session("ses_0193…").await?;
+    /// println!("active run: {:?}", s.active_run);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) for an unknown session.
+    pub async fn session(&self, session_id: &str) -> Result<SessionRecord> {
+        let url = self.url(&["v1", "sessions", session_id]);
+        self.json(self.request(Method::GET, url)).await
+    }
+
+    /// Deletes a session (`DELETE /v1/sessions/{id}`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// client.delete_session("ses_0193…").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) while a run of it is active.
+    pub async fn delete_session(&self, session_id: &str) -> Result<()> {
+        let url = self.url(&["v1", "sessions", session_id]);
+        self.execute(self.request(Method::DELETE, url))
+            .await
+            .map(drop)
+    }
+
+    // ---- plumbing ----
+
+    /// `base` + percent-encoded path segments.
+    pub(crate) fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.inner.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(segments);
+        }
+        url
+    }
+
+    pub(crate) fn request(&self, method: Method, url: Url) -> RequestBuilder {
+        let req = self.inner.http.request(method, url);
+        match &self.inner.auth {
+            Some(auth) => req.header(header::AUTHORIZATION, auth.clone()),
+            None => req,
+        }
+    }
+
+    /// Sends a request with the request timeout; a non-success answer becomes its [`Error`].
+    async fn execute(&self, req: RequestBuilder) -> Result<Response> {
+        let req = req.timeout(self.inner.request_timeout);
+        let (client, req) = req.build_split();
+        let req = req.map_err(|e| Error::from_reqwest("building the request", e))?;
+        let doing = format!("{} {}", req.method(), req.url());
+        let resp = client
+            .execute(req)
+            .await
+            .map_err(|e| Error::from_reqwest(&doing, e))?;
+        check(resp, &doing).await
+    }
+
+    /// Sends a request whose answer is a stream: the timeout covers the headers only.
+    pub(crate) async fn send_stream(&self, req: RequestBuilder, doing: &str) -> Result<Response> {
+        let (client, req) = req.build_split();
+        let req = req.map_err(|e| Error::from_reqwest("building the request", e))?;
+        let doing = format!("{doing} ({} {})", req.method(), req.url());
+        let resp = match tokio::time::timeout(self.inner.request_timeout, client.execute(req)).await
+        {
+            Ok(r) => r.map_err(|e| Error::from_reqwest(&doing, e))?,
+            Err(_) => {
+                return Err(Error::transport(format!(
+                    "{doing}: timed out after {:?} waiting for an answer",
+                    self.inner.request_timeout
+                )));
+            }
+        };
+        check(resp, &doing).await
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
+        let resp = self.execute(req).await?;
+        let doing = format!("the answer of {}", resp.url());
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::from_reqwest(&doing, e))?;
+        serde_json::from_slice(&body).map_err(|e| Error::decode_json(doing, e))
+    }
+}
+
+/// Passes a success answer through; turns any other into its [`Error`].
+async fn check(resp: Response, doing: &str) -> Result<Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| Error::from_reqwest(doing, e))?;
+    Err(Error::from_answer(status.as_u16(), retry_after, &body))
+}
+
+pub(crate) fn is_event_stream(resp: &Response) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// The run a streaming answer belongs to: `X-Sluice-Run-Id`, else the `Location` path.
+fn run_id_of(resp: &Response) -> Option<String> {
+    let h = resp.headers();
+    if let Some(id) = h.get("x-sluice-run-id").and_then(|v| v.to_str().ok()) {
+        return Some(id.to_owned());
+    }
+    h.get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| l.rsplit('/').next())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        let c = Client::new("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            c.url(&["v1", "runs", "a b/c"]).as_str(),
+            "http://127.0.0.1:8080/v1/runs/a%20b%2Fc"
+        );
+        let c = Client::new("http://h:1/prefix/").unwrap();
+        assert_eq!(
+            c.url(&["v1", "workflows"]).as_str(),
+            "http://h:1/prefix/v1/workflows"
+        );
+        for bad in [
+            "",
+            "127.0.0.1:8080",
+            "ftp://x",
+            "https://x",
+            "http://x/?q=1",
+        ] {
+            let err = Client::new(bad).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Config, "{bad}");
+        }
+        let err = Client::builder().api_key("a\nb").build().unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Config);
+        let c = Client::builder().api_key("secret").build().unwrap();
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,326 @@
+//! [`EventStream`]: a run's events over SSE that resumes by itself after a dropped connection.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use reqwest::header;
+use reqwest::{Method, Response, StatusCode};
+use sluice_protocol::{Event, RawEvent};
+
+use crate::client::{Client, is_event_stream};
+use crate::error::{Error, ErrorKind, Result};
+use crate::sse::{Frame, Parser};
+
+type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type Items = Pin<Box<dyn Stream<Item = Result<(Event, Bytes)>> + Send>>;
+
+#[derive(Debug, Default)]
+struct Stats {
+    reconnects: AtomicU64,
+    last_seq: AtomicU64,
+}
+
+/// A run's events in `seq` order, from [`Client::events`] or [`Client::start_and_stream`].
+///
+/// It reconnects by itself with `Last-Event-ID` after a dropped connection (with jittered
+/// backoff), yields no event twice, ends after the run's terminal event (or at once when the
+/// server answers `204 No Content`), and ends with an error on a `seq` gap or when it gives up.
+/// `T` is [`Event`]; [`raw`](EventStream::raw) gives [`RawEvent`]s holding the envelope bytes
+/// exactly as the server sent them.
+pub struct EventStream<T = Event> {
+    run_id: String,
+    stats: Arc<Stats>,
+    inner: Items,
+    map: fn(Event, Bytes) -> T,
+    /// Set once `inner` has ended: it must not be polled again.
+    ended: bool,
+}
+
+impl<T> std::fmt::Debug for EventStream<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("run_id", &self.run_id)
+            .field("last_seq", &self.last_seq())
+            .field("reconnects", &self.reconnects())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStream<Event> {
+    pub(crate) fn new(
+        client: Client,
+        run_id: String,
+        after: u64,
+        types: Option<String>,
+        initial: Option<Response>,
+    ) -> Self {
+        let stats = Arc::new(Stats::default());
+        stats.last_seq.store(after, Ordering::Relaxed);
+        let follower = Follower {
+            client,
+            run_id: run_id.clone(),
+            types,
+            cursor: after,
+            body: None,
+            initial,
+            parser: Parser::default(),
+            failures: 0,
+            connected: false,
+            retry_after: None,
+            last_error: None,
+            stats: stats.clone(),
+            done: false,
+        };
+        let inner = futures_util::stream::unfold(follower, |mut f| async move {
+            let item = f.next().await?;
+            Some((item, f))
+        });
+        Self {
+            run_id,
+            stats,
+            inner: Box::pin(inner),
+            map: |event, _| event,
+            ended: false,
+        }
+    }
+
+    /// The same stream yielding [`RawEvent`]s: the envelope bytes as received, for relaying
+    /// (the CLI's `--json` prints them verbatim).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use futures_util::StreamExt;
+    /// let mut raw = client.events("run_0193…", 0).raw();
+    /// while let Some(ev) = raw.next().await {
+    ///     println!("{}", String::from_utf8_lossy(ev?.json()));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn raw(self) -> EventStream<RawEvent> {
+        EventStream {
+            run_id: self.run_id,
+            stats: self.stats,
+            inner: self.inner,
+            map: |event, json| RawEvent::from_parts(event.seq, &event.event_type, json),
+            ended: self.ended,
+        }
+    }
+}
+
+impl<T> EventStream<T> {
+    /// The run these events belong to.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// How many times the stream has reconnected after losing its connection.
+    pub fn reconnects(&self) -> u64 {
+        self.stats.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The `seq` of the last event yielded (the cursor a resume starts after).
+    pub fn last_seq(&self) -> u64 {
+        self.stats.last_seq.load(Ordering::Relaxed)
+    }
+}
+
+impl<T> Stream for EventStream<T> {
+    type Item = Result<T>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let map = self.map;
+        let item = std::task::ready!(self.inner.poll_next_unpin(cx));
+        if item.is_none() {
+            self.ended = true;
+        }
+        Poll::Ready(item.map(|r| r.map(|(event, json)| map(event, json))))
+    }
+}
+
+/// The state machine behind an [`EventStream`].
+struct Follower {
+    client: Client,
+    run_id: String,
+    /// Server-side filter; with one, gaps are expected and not checked.
+    types: Option<String>,
+    /// The last seq yielded.
+    cursor: u64,
+    body: Option<Body>,
+    /// The answer of a streaming start, used as the first connection.
+    initial: Option<Response>,
+    parser: Parser,
+    /// Consecutive failures since the last event (or keep-alive).
+    failures: u32,
+    /// Whether a connection was ever established.
+    connected: bool,
+    retry_after: Option<Duration>,
+    last_error: Option<Error>,
+    stats: Arc<Stats>,
+    done: bool,
+}
+
+impl Follower {
+    async fn next(&mut self) -> Option<Result<(Event, Bytes)>> {
+        if self.done {
+            return None;
+        }
+        let item = self.step().await;
+        if !matches!(item, Ok(Some(_))) {
+            self.done = true;
+            self.body = None;
+        }
+        item.transpose()
+    }
+
+    async fn step(&mut self) -> Result<Option<(Event, Bytes)>> {
+        loop {
+            if self.body.is_none() && !self.connect().await? {
+                return Ok(None);
+            }
+            while let Some(frame) = self.parser.next_frame()? {
+                match frame {
+                    Frame::Event { data, .. } => {
+                        if let Some(item) = self.accept(data)? {
+                            return Ok(Some(item));
+                        }
+                    }
+                    // A keep-alive proves the connection healthy.
+                    Frame::Comment => self.failures = 0,
+                    // The client's own backoff applies, not the server's hint.
+                    Frame::Retry(_) => {}
+                }
+            }
+            let Some(body) = self.body.as_mut() else {
+                continue;
+            };
+            let idle = self.client.inner.idle_timeout;
+            match tokio::time::timeout(idle, body.next()).await {
+                Ok(Some(Ok(chunk))) => self.parser.push(&chunk),
+                Ok(Some(Err(e))) => {
+                    let doing = format!("reading the events of run {}", self.run_id);
+                    self.lost(Error::from_reqwest(&doing, e));
+                }
+                Ok(None) => self.lost(Error::transport(format!(
+                    "the server closed the event stream of run {} before its last event",
+                    self.run_id
+                ))),
+                Err(_) => self.lost(Error::transport(format!(
+                    "no data for {idle:?} on the event stream of run {}",
+                    self.run_id
+                ))),
+            }
+        }
+    }
+
+    fn lost(&mut self, e: Error) {
+        self.body = None;
+        self.failures += 1;
+        self.last_error = Some(e);
+    }
+
+    /// Decodes an event, skipping what was already yielded and refusing gaps.
+    fn accept(&mut self, data: String) -> Result<Option<(Event, Bytes)>> {
+        let event: Event = serde_json::from_str(&data)
+            .map_err(|e| Error::decode_json(format!("an event of run {}", self.run_id), e))?;
+        if event.seq <= self.cursor {
+            return Ok(None);
+        }
+        if self.types.is_none() && event.seq != self.cursor + 1 {
+            return Err(Error::Gap {
+                run_id: self.run_id.clone(),
+                last: self.cursor,
+                got: event.seq,
+            });
+        }
+        self.cursor = event.seq;
+        self.stats.last_seq.store(event.seq, Ordering::Relaxed);
+        self.failures = 0;
+        if event.is_terminal() {
+            self.done = true;
+            self.body = None;
+        }
+        Ok(Some((event, Bytes::from(data))))
+    }
+
+    /// Opens a connection, retrying with backoff. `false` when the server says there is nothing
+    /// more to read (204).
+    async fn connect(&mut self) -> Result<bool> {
+        loop {
+            if self.failures > 0 {
+                let early = matches!(
+                    self.last_error.as_ref().map(Error::kind),
+                    Some(ErrorKind::Rejected { .. } | ErrorKind::Server)
+                );
+                let may_retry = (self.connected || early)
+                    && self.failures <= self.client.inner.max_reconnect_attempts;
+                if !may_retry {
+                    return Err(self.last_error.take().unwrap_or_else(|| {
+                        Error::transport(format!(
+                            "gave up following run {} after {} attempts",
+                            self.run_id, self.failures
+                        ))
+                    }));
+                }
+                let delay = self
+                    .retry_after
+                    .take()
+                    .unwrap_or_else(|| self.client.inner.backoff.delay(self.failures));
+                tokio::time::sleep(delay).await;
+            }
+            let opened = match self.initial.take() {
+                Some(resp) => Ok(Some(resp)),
+                None => self.open().await,
+            };
+            match opened {
+                Ok(Some(resp)) => {
+                    if self.connected {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.connected = true;
+                    self.parser.reset();
+                    self.body = Some(Box::pin(resp.bytes_stream()));
+                    return Ok(true);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) if e.is_retryable() => {
+                    self.failures += 1;
+                    self.retry_after = e.retry_after();
+                    self.last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<Option<Response>> {
+        let mut url = self.client.url(&["v1", "runs", &self.run_id, "events"]);
+        if let Some(types) = &self.types {
+            url.query_pairs_mut().append_pair("types", types);
+        }
+        let req = self
+            .client
+            .request(Method::GET, url)
+            .header(header::ACCEPT, "text/event-stream")
+            .header("last-event-id", self.cursor.to_string());
+        let doing = format!("following run {}", self.run_id);
+        let resp = self.client.send_stream(req, &doing).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !is_event_stream(&resp) {
+            return Err(Error::decode(
+                format!("the event stream of run {}", self.run_id),
+                "the answer is not text/event-stream",
+            ));
+        }
+        Ok(Some(resp))
+    }
+}
