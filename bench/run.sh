@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Runs Sluice's benchmark scenarios end to end on this machine:
+#   1. builds the server and the bench (release),
+#   2. starts `sluice serve` on an ephemeral loopback port with a fresh data dir,
+#   3. runs `sluice-bench all` against it (S1 with the raw-socket reference, S2, S3, S5),
+#   4. starts a second server with bench/configs/s4.toml and runs `sluice-bench s4`,
+#   5. stops both servers and prints every table.
+# Options: --big adds S2 at C=10,000 (the main server then runs with bench/configs/big.toml).
+# Everything is bounded: each bench invocation has a hard deadline, servers are stopped on exit.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+BIG=""
+for arg in "$@"; do
+  case "$arg" in
+    --big) BIG="--big" ;;
+    *) echo "usage: bench/run.sh [--big]" >&2; exit 2 ;;
+  esac
+done
+
+# Many sockets: raise the open-files limit as far as allowed (S2 at C=1000 needs ~1,100 per
+# process, C=10,000 ~11,000).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+echo "open files limit: $(ulimit -n)"
+
+cargo build --release -p sluice -p sluice-bench
+
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# start_server NAME [ARGS...]: starts a server, sets SERVER_URL and SERVER_PID.
+start_server() {
+  local name="$1"; shift
+  local out="$WORK/$name.out"
+  mkdir -p "$WORK/$name-data"
+  SLUICE_LOG=warn target/release/sluice serve --listen 127.0.0.1:0 --data-dir "$WORK/$name-data" "$@" \
+    >"$out" 2>"$WORK/$name.err" &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  SERVER_URL=""
+  for _ in $(seq 1 100); do
+    SERVER_URL="$(sed -n 's/^listening on \(http:\/\/[^ ]*\)$/\1/p' "$out" | head -n1)"
+    [ -n "$SERVER_URL" ] && break
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "server $name exited early:" >&2; cat "$WORK/$name.err" >&2; exit 1
+    fi
+    sleep 0.1
+  done
+  if [ -z "$SERVER_URL" ]; then
+    echo "server $name printed no 'listening on' line within 10 s" >&2; exit 1
+  fi
+  echo "server $name: $SERVER_URL (pid $SERVER_PID)"
+}
+
+stop_server() {
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  echo "server $1 did not stop within 10 s of SIGTERM; killing it" >&2
+  kill -9 "$1" 2>/dev/null || true
+}
+
+echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+
+MAIN_ARGS=()
+[ -n "$BIG" ] && MAIN_ARGS=(--config bench/configs/big.toml)
+start_server main "${MAIN_ARGS[@]}"
+STATUS=0
+target/release/sluice-bench all --server "$SERVER_URL" --server-pid "$SERVER_PID" $BIG \
+  --deadline-secs 1500 | tee "$WORK/all.md" || STATUS=$?
+stop_server "$SERVER_PID"
+if [ -s "$WORK/main.err" ]; then
+  echo "-- main server stderr (last 20 lines):"; tail -n 20 "$WORK/main.err"
+fi
+
+start_server s4 --config bench/configs/s4.toml
+target/release/sluice-bench s4 --server "$SERVER_URL" --deadline-secs 300 \
+  | tee "$WORK/s4.md" || STATUS=$?
+stop_server "$SERVER_PID"
+if [ -s "$WORK/s4.err" ]; then
+  echo "-- s4 server stderr (last 20 lines):"; tail -n 20 "$WORK/s4.err"
+fi
+
+echo
+echo "==================== summary ===================="
+sed -n '/^### /,$p' "$WORK/all.md"
+echo
+sed -n '/^### /,$p' "$WORK/s4.md"
+exit "$STATUS"
