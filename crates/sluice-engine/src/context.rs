@@ -1,5 +1,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -8,9 +9,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sluice_protocol::{Timestamp, Usage, kind};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint::CollectBuf;
 use crate::event::{AnyEvent, WorkflowEvent, valid_name};
 use crate::step::Emit;
 use crate::{Error, Result, StepError};
@@ -46,7 +48,8 @@ pub(crate) struct RunShared {
     pub run_id: String,
     pub tx: mpsc::Sender<Msg>,
     pub state: Mutex<Map<String, Value>>,
-    pub collected: Mutex<HashMap<String, Vec<AnyEvent>>>,
+    /// `collect_events` buffers, by step name.
+    pub collected: Mutex<HashMap<String, CollectBuf>>,
     pub cancel: CancellationToken,
     pub usage: Mutex<Usage>,
     pub store: std::sync::Arc<dyn sluice_store::Store>,
@@ -58,20 +61,70 @@ impl RunShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn collected(&self) -> MutexGuard<'_, HashMap<String, Vec<AnyEvent>>> {
+    pub fn collected(&self) -> MutexGuard<'_, HashMap<String, CollectBuf>> {
         self.collected.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether a step instance still accepts writes from its `Context` (and clones of it).
+///
+/// Writers enter before they put a message on the run's channel and leave once it is there;
+/// [`close`](StepGate::close) refuses new writers and waits for those inside, so that when the
+/// step's `Done` goes on the channel every write that succeeded is ahead of it, and every later
+/// write fails. Two atomic operations per write; no lock.
+#[derive(Default)]
+pub(crate) struct StepGate {
+    /// `CLOSED` bit | number of writers inside.
+    state: AtomicU64,
+    left: Notify,
+}
+
+const CLOSED: u64 = 1 << 63;
+
+/// A writer inside a [`StepGate`]; leaves on drop (also when the write is cancelled).
+pub(crate) struct Entered<'a>(&'a StepGate);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let before = self.0.state.fetch_sub(1, Ordering::AcqRel);
+        if before == CLOSED | 1 {
+            self.0.left.notify_one();
+        }
+    }
+}
+
+impl StepGate {
+    pub fn enter(&self) -> Option<Entered<'_>> {
+        let before = self.state.fetch_add(1, Ordering::AcqRel);
+        let entered = Entered(self);
+        (before & CLOSED == 0).then_some(entered)
+    }
+
+    /// Refuses new writers and waits until the writers inside have left.
+    pub async fn close(&self) {
+        self.state.fetch_or(CLOSED, Ordering::AcqRel);
+        while self.state.load(Ordering::Acquire) != CLOSED {
+            // `notify_one` stores a permit when nobody waits yet, so no wake-up is lost.
+            self.left.notified().await;
+        }
     }
 }
 
 /// What a step instance gets besides its event: the run's shared state, its event stream, and
 /// routing.
 ///
-/// Cheap to clone; a clone moved into a spawned task keeps writing to the same step instance.
+/// Cheap to clone. A clone moved into a spawned task writes to the same step instance, and only
+/// while it runs: once the step has returned, writes and sends fail with
+/// [`Error::StepCompleted`] (they would land outside the step).
 #[derive(Clone)]
 pub struct Context {
     shared: Arc<RunShared>,
     step: u32,
     step_name: Arc<str>,
+    /// The delivery (event routed to this step) the instance runs for; stable across retries
+    /// and restarts.
+    delivery: u64,
+    gate: Arc<StepGate>,
 }
 
 /// Bytes a thread's data buffer allocates at a time.
@@ -113,12 +166,35 @@ const STEP_LEVEL: [&str; 7] = [
 ];
 
 impl Context {
-    pub(crate) fn new(shared: Arc<RunShared>, step: u32, step_name: Arc<str>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<RunShared>,
+        step: u32,
+        step_name: Arc<str>,
+        delivery: u64,
+        gate: Arc<StepGate>,
+    ) -> Self {
         Self {
             shared,
             step,
             step_name,
+            delivery,
+            gate,
         }
+    }
+
+    fn completed(&self) -> Error {
+        Error::StepCompleted {
+            step: self.step,
+            name: self.step_name.to_string(),
+        }
+    }
+
+    /// Puts a message on the run's channel on behalf of this step instance.
+    async fn send(&self, msg: Msg) -> Result<()> {
+        let Some(_inside) = self.gate.enter() else {
+            return Err(self.completed());
+        };
+        self.shared.tx.send(msg).await.map_err(|_| Error::RunEnded)
     }
 
     /// The run's id.
@@ -145,7 +221,8 @@ impl Context {
     ///
     /// # Errors
     /// [`Error::InvalidEventType`] for a malformed or run-level type, [`Error::Codec`] if `data`
-    /// does not serialise, [`Error::RunEnded`] once the run is over.
+    /// does not serialise, [`Error::RunEnded`] once the run is over, [`Error::StepCompleted`]
+    /// from a `Context` kept after its step returned.
     pub async fn write_event_to_stream(
         &self,
         event_type: impl Into<Cow<'static, str>>,
@@ -164,7 +241,7 @@ impl Context {
             data,
             ts: Timestamp::now(),
         };
-        self.shared.tx.send(msg).await.map_err(|_| Error::RunEnded)
+        self.send(msg).await
     }
 
     /// Writes a typed event to the stream under its `NAME`.
@@ -178,14 +255,11 @@ impl Context {
     /// Routes an event to the steps that accept it now, without ending this step.
     ///
     /// # Errors
-    /// [`Error::Codec`] if it does not serialise, [`Error::RunEnded`] once the run is over.
+    /// [`Error::Codec`] if it does not serialise, [`Error::RunEnded`] once the run is over,
+    /// [`Error::StepCompleted`] from a `Context` kept after its step returned.
     pub async fn send_event<E: WorkflowEvent>(&self, event: E) -> Result<()> {
         let event = AnyEvent::new(&event)?;
-        self.shared
-            .tx
-            .send(Msg::Send { event })
-            .await
-            .map_err(|_| Error::RunEnded)
+        self.send(Msg::Send { event }).await
     }
 
     /// A value of the run's shared state.
@@ -232,25 +306,37 @@ impl Context {
     /// (a type listed twice needs two), returns them in the order of `expected` and clears them
     /// from the buffer. Until then returns `None` (the step should return [`Emit::none`]).
     /// The buffer is part of the run's checkpoint.
+    ///
+    /// It buffers one event per delivery (the event that started this step instance), so a
+    /// retried or re-run instance neither buffers its event twice nor loses a set it completed:
+    /// it gets the same set again. Call it once per step instance.
     pub fn collect_events(&self, event: AnyEvent, expected: &[&str]) -> Option<Vec<AnyEvent>> {
         let mut all = self.shared.collected();
         let buf = all.entry(self.step_name.to_string()).or_default();
-        buf.push(event);
+        if let Some((_, set)) = buf.done.iter().find(|(d, _)| *d == self.delivery) {
+            return Some(set.clone());
+        }
+        if !buf.pending.iter().any(|(d, _)| *d == self.delivery) {
+            buf.pending.push((self.delivery, event));
+        }
         let mut picked: Vec<usize> = Vec::with_capacity(expected.len());
         for want in expected {
             let found = buf
+                .pending
                 .iter()
                 .enumerate()
-                .position(|(i, e)| e.name == *want && !picked.contains(&i))?;
+                .position(|(i, (_, e))| e.name == *want && !picked.contains(&i))?;
             picked.push(found);
         }
-        let out: Vec<AnyEvent> = picked.iter().map(|&i| buf[i].clone()).collect();
+        let out: Vec<AnyEvent> = picked.iter().map(|&i| buf.pending[i].1.clone()).collect();
         let mut index = 0;
-        buf.retain(|_| {
+        buf.pending.retain(|_| {
             let keep = !picked.contains(&index);
             index += 1;
             keep
         });
+        // Kept until the instance ends, for its retries.
+        buf.done.push((self.delivery, out.clone()));
         Some(out)
     }
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use sluice_protocol::payload::ErrorCode;
 use sluice_protocol::{Event, RawEvent, RunRecord, RunStatus};
 use sluice_store::{RunFilter, Store};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,6 +22,9 @@ const CONTROL_CHANNEL: usize = 64;
 /// How often a send or cancel retries while a run changes hands (ends, pauses, wakes); with
 /// 1 ms pauses this bounds the wait to a few seconds.
 const CONTROL_RETRIES: usize = 5_000;
+
+/// How often [`Engine::recover`] tries to list one page of runs.
+const LIST_ATTEMPTS: u32 = 3;
 
 /// How a run is started.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -91,6 +94,11 @@ pub(crate) struct EngineInner {
     pub token: CancellationToken,
     tracker: TaskTracker,
     events: AtomicU64,
+    /// Runs whose driver gave up after a store failure without writing their end, with why.
+    /// They stay `running` in the store until the next start recovers them.
+    abandoned: Mutex<HashMap<String, String>>,
+    /// Wakes [`RunHandle::wait`] callers when a run is abandoned.
+    abandon_notify: Notify,
 }
 
 impl EngineInner {
@@ -114,6 +122,34 @@ impl EngineInner {
 
     pub fn count_events(&self, n: usize) {
         self.events.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn abandoned_map(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        self.abandoned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that a run's driver gave up on it, and wakes its waiters.
+    pub fn abandon(&self, run_id: &str, reason: &str) {
+        self.abandoned_map()
+            .insert(run_id.to_owned(), reason.to_owned());
+        self.abandon_notify.notify_waiters();
+    }
+
+    /// The error callers get for an abandoned run.
+    pub fn abandoned_error(&self, run_id: &str, reason: &str) -> Error {
+        Error::Store(sluice_store::Error::Backend {
+            message: format!(
+                "run {run_id:?} stopped: {reason}; it stays running until the server restarts and recovers it"
+            ),
+            source: None,
+        })
+    }
+
+    fn check_abandoned(&self, run_id: &str) -> Result<()> {
+        match self.abandoned_map().get(run_id) {
+            Some(reason) => Err(self.abandoned_error(run_id, reason)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -154,6 +190,10 @@ pub struct Recovered {
     pub requeued: usize,
     /// Runs that could not continue and ended with `chain-error` `interrupted`.
     pub interrupted: usize,
+    /// Store errors met on the way (a page of runs that could not be listed, a run that could
+    /// not be interrupted); each is logged, and what it concerns is left as it was for the next
+    /// start.
+    pub errors: usize,
 }
 
 impl Engine {
@@ -194,6 +234,8 @@ impl Engine {
             token: CancellationToken::new(),
             tracker: TaskTracker::new(),
             events: AtomicU64::new(0),
+            abandoned: Mutex::default(),
+            abandon_notify: Notify::new(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -358,6 +400,7 @@ impl Engine {
         if record.status.is_terminal() {
             return Err(Error::finished(run_id, record.status));
         }
+        self.inner.check_abandoned(run_id)?;
         let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
             return Err(Error::UnknownWorkflow(record.workflow));
         };
@@ -398,8 +441,12 @@ impl Engine {
     /// workflow is no longer deployed); runs found `queued` queue again. `waiting` runs stay
     /// waiting and resume when their input arrives. Call once, before serving.
     ///
+    /// One bad run does not stop the others: a store error is logged, counted in
+    /// [`Recovered::errors`], and the run (or the rest of the listing, when a page cannot be read
+    /// after a few tries) is left as it is for the next start.
+    ///
     /// # Errors
-    /// A store error while listing runs.
+    /// None at present: store errors are counted, not returned.
     pub async fn recover(&self) -> Result<Recovered> {
         let mut out = Recovered::default();
         let mut cursor = None;
@@ -410,15 +457,26 @@ impl Engine {
                 cursor: cursor.take(),
                 ..RunFilter::default()
             };
-            let page = self.inner.store.list_runs(&filter).await?;
+            let Some(page) = self.list_for_recovery(&filter, &mut out).await else {
+                break;
+            };
             for record in page.runs {
                 if self.inner.active().contains_key(&record.id) {
                     continue;
                 }
+                self.inner.abandoned_map().remove(&record.id);
                 let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
-                    self.interrupt(record, "its workflow is no longer deployed")
-                        .await?;
-                    out.interrupted += 1;
+                    let id = record.id.clone();
+                    match self
+                        .interrupt(record, "its workflow is no longer deployed")
+                        .await
+                    {
+                        Ok(()) => out.interrupted += 1,
+                        Err(e) => {
+                            tracing::error!(run_id = %id, error = %e, source = ?std::error::Error::source(&e), "could not interrupt a run during recovery; it is left for the next start");
+                            out.errors += 1;
+                        }
+                    }
                     continue;
                 };
                 let mode = if record.status == RunStatus::Queued {
@@ -440,6 +498,33 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// One page of runs to recover, trying a few times; `None` (counted as an error) when the
+    /// store keeps failing.
+    async fn list_for_recovery(
+        &self,
+        filter: &RunFilter,
+        out: &mut Recovered,
+    ) -> Option<sluice_store::RunPage> {
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 1..=LIST_ATTEMPTS {
+            match self.inner.store.list_runs(filter).await {
+                Ok(page) => return Some(page),
+                Err(e) => {
+                    tracing::error!(attempt, error = %e, source = ?std::error::Error::source(&e), "could not list runs to recover");
+                    out.errors += 1;
+                    if attempt < LIST_ATTEMPTS {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        }
+        tracing::error!(
+            "runs after this point are not recovered; they are left for the next start"
+        );
+        None
     }
 
     async fn interrupt(&self, mut record: RunRecord, why: &str) -> Result<()> {
@@ -624,11 +709,21 @@ impl RunHandle {
             .map(|r| r.map_err(Error::from).and_then(|raw| Ok(raw.parse()?)))
     }
 
-    /// The current record.
+    /// The current record. While the run is active, its `last_seq` is the log's live last seq
+    /// (the stored record's is only brought up to date at pauses and at the end).
     ///
     /// # Errors
     /// [`Error::UnknownRun`] or a store error.
     pub async fn record(&self) -> Result<RunRecord> {
+        let store = &self.engine.inner.store;
+        let mut record = self.stored_record().await?;
+        if !record.status.is_terminal() {
+            record.last_seq = record.last_seq.max(store.last_seq(&self.id).await?);
+        }
+        Ok(record)
+    }
+
+    async fn stored_record(&self) -> Result<RunRecord> {
         self.engine
             .inner
             .store
@@ -637,22 +732,39 @@ impl RunHandle {
             .ok_or_else(|| Error::UnknownRun(self.id.clone()))
     }
 
-    /// Waits for the run to end and returns its final record.
+    /// Waits for the run to end and returns its final record. It reads no history: it waits
+    /// for the log to grow and looks at its last event only.
     ///
     /// # Errors
-    /// [`Error::UnknownRun`] or a store error.
+    /// [`Error::UnknownRun`] or a store error; also [`Error::Store`] when the run's driver in
+    /// this process gave up on it after a store failure (the run is then left `running` for
+    /// recovery at the next start).
     pub async fn wait(&self) -> Result<RunRecord> {
-        let mut events = std::pin::pin!(self.events(0));
-        while let Some(ev) = events.next().await {
-            let ev = ev.map_err(|e| match e {
-                sluice_store::Error::NotFound { .. } => Error::UnknownRun(self.id.clone()),
-                other => other.into(),
-            })?;
-            if ev.is_terminal() {
-                break;
+        let inner = &self.engine.inner;
+        let store = &inner.store;
+        let record = self.stored_record().await?;
+        if record.status.is_terminal() {
+            return Ok(record);
+        }
+        loop {
+            let abandoned = inner.abandon_notify.notified();
+            let mut abandoned = std::pin::pin!(abandoned);
+            abandoned.as_mut().enable();
+            inner.check_abandoned(&self.id)?;
+            // The record is final before its terminal event is visible, so a terminal last
+            // event means the record can be read.
+            let last = store.last_seq(&self.id).await?;
+            if last > 0 {
+                let tail = store.read(&self.id, last - 1, 1).await?;
+                if tail.first().is_some_and(RawEvent::is_terminal) {
+                    return self.stored_record().await;
+                }
+            }
+            tokio::select! {
+                r = store.wait_for(&self.id, last) => r?,
+                () = &mut abandoned => {}
             }
         }
-        self.record().await
     }
 
     /// Sends an event into the run; see [`Engine::send`].

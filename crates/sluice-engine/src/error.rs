@@ -69,6 +69,17 @@ pub enum Error {
     /// The run has ended or is being stopped; the step should return.
     #[error("the run has ended")]
     RunEnded,
+    /// A [`Context`](crate::Context) kept after its step instance completed (e.g. moved into a
+    /// spawned task) tried to write or send an event; it would land outside its step.
+    #[error(
+        "step {name:?} (instance {step}) has completed: a Context kept after its step returned may not write or send events"
+    )]
+    StepCompleted {
+        /// The step instance.
+        step: u32,
+        /// The step's name.
+        name: String,
+    },
     /// Serialising or deserialising an event, state or checkpoint failed.
     #[error("encoding failed")]
     Codec(#[from] serde_json::Error),

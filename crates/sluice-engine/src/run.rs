@@ -1,5 +1,6 @@
 //! The driver: one task per active run, the only writer of its log.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -15,10 +16,10 @@ use sluice_protocol::payload::{
 };
 use sluice_protocol::{EnvelopeWriter, RawEvent, RunRecord, RunStatus, Timestamp, Usage, kind};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 
-use crate::checkpoint::{CHECKPOINT_VERSION, Checkpoint, Wait};
-use crate::context::{Context, Failure, Msg, RunShared};
+use crate::checkpoint::{CHECKPOINT_VERSION, Checkpoint, CollectBuf, Delivery, Wait};
+use crate::context::{Context, Failure, Msg, RunShared, StepGate};
 use crate::engine::{EngineInner, Slot};
 use crate::event::{AnyEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
 use crate::step::{Emit, Step};
@@ -30,6 +31,14 @@ const STEP_CHANNEL: usize = 1024;
 
 /// Below this many messages, the driver yields once to let the batch grow before committing it.
 const SMALL_BATCH: usize = 64;
+
+/// The driver's receive buffer starts (and shrinks back to) this many messages.
+const MIN_BATCH_BUF: usize = 16;
+
+/// How often a driver that met a store error tries to write the run's end, and the wait before
+/// the second try (doubling after each).
+const END_ATTEMPTS: u32 = 5;
+const END_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Requests from outside to a run's driver.
 pub(crate) enum Control {
@@ -80,12 +89,18 @@ pub(crate) struct Driver {
     next_seq: u64,
     buf: Vec<RawEvent>,
     writer: EnvelopeWriter,
-    queues: Vec<VecDeque<AnyEvent>>,
+    queues: Vec<VecDeque<Delivery>>,
     busy: Vec<usize>,
-    in_flight: HashMap<u32, (usize, AnyEvent)>,
+    /// Running step instances: number → (step index, its delivery).
+    in_flight: HashMap<u32, (usize, Delivery)>,
     tasks: JoinSet<()>,
+    /// Which step instance each task runs, to report a task that died without its `Done`.
+    task_steps: HashMap<tokio::task::Id, u32>,
     waits: Vec<Wait>,
     step_counter: u32,
+    delivery_counter: u64,
+    /// Whether the run counts in its workflow's queue.
+    in_queue: bool,
     permit: Option<OwnedSemaphorePermit>,
     deadline: Option<tokio::time::Instant>,
     started: Instant,
@@ -131,8 +146,11 @@ impl Driver {
             busy: vec![0; n],
             in_flight: HashMap::new(),
             tasks: JoinSet::new(),
+            task_steps: HashMap::new(),
             waits: Vec::new(),
             step_counter: 0,
+            delivery_counter: 0,
+            in_queue: false,
             permit: None,
             deadline: None,
             started: Instant::now(),
@@ -142,14 +160,12 @@ impl Driver {
         }
     }
 
-    /// Drives the run until it ends, sleeps, or the engine shuts down. Store failures end it with
-    /// a log line; it is then left for recovery at the next start.
+    /// Drives the run until it ends, sleeps, or the engine shuts down. A driver error (the store
+    /// failed) ends the run with `chain-error`; when even that cannot be written, the run is left
+    /// for recovery at the next start and the engine's waiters get the error.
     pub(crate) async fn run(mut self, mode: Mode) {
-        let run_id = self.record.id.clone();
         if let Err(e) = self.drive(mode).await {
-            tracing::error!(run_id = %run_id, error = %e, source = ?std::error::Error::source(&e), "run driver failed");
-            self.tasks.abort_all();
-            self.engine.release(&run_id);
+            self.on_driver_error(e).await;
         }
     }
 
@@ -158,6 +174,7 @@ impl Driver {
         let mut waking = false;
         match mode {
             Mode::Fresh(reserved) => {
+                self.in_queue = reserved.is_none();
                 let Some(permit) = self.admit(reserved).await? else {
                     return Ok(());
                 };
@@ -246,7 +263,7 @@ impl Driver {
                 else {
                     return Ok(None);
                 };
-                slot.leave_queue();
+                self.leave_queue();
                 match acquired {
                     Ok(p) => p,
                     Err(_closed) => {
@@ -273,7 +290,7 @@ impl Driver {
                 _ = self.engine.token.cancelled() => break,
                 c = self.ctl.recv() => match c {
                     Some(Control::Cancel { reason }) => {
-                        self.slot.leave_queue();
+                        self.leave_queue();
                         self.end(Outcome::Cancelled(reason)).await?;
                         return Ok(None);
                     }
@@ -286,9 +303,16 @@ impl Driver {
                 v = &mut ready => return Ok(Some(v)),
             }
         }
-        self.slot.leave_queue();
+        self.leave_queue();
         self.engine.release(&self.record.id);
         Ok(None)
+    }
+
+    /// Leaves the workflow's queue, once.
+    fn leave_queue(&mut self) {
+        if std::mem::take(&mut self.in_queue) {
+            self.slot.leave_queue();
+        }
     }
 
     /// A slot for a run that was already admitted once (resume after a pause or restart).
@@ -311,12 +335,7 @@ impl Driver {
         self.record.started_at = Some(now);
         self.engine.store.put_run(&self.record).await?;
         self.set_deadline();
-        let started = ChainStarted {
-            workflow: self.wf.name().to_owned(),
-            input: self.record.input.clone(),
-            session_id: self.record.session_id.clone(),
-        };
-        self.push(kind::CHAIN_STARTED, None, &started);
+        self.push_chain_started();
         self.route(AnyEvent {
             name: StartEvent::NAME.to_owned(),
             data: self.record.input.clone(),
@@ -326,6 +345,15 @@ impl Driver {
             message: "no start step".into(),
         })?;
         Ok(())
+    }
+
+    fn push_chain_started(&mut self) {
+        let started = ChainStarted {
+            workflow: self.wf.name().to_owned(),
+            input: self.record.input.clone(),
+            session_id: self.record.session_id.clone(),
+        };
+        self.push(kind::CHAIN_STARTED, None, &started);
     }
 
     fn set_deadline(&mut self) {
@@ -347,14 +375,18 @@ impl Driver {
                 serde_json::from_slice(&bytes).map_err(|e| format!("unreadable checkpoint: {e}"))?
             }
             None => Checkpoint {
+                version: CHECKPOINT_VERSION,
                 queues: self
                     .start_steps()
                     .map(|name| {
                         (
                             name,
-                            vec![AnyEvent {
-                                name: StartEvent::NAME.to_owned(),
-                                data: self.record.input.clone(),
+                            vec![Delivery {
+                                event: AnyEvent {
+                                    name: StartEvent::NAME.to_owned(),
+                                    data: self.record.input.clone(),
+                                },
+                                id: 0,
                             }],
                         )
                     })
@@ -368,20 +400,48 @@ impl Driver {
                 cp.version
             ));
         }
+        // Deliveries of a version 1 checkpoint have no id: number them after the known ones.
+        let known = cp
+            .queues
+            .iter()
+            .flat_map(|(_, q)| q.iter().map(|d| d.id))
+            .chain(cp.collect.values().flat_map(|b| {
+                b.pending
+                    .iter()
+                    .map(|(d, _)| *d)
+                    .chain(b.done.iter().map(|(d, _)| *d))
+            }))
+            .max()
+            .unwrap_or(0);
+        self.delivery_counter = cp.delivery_counter.max(known);
+        let mut collect = cp.collect;
+        for (name, events) in cp.collected {
+            let buf = collect.entry(name).or_default();
+            for event in events {
+                self.delivery_counter += 1;
+                buf.pending.push((self.delivery_counter, event));
+            }
+        }
         *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = cp.state;
         *self
             .shared
             .collected
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = cp.collected;
+            .unwrap_or_else(|p| p.into_inner()) = collect;
         *self.shared.usage.lock().unwrap_or_else(|p| p.into_inner()) = cp.usage;
-        for (name, events) in cp.queues {
+        for (name, deliveries) in cp.queues {
             let Some(i) = self.wf.inner.steps.iter().position(|s| s.name == name) else {
                 return Err(format!(
                     "step {name:?} of the checkpoint is no longer in the workflow"
                 ));
             };
-            self.queues[i].extend(events);
+            for mut d in deliveries {
+                if d.id == 0 {
+                    self.delivery_counter += 1;
+                    d.id = self.delivery_counter;
+                }
+                self.queues[i].push_back(d);
+            }
         }
         self.waits = cp.waits;
         self.step_counter = cp.step_counter;
@@ -408,13 +468,18 @@ impl Driver {
         self.record.last_seq = self.next_seq - 1;
         self.engine.store.put_run(&self.record).await?;
         self.set_deadline();
-        self.push(
-            kind::CHAIN_RESUMED,
-            None,
-            &ChainResumed {
-                from_step: self.step_counter,
-            },
-        );
+        if self.next_seq == 1 {
+            // Interrupted before anything was written, not even `chain-started`: it starts now.
+            self.push_chain_started();
+        } else {
+            self.push(
+                kind::CHAIN_RESUMED,
+                None,
+                &ChainResumed {
+                    from_step: self.step_counter,
+                },
+            );
+        }
         Ok(())
     }
 
@@ -481,7 +546,7 @@ impl Driver {
             .cloned()
             .unwrap_or_default();
         for i in targets {
-            self.queues[i].push_back(event.clone());
+            self.enqueue(i, event.clone());
         }
         self.boundary = true;
         Ok(())
@@ -490,8 +555,14 @@ impl Driver {
     // ---- the main loop ----
 
     async fn main_loop(&mut self) -> Result<Outcome> {
-        let mut msgs = Vec::with_capacity(STEP_CHANNEL);
+        // Grows with the batches actually received (and shrinks back after a burst): a run
+        // that streams a token at a time holds a few slots, not STEP_CHANNEL of them.
+        let mut msgs = Vec::with_capacity(MIN_BATCH_BUF);
         loop {
+            // Checked on every turn: a step that keeps the channel full cannot starve it.
+            if let Some(outcome) = self.timed_out() {
+                return Ok(outcome);
+            }
             if let Some(outcome) = self.dispatch() {
                 return Ok(outcome);
             }
@@ -512,6 +583,9 @@ impl Driver {
                     }
                     None => None,
                 },
+                // Finished tasks are reaped as they finish; one that died without its `Done`
+                // (a panic outside the step's future, an abort) fails its step.
+                Some(joined) = self.tasks.join_next_with_id() => self.on_joined(joined),
                 n = self.rx.recv_many(&mut msgs, STEP_CHANNEL) => {
                     // Under load, let producers add to a small batch before it is committed:
                     // one yield costs microseconds and saves per-batch work in store and readers.
@@ -525,19 +599,19 @@ impl Driver {
                         }
                     }
                     let mut out = None;
-                    for m in msgs.drain(..n) {
-                        if let Some(o) = self.on_msg(m) {
-                            out = Some(o);
-                            break;
+                    for m in msgs.drain(..) {
+                        match out {
+                            None => out = self.on_msg(m),
+                            // The run ends; what steps wrote before still goes into the log.
+                            Some(_) => self.keep_stream(m),
                         }
                     }
-                    msgs.clear();
+                    if msgs.capacity() > 4 * n.max(MIN_BATCH_BUF) {
+                        msgs.shrink_to(n.max(MIN_BATCH_BUF));
+                    }
                     out
                 }
-                () = sleep_until(deadline) => {
-                    let limit = self.wf.inner.run_timeout.unwrap_or_default();
-                    Some(failed(ErrorCode::Timeout, format!("the run exceeded its run_timeout of {limit:?}")))
-                }
+                () = sleep_until(deadline) => Some(self.timeout()),
             };
             if let Some(outcome) = outcome {
                 return Ok(outcome);
@@ -549,11 +623,56 @@ impl Driver {
         }
     }
 
+    fn timeout(&self) -> Outcome {
+        let limit = self.wf.inner.run_timeout.unwrap_or_default();
+        failed(
+            ErrorCode::Timeout,
+            format!("the run exceeded its run_timeout of {limit:?}"),
+        )
+    }
+
+    fn timed_out(&self) -> Option<Outcome> {
+        let deadline = self.deadline?;
+        (tokio::time::Instant::now() >= deadline).then(|| self.timeout())
+    }
+
+    /// A step task has ended. Normally its `Done` is on the channel already; if it panicked or
+    /// was aborted outside the step's future, there is none and the step fails here.
+    fn on_joined(
+        &mut self,
+        joined: std::result::Result<(tokio::task::Id, ()), JoinError>,
+    ) -> Option<Outcome> {
+        let err = match joined {
+            Ok((id, ())) => {
+                self.task_steps.remove(&id);
+                return None;
+            }
+            Err(e) => e,
+        };
+        let n = self.task_steps.remove(&err.id())?;
+        if !self.in_flight.contains_key(&n) {
+            return None;
+        }
+        let failure = if err.is_panic() {
+            let what = panic_message(&*err.into_panic());
+            Failure {
+                error: StepError::new(format!("panicked: {what}")).no_retry(),
+                panicked: true,
+            }
+        } else {
+            Failure {
+                error: StepError::new("its task was aborted").no_retry(),
+                panicked: false,
+            }
+        };
+        self.on_done(n, Err(failure), Duration::ZERO)
+    }
+
     /// Starts step instances for queued events; ends the run when nothing can happen any more.
     fn dispatch(&mut self) -> Option<Outcome> {
         for i in 0..self.queues.len() {
             while self.busy[i] < self.wf.inner.steps[i].num_workers {
-                let Some(event) = self.queues[i].pop_front() else {
+                let Some(delivery) = self.queues[i].pop_front() else {
                     break;
                 };
                 if self.step_counter >= self.wf.inner.max_steps {
@@ -565,7 +684,7 @@ impl Driver {
                         ),
                     ));
                 }
-                self.start_step(i, event);
+                self.start_step(i, delivery);
             }
         }
         if self.in_flight.is_empty() {
@@ -580,33 +699,32 @@ impl Driver {
         None
     }
 
-    fn start_step(&mut self, i: usize, event: AnyEvent) {
+    fn start_step(&mut self, i: usize, delivery: Delivery) {
         self.step_counter += 1;
         let n = self.step_counter;
         let step: &Step = &self.wf.inner.steps[i];
         let started = StepStarted {
             name: step.name.clone(),
         };
-        let ctx = Context::new(self.shared.clone(), n, Arc::from(step.name.as_str()));
+        let gate = Arc::new(StepGate::default());
+        let ctx = Context::new(
+            self.shared.clone(),
+            n,
+            Arc::from(step.name.as_str()),
+            delivery.id,
+            gate.clone(),
+        );
         let (handler, retry, timeout) = (step.handler.clone(), step.retry.clone(), step.timeout);
         self.push(kind::STEP_STARTED, Some(n), &started);
         self.busy[i] += 1;
-        self.in_flight.insert(n, (i, event.clone()));
+        let event = delivery.event.clone();
+        self.in_flight.insert(n, (i, delivery));
         let tx = self.shared.tx.clone();
-        self.tasks.spawn(async move {
+        let task = self.tasks.spawn(async move {
             let t0 = Instant::now();
             let mut attempt = 1u32;
             let outcome = loop {
-                let fut = AssertUnwindSafe(handler(ctx.clone(), event.clone())).catch_unwind();
-                let res = match timeout {
-                    Some(limit) => match tokio::time::timeout(limit, fut).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(Err(StepError::new(format!("the step exceeded its timeout of {limit:?}"))
-                            .code(ErrorCode::Timeout))),
-                    },
-                    None => fut.await,
-                };
-                match res {
+                match run_attempt(&handler, &ctx, &event, timeout).await {
                     Ok(Ok(emit)) => break Ok(emit),
                     Ok(Err(e)) if e.retryable && attempt < retry.max_attempts => {
                         tracing::debug!(run_id = %ctx.run_id(), step = n, attempt, error = %e, "step failed; retrying");
@@ -615,17 +733,25 @@ impl Driver {
                     }
                     Ok(Err(error)) => break Err(Failure { error, panicked: false }),
                     Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic payload".into());
+                        let what = panic_message(&*panic);
                         break Err(Failure { error: StepError::new(format!("panicked: {what}")).no_retry(), panicked: true });
                     }
                 }
             };
+            // Writes of `Context` clones still under way go on the channel before `Done`;
+            // later ones fail.
+            gate.close().await;
             let _ = tx.send(Msg::Done { step: n, outcome, duration: t0.elapsed() }).await;
         });
+        self.task_steps.insert(task.id(), n);
+    }
+
+    /// After the run's outcome is known: a message still goes into the log if it is a stream
+    /// event (its write was acknowledged); routing and step ends no longer matter.
+    fn keep_stream(&mut self, msg: Msg) {
+        if let Msg::Stream { .. } = msg {
+            self.on_msg(msg);
+        }
     }
 
     fn on_msg(&mut self, msg: Msg) -> Option<Outcome> {
@@ -659,10 +785,14 @@ impl Driver {
         outcome: std::result::Result<Emit, Failure>,
         duration: Duration,
     ) -> Option<Outcome> {
-        let (i, _input) = self.in_flight.remove(&n)?;
+        let (i, delivery) = self.in_flight.remove(&n)?;
         self.busy[i] -= 1;
         self.boundary = true;
         let name = self.wf.inner.steps[i].name.clone();
+        // The instance is over: a set it collected is no longer needed for its retries.
+        if let Some(buf) = self.shared.collected().get_mut(&name) {
+            buf.done.retain(|(d, _)| *d != delivery.id);
+        }
         let emit = match outcome {
             Ok(emit) => emit,
             Err(Failure { error, panicked }) => {
@@ -718,9 +848,18 @@ impl Driver {
         };
         let targets = targets.clone();
         for i in targets {
-            self.queues[i].push_back(event.clone());
+            self.enqueue(i, event.clone());
         }
         Ok(())
+    }
+
+    /// Queues `event` for step `i` as a new delivery.
+    fn enqueue(&mut self, i: usize, event: AnyEvent) {
+        self.delivery_counter += 1;
+        self.queues[i].push_back(Delivery {
+            event,
+            id: self.delivery_counter,
+        });
     }
 
     // ---- the log ----
@@ -751,22 +890,29 @@ impl Driver {
 
     async fn checkpoint(&mut self) -> Result<()> {
         self.flush().await?;
-        let mut queues: Vec<(String, Vec<AnyEvent>)> = Vec::new();
+        let mut queues: Vec<(String, Vec<Delivery>)> = Vec::new();
         for (i, step) in self.wf.inner.steps.iter().enumerate() {
-            let mut events: Vec<AnyEvent> = Vec::new();
-            let mut running: Vec<(&u32, &AnyEvent)> = self
+            let mut deliveries: Vec<Delivery> = Vec::new();
+            let mut running: Vec<(&u32, &Delivery)> = self
                 .in_flight
                 .iter()
                 .filter(|(_, (s, _))| *s == i)
-                .map(|(n, (_, e))| (n, e))
+                .map(|(n, (_, d))| (n, d))
                 .collect();
             running.sort_by_key(|(n, _)| **n);
-            events.extend(running.into_iter().map(|(_, e)| e.clone()));
-            events.extend(self.queues[i].iter().cloned());
-            if !events.is_empty() {
-                queues.push((step.name.clone(), events));
+            deliveries.extend(running.into_iter().map(|(_, d)| d.clone()));
+            deliveries.extend(self.queues[i].iter().cloned());
+            if !deliveries.is_empty() {
+                queues.push((step.name.clone(), deliveries));
             }
         }
+        let collect: HashMap<String, CollectBuf> = self
+            .shared
+            .collected()
+            .iter()
+            .filter(|(_, b)| !b.pending.is_empty() || !b.done.is_empty())
+            .map(|(k, b)| (k.clone(), b.clone()))
+            .collect();
         let cp = Checkpoint {
             version: CHECKPOINT_VERSION,
             state: self
@@ -775,15 +921,12 @@ impl Driver {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-            collected: self
-                .shared
-                .collected
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            collect,
+            collected: HashMap::new(),
             queues,
             waits: self.waits.clone(),
             step_counter: self.step_counter,
+            delivery_counter: self.delivery_counter,
             usage: self.usage(),
         };
         let bytes = serde_json::to_vec(&cp)?;
@@ -820,9 +963,21 @@ impl Driver {
             .release_if(&self.record.id, || self.ctl.is_empty())
     }
 
-    async fn end(&mut self, outcome: Outcome) -> Result<()> {
+    /// Stops every step instance and takes what they wrote into the log buffer: the channel is
+    /// closed (later writes fail) and drained, so every write that was acknowledged is kept.
+    async fn stop_steps(&mut self) {
         self.shared.cancel.cancel();
         self.tasks.abort_all();
+        self.task_steps.clear();
+        self.rx.close();
+        while let Some(m) = self.rx.recv().await {
+            self.keep_stream(m);
+        }
+    }
+
+    async fn end(&mut self, outcome: Outcome) -> Result<()> {
+        // Stop the steps first, then drain, then the terminal event: nothing can follow it.
+        self.stop_steps().await;
         if let Outcome::Shutdown = outcome {
             self.checkpoint().await?;
             self.engine.release(&self.record.id);
@@ -831,6 +986,11 @@ impl Driver {
         // From here on, senders see a closed channel and wait for the final record.
         self.ctl.close();
         self.flush().await?;
+        self.write_end(outcome).await
+    }
+
+    /// Writes the final record and the terminal event at `next_seq`, then lets go of the run.
+    async fn write_end(&mut self, outcome: Outcome) -> Result<()> {
         let usage = self.usage();
         let now = Timestamp::now();
         let started = self.record.started_at.unwrap_or(self.record.created_at);
@@ -839,6 +999,7 @@ impl Driver {
             Outcome::Completed(result) => {
                 self.record.status = RunStatus::Completed;
                 self.record.result = Some(result.clone());
+                self.record.error = None;
                 (
                     kind::CHAIN_COMPLETED,
                     serde_json::to_string(&ChainCompleted {
@@ -850,6 +1011,7 @@ impl Driver {
             }
             Outcome::Failed(error) => {
                 self.record.status = RunStatus::Failed;
+                self.record.result = None;
                 self.record.error = Some(error.clone());
                 (
                     kind::CHAIN_ERROR,
@@ -861,6 +1023,8 @@ impl Driver {
             }
             Outcome::Cancelled(reason) => {
                 self.record.status = RunStatus::Cancelled;
+                self.record.result = None;
+                self.record.error = None;
                 (
                     kind::CHAIN_CANCELLED,
                     serde_json::to_string(&ChainCancelled { reason })?,
@@ -875,6 +1039,13 @@ impl Driver {
         self.record.last_seq = self.next_seq;
         self.engine.store.finish(&self.record, &terminal).await?;
         self.engine.count_events(1);
+        self.let_go();
+        Ok(())
+    }
+
+    /// After the terminal event: answers everyone still waiting on the run and leaves the
+    /// registry.
+    fn let_go(&mut self) {
         self.slot.finished(self.started.elapsed());
         // Deliveries accepted since the last checkpoint were consumed by the run's end.
         for ack in self.acks.drain(..) {
@@ -888,7 +1059,135 @@ impl Driver {
                 let _ = reply.send(Err(Error::finished(&self.record.id, self.record.status)));
             }
         }
-        Ok(())
+    }
+
+    // ---- driver errors ----
+
+    /// The driver failed (a store error, in practice): end the run with `chain-error`, retrying
+    /// a few times; if the end cannot be written either, leave the run `running` for recovery
+    /// and make sure no one in this process waits for it forever.
+    async fn on_driver_error(&mut self, e: Error) {
+        let run_id = self.record.id.clone();
+        let reason = match &e {
+            Error::Store(store) => format!("the store failed: {}", error_chain(store)),
+            other => format!("the run's driver failed: {}", error_chain(other)),
+        };
+        tracing::error!(run_id = %run_id, error = %reason, "run driver failed; ending the run");
+        self.leave_queue();
+        self.stop_steps().await;
+        self.ctl.close();
+        // Deliveries accepted since the last checkpoint were not made durable: they fail.
+        let acks = std::mem::take(&mut self.acks);
+        let error = ErrorInfo {
+            code: ErrorCode::Failed,
+            message: reason.clone(),
+            details: None,
+        };
+        let mut backoff = END_BACKOFF;
+        for attempt in 1..=END_ATTEMPTS {
+            match self.end_after_error(&error).await {
+                Ok(()) => {
+                    for ack in acks {
+                        let _ = ack.send(Err(Error::finished(&run_id, self.record.status)));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(run_id = %run_id, attempt, error = %error_chain(&e), "could not write the end of a failed run");
+                }
+            }
+            if attempt < END_ATTEMPTS {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+        tracing::error!(run_id = %run_id, "the run is left `running` for recovery at the next start");
+        self.engine.abandon(&run_id, &reason);
+        for ack in acks {
+            let _ = ack.send(Err(self.engine.abandoned_error(&run_id, &reason)));
+        }
+        self.permit = None;
+        self.engine.release(&run_id);
+        while let Ok(c) = self.ctl.try_recv() {
+            if let Control::Deliver { reply, .. } = c {
+                let _ = reply.send(Err(self.engine.abandoned_error(&run_id, &reason)));
+            }
+        }
+    }
+
+    /// One attempt at ending a run whose driver failed, from what the store holds now.
+    async fn end_after_error(&mut self, error: &ErrorInfo) -> Result<()> {
+        let store = self.engine.store.clone();
+        let id = self.record.id.clone();
+        if let Some(rec) = store.get_run(&id).await?
+            && rec.status.is_terminal()
+        {
+            // An earlier `finish` went through after all.
+            self.record = rec;
+            self.let_go();
+            return Ok(());
+        }
+        let last = store.last_seq(&id).await?;
+        // Numbered events the store has are done; the rest go in if they still continue the log.
+        self.buf.retain(|e| e.seq() > last);
+        let mut end = last;
+        if self.buf.first().is_some_and(|e| e.seq() == last + 1) {
+            match store.append(&id, &self.buf).await {
+                Ok(()) => {
+                    end = last + self.buf.len() as u64;
+                    self.engine.count_events(self.buf.len());
+                }
+                Err(e) => {
+                    tracing::warn!(run_id = %id, lost = self.buf.len(), error = %error_chain(&e), "events of a failed run could not be written");
+                }
+            }
+        }
+        self.buf.clear();
+        self.next_seq = end + 1;
+        self.write_end(Outcome::Failed(error.clone())).await
+    }
+}
+
+/// `e` and its sources, joined with `: `.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
+}
+
+/// One attempt of a step: the handler is called and its future polled inside `catch_unwind`,
+/// within the step's timeout.
+async fn run_attempt(
+    handler: &crate::step::Handler,
+    ctx: &Context,
+    event: &AnyEvent,
+    timeout: Option<Duration>,
+) -> std::result::Result<std::result::Result<Emit, StepError>, Box<dyn Any + Send>> {
+    let fut = std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx.clone(), event.clone())))?;
+    let fut = AssertUnwindSafe(fut).catch_unwind();
+    match timeout {
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => Ok(Err(StepError::new(format!(
+                "the step exceeded its timeout of {limit:?}"
+            ))
+            .code(ErrorCode::Timeout))),
+        },
+        None => fut.await,
     }
 }
 
@@ -899,7 +1198,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// ±25% jitter, from a cheap per-call random source.
+/// ±25% jitter, from a cheap per-call random source. Saturates instead of overflowing.
 fn jitter(d: Duration) -> Duration {
     let nanos = Timestamp::now().as_micros() as u64 ^ (d.as_nanos() as u64).rotate_left(17);
     let mut x = nanos | 1;
@@ -907,5 +1206,26 @@ fn jitter(d: Duration) -> Duration {
     x ^= x >> 7;
     x ^= x << 17;
     let frac = (x % 1000) as f64 / 1000.0; // 0..1
-    d.mul_f64(0.75 + frac * 0.5)
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.75 + frac * 0.5)).unwrap_or(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_quarter_and_never_panics() {
+        for ms in [0u64, 1, 100, 10_000] {
+            let d = Duration::from_millis(ms);
+            let j = jitter(d);
+            assert!(
+                j >= d.mul_f64(0.75) && j <= d.mul_f64(1.25),
+                "{d:?} -> {j:?}"
+            );
+        }
+        for _ in 0..100 {
+            assert!(jitter(Duration::MAX) >= Duration::MAX.mul_f64(0.74));
+            jitter(Duration::from_secs(u64::MAX / 4 * 3));
+        }
+    }
 }

@@ -64,7 +64,8 @@ impl RetryPolicy {
             .powi(attempt.saturating_sub(1).min(64) as i32);
         let secs =
             (self.initial_backoff.as_secs_f64() * factor).min(self.max_backoff.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        // Huge or odd settings (a `max_backoff` near `Duration::MAX`) saturate, never panic.
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(self.max_backoff)
     }
 }
 
@@ -231,7 +232,13 @@ impl Step {
         F: Fn(Context, AnyEvent) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Emit, StepError>> + Send + 'static,
     {
-        let handler: Handler = Arc::new(move |ctx, ev| Box::pin(f(ctx, ev)));
+        let f = Arc::new(f);
+        // `f` is called inside the future, so code it runs before its own `async` block is
+        // polled (and may panic) like the rest of the step.
+        let handler: Handler = Arc::new(move |ctx, ev| {
+            let f = f.clone();
+            Box::pin(async move { f(ctx, ev).await })
+        });
         Self::with_handler(
             name.into(),
             accepts.iter().map(|s| (*s).to_owned()).collect(),
@@ -296,5 +303,32 @@ impl Step {
     /// The step's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_never_panics() {
+        let p = RetryPolicy::exponential(5, Duration::from_millis(100));
+        assert_eq!(p.backoff(1), Duration::from_millis(100));
+        assert_eq!(p.backoff(2), Duration::from_millis(200));
+        assert_eq!(p.backoff(60), Duration::from_secs(10));
+        let huge = RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::MAX,
+            multiplier: f64::MAX,
+            max_backoff: Duration::MAX,
+        };
+        assert_eq!(huge.backoff(1), Duration::MAX);
+        assert_eq!(huge.backoff(u32::MAX), Duration::MAX);
+        let odd = RetryPolicy {
+            multiplier: f64::NAN,
+            initial_backoff: Duration::ZERO,
+            ..huge
+        };
+        assert_eq!(odd.backoff(7), Duration::ZERO);
     }
 }

@@ -339,11 +339,17 @@ async fn retries_exhausted_end_in_chain_error() {
 
 #[tokio::test(start_paused = true)]
 async fn step_timeout_ends_with_timeout_code() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
     let wf = Workflow::builder("slow")
         .step(
-            Step::new("sleepy", |_c: Context, _s: StartEvent| async move {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                Ok(Emit::stop(1))
+            Step::new("sleepy", move |_c: Context, _s: StartEvent| {
+                let calls = c2.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(Emit::stop(1))
+                }
             })
             .emits::<StopEvent>()
             .timeout(Duration::from_secs(5))
@@ -352,13 +358,22 @@ async fn step_timeout_ends_with_timeout_code() {
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
-    let (rec, _) = run_to_end(&engine, "slow", json!(null)).await;
+    let (rec, evs) = run_to_end(&engine, "slow", json!(null)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "a timed-out attempt is retried like any failure"
+    );
     let err = rec.error.unwrap();
     assert_eq!(err.code, ErrorCode::Timeout);
     assert!(
         err.message.contains("exceeded its timeout of 5s"),
         "{}",
         err.message
+    );
+    assert_eq!(
+        types(&evs),
+        ["chain-started", "step-started", "chain-error"]
     );
 }
 
@@ -421,13 +436,19 @@ async fn cancel_mid_step() {
 
 #[tokio::test]
 async fn panicking_step_ends_in_chain_error() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
     let wf = Workflow::builder("boom")
         .step(
-            Step::new("explode", |_c: Context, _s: StartEvent| async move {
-                if true {
-                    panic!("kaboom");
+            Step::new("explode", move |_c: Context, _s: StartEvent| {
+                let calls = c2.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    if true {
+                        panic!("kaboom");
+                    }
+                    Ok(Emit::stop(1))
                 }
-                Ok(Emit::stop(1))
             })
             .emits::<StopEvent>()
             .retry(RetryPolicy::exponential(5, Duration::from_millis(1))),
@@ -436,6 +457,7 @@ async fn panicking_step_ends_in_chain_error() {
         .unwrap();
     let engine = engine_with(vec![wf]);
     let (rec, evs) = run_to_end(&engine, "boom", json!(null)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "panics are not retried");
     let err = rec.error.unwrap();
     assert_eq!(err.code, ErrorCode::Failed);
     assert_eq!(err.message, "step \"explode\" failed: panicked: kaboom");
@@ -505,27 +527,70 @@ fn validation_names_step_and_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_followers_see_identical_sequences() {
-    let engine = engine_with(vec![builtin::ticker()]);
+    const N: u64 = 5000;
+    // The step produces nothing until every follower is reading: all ticks reach them live.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g2 = gate.clone();
+    let wf = Workflow::builder("gated-ticker")
+        .step(
+            Step::new("tick", move |c: Context, _s: StartEvent| {
+                let gate = g2.clone();
+                async move {
+                    let _open = gate.acquire_many(3).await?;
+                    for i in 0..N {
+                        c.write_event_to_stream("tick", &json!({"i": i})).await?;
+                    }
+                    Ok(Emit::stop(N))
+                }
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
     let run = engine
-        .start("ticker", input(json!({"n": 5000})))
+        .start("gated-ticker", input(json!(null)))
         .await
         .unwrap();
     let followers: Vec<_> = (0..3)
         .map(|_| {
-            let h = run.clone();
-            tokio::spawn(async move { h.events(0).map(|e| e.unwrap()).collect::<Vec<_>>().await })
+            let (h, gate, store) = (run.clone(), gate.clone(), engine.store().clone());
+            tokio::spawn(async move {
+                let mut events = std::pin::pin!(h.events(0));
+                let mut seen = Vec::new();
+                let mut head_at_open = None;
+                while let Some(e) = events.next().await {
+                    let e = e.unwrap();
+                    let step_started = e.event_type() == "step-started";
+                    seen.push(e);
+                    if step_started {
+                        // Caught up with the log's head: from here on, everything is live.
+                        head_at_open = Some(store.last_seq(h.id()).await.unwrap());
+                        gate.add_permits(1);
+                    }
+                }
+                (seen, head_at_open)
+            })
         })
         .collect();
     let mut seen = Vec::new();
     for f in followers {
-        seen.push(f.await.unwrap());
+        let (events, head_at_open) = f.await.unwrap();
+        assert_eq!(
+            head_at_open,
+            Some(2),
+            "the follower was at the head (chain-started, step-started) before any tick"
+        );
+        seen.push(events);
     }
-    assert_eq!(seen[0].len(), 5000 + 4);
+    assert_eq!(seen[0].len() as u64, N + 4);
     for (i, e) in seen[0].iter().enumerate() {
         assert_eq!(e.seq(), i as u64 + 1);
     }
     assert_eq!(seen[0], seen[1]);
     assert_eq!(seen[0], seen[2]);
+    let ticks = seen[0].iter().filter(|e| e.event_type() == "tick").count() as u64;
+    assert_eq!(ticks, N, "every tick was delivered live to every follower");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1029,4 +1094,47 @@ async fn steps_read_and_write_their_session_state() {
         .await
         .unwrap();
     assert_eq!(outside.result, Some(json!({"session": null, "runs": 1})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_is_atomic_across_concurrent_steps() {
+    let wf = Workflow::builder("counter-race")
+        .step(
+            Step::new("split", |c: Context, _s: StartEvent| async move {
+                for i in 0..8 {
+                    c.send_event(Other(i)).await?;
+                }
+                Ok(Emit::none())
+            })
+            .emits::<Other>(),
+        )
+        .step(
+            Step::new("bump", |c: Context, o: Other| async move {
+                let mut last = 0u64;
+                for _ in 0..100 {
+                    let new = c.update("count", |v: Option<u64>| v.unwrap_or(0) + 1)?;
+                    assert!(new > last, "update returns the new value");
+                    last = new;
+                    tokio::task::yield_now().await;
+                }
+                let done = c.update("done", |v: Option<Vec<u32>>| {
+                    let mut v = v.unwrap_or_default();
+                    v.push(o.0);
+                    v
+                })?;
+                if done.len() == 8 {
+                    let total: Option<u64> = c.get("count")?;
+                    return Ok(Emit::stop(total));
+                }
+                Ok(Emit::none())
+            })
+            .emits::<StopEvent>()
+            .num_workers(4),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let (rec, _) = run_to_end(&engine, "counter-race", json!(null)).await;
+    assert_eq!(rec.status, RunStatus::Completed, "{:?}", rec.error);
+    assert_eq!(rec.result, Some(json!(800)), "no update was lost");
 }

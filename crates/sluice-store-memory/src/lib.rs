@@ -53,6 +53,8 @@ impl MemoryStore {
     }
 }
 
+/// Checks that `events` may be appended to `entry`'s log: open, contiguous from its end, and a
+/// terminal event only in last place.
 fn check_batch(run_id: &str, entry: &RunEntry, events: &[RawEvent]) -> Result<()> {
     if entry.closed {
         return Err(Error::LogClosed {
@@ -68,6 +70,13 @@ fn check_batch(run_id: &str, entry: &RunEntry, events: &[RawEvent]) -> Result<()
                 got: e.seq(),
             });
         }
+    }
+    if let Some((_, before_last)) = events.split_last()
+        && before_last.iter().any(RawEvent::is_terminal)
+    {
+        return Err(Error::LogClosed {
+            run_id: run_id.to_owned(),
+        });
     }
     Ok(())
 }
@@ -163,6 +172,9 @@ impl Store for MemoryStore {
                 .get_mut(run_id)
                 .ok_or_else(|| Error::run_not_found(run_id))?;
             check_batch(run_id, entry, events)?;
+            if events.is_empty() {
+                return Ok(());
+            }
             entry.log.extend_from_slice(events);
             entry.closed = events.last().is_some_and(RawEvent::is_terminal);
             entry.log.len() as u64
@@ -179,6 +191,23 @@ impl Store for MemoryStore {
                 .get_mut(&record.id)
                 .ok_or_else(|| Error::run_not_found(&record.id))?;
             check_batch(&record.id, entry, std::slice::from_ref(terminal))?;
+            if !terminal.is_terminal() {
+                return Err(Error::Backend {
+                    message: format!(
+                        "finish of run {:?} needs a terminal event, got {:?}",
+                        record.id,
+                        terminal.event_type()
+                    ),
+                    source: None,
+                });
+            }
+            if terminal.seq() != record.last_seq {
+                return Err(Error::SeqConflict {
+                    run_id: record.id.clone(),
+                    expected: record.last_seq,
+                    got: terminal.seq(),
+                });
+            }
             entry.record = record.clone();
             entry.log.push(terminal.clone());
             entry.closed = true;

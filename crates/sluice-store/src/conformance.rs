@@ -9,7 +9,8 @@
 //!
 //! Each case is a public async function so a backend can also call them one by one.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+// The cases are tests: a failed expectation panics, with the value that broke it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,8 @@ macro_rules! store_conformance_tests {
     ($make:expr) => {
         $crate::store_conformance_tests!(@cases $make;
             run_records, list_runs_filters_and_pages, append_and_read, append_rejects_gaps_and_duplicates,
-            append_unknown_run, finish_closes_log_and_updates_record, follow_history_then_live,
+            append_unknown_run, append_empty_batch_is_a_no_op, append_rejects_terminal_before_the_end,
+            finish_closes_log_and_updates_record, finish_checks_its_terminal_event, follow_history_then_live,
             follow_many_readers_identical, follow_join_mid_run, follow_finished_run_ends,
             follow_unknown_run, slow_reader_does_not_block_writer, concurrent_runs_append,
             checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits);
@@ -86,6 +88,7 @@ fn seqs(evs: &[RawEvent]) -> Vec<u64> {
     evs.iter().map(RawEvent::seq).collect()
 }
 
+/// Run records: create, get, replace, and the errors for a taken or a missing id.
 pub async fn run_records(store: Arc<dyn Store>) {
     assert!(store.get_run("run_a").await.unwrap().is_none());
     let mut rec = new_run(&store, "run_a").await;
@@ -105,6 +108,7 @@ pub async fn run_records(store: Arc<dyn Store>) {
     ));
 }
 
+/// `list_runs`: newest first, every filter, and pages that join up without gaps or repeats.
 pub async fn list_runs_filters_and_pages(store: Arc<dyn Store>) {
     for i in 0..7 {
         let mut rec = RunRecord::new(
@@ -192,23 +196,27 @@ pub async fn list_runs_filters_and_pages(store: Arc<dyn Store>) {
     );
 }
 
+/// Appended batches read back byte for byte, in order, from any cursor and with any limit.
 pub async fn append_and_read(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     assert_eq!(store.last_seq("run_a").await.unwrap(), 0);
     assert!(store.read("run_a", 0, 10).await.unwrap().is_empty());
-    store.append("run_a", &events("run_a", 1, 5)).await.unwrap();
-    store.append("run_a", &events("run_a", 6, 6)).await.unwrap();
+    let first = events("run_a", 1, 5);
+    let second = events("run_a", 6, 6);
+    store.append("run_a", &first).await.unwrap();
+    store.append("run_a", &second).await.unwrap();
     assert_eq!(store.last_seq("run_a").await.unwrap(), 6);
     let all = store.read("run_a", 0, 100).await.unwrap();
     assert_eq!(seqs(&all), [1, 2, 3, 4, 5, 6]);
-    assert_eq!(
-        all,
-        events("run_a", 1, 6)
-            .into_iter()
-            .zip(&all)
-            .map(|(_, a)| a.clone())
-            .collect::<Vec<_>>()
-    );
+    let written: Vec<RawEvent> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(all, written, "the log holds exactly the appended events");
+    for (got, sent) in all.iter().zip(&written) {
+        assert_eq!(
+            got.json(),
+            sent.json(),
+            "envelope bytes are stored as given"
+        );
+    }
     assert_eq!(all[2].event_type(), "tick");
     assert_eq!(all[2].parse().unwrap().data, json!({"i": 3}));
     assert_eq!(seqs(&store.read("run_a", 2, 2).await.unwrap()), [3, 4]);
@@ -217,6 +225,7 @@ pub async fn append_and_read(store: Arc<dyn Store>) {
     assert_eq!(store.last_seq("run_nope").await.unwrap(), 0);
 }
 
+/// Appends that skip or repeat a seq are refused whole with `SeqConflict`.
 pub async fn append_rejects_gaps_and_duplicates(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     store.append("run_a", &events("run_a", 1, 3)).await.unwrap();
@@ -256,11 +265,102 @@ pub async fn append_rejects_gaps_and_duplicates(store: Arc<dyn Store>) {
     );
 }
 
+/// Appending to a run that does not exist is `NotFound`.
 pub async fn append_unknown_run(store: Arc<dyn Store>) {
     let r = store.append("run_ghost", &events("run_ghost", 1, 1)).await;
     assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
 }
 
+/// An empty batch writes nothing: `Ok` on an open log, and the errors of any append otherwise.
+pub async fn append_empty_batch_is_a_no_op(store: Arc<dyn Store>) {
+    let mut rec = new_run(&store, "run_a").await;
+    store.append("run_a", &[]).await.unwrap();
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 0);
+    store.append("run_a", &events("run_a", 1, 2)).await.unwrap();
+    store.append("run_a", &[]).await.unwrap();
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 2);
+    store.append("run_a", &events("run_a", 3, 3)).await.unwrap();
+    assert_eq!(seqs(&store.read("run_a", 0, 10).await.unwrap()), [1, 2, 3]);
+    let ghost = store.append("run_ghost", &[]).await;
+    assert!(matches!(ghost, Err(Error::NotFound { .. })), "{ghost:?}");
+    finish(&store, &mut rec).await;
+    let closed = store.append("run_a", &[]).await;
+    assert!(matches!(closed, Err(Error::LogClosed { .. })), "{closed:?}");
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 4);
+}
+
+/// A terminal event may only be the last of a batch; otherwise the whole batch is refused.
+pub async fn append_rejects_terminal_before_the_end(store: Arc<dyn Store>) {
+    new_run(&store, "run_a").await;
+    store.append("run_a", &events("run_a", 1, 1)).await.unwrap();
+    let batch = vec![
+        ev("run_a", 2, "tick"),
+        ev("run_a", 3, kind::CHAIN_COMPLETED),
+        ev("run_a", 4, "tick"),
+    ];
+    let r = store.append("run_a", &batch).await;
+    assert!(matches!(r, Err(Error::LogClosed { .. })), "{r:?}");
+    assert_eq!(
+        store.last_seq("run_a").await.unwrap(),
+        1,
+        "a rejected batch leaves nothing behind"
+    );
+    // The log is still open.
+    store.append("run_a", &events("run_a", 2, 3)).await.unwrap();
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 3);
+}
+
+/// `finish` takes a terminal event whose seq is the record's `last_seq`, or changes nothing.
+pub async fn finish_checks_its_terminal_event(store: Arc<dyn Store>) {
+    let rec = new_run(&store, "run_a").await;
+    store.append("run_a", &events("run_a", 1, 2)).await.unwrap();
+    let mut done = rec.clone();
+    done.status = RunStatus::Completed;
+    done.finished_at = Some(Timestamp::now());
+
+    // Not a terminal event.
+    done.last_seq = 3;
+    let not_terminal = ev("run_a", 3, "tick");
+    let r = store.finish(&done, &not_terminal).await;
+    assert!(r.is_err(), "finish with a non-terminal event: {r:?}");
+
+    // The record's last_seq disagrees with the terminal event's seq.
+    done.last_seq = 7;
+    let terminal = RawEvent::encode(
+        3,
+        "run_a",
+        kind::CHAIN_COMPLETED,
+        Timestamp::now(),
+        None,
+        "{}",
+    );
+    let r = store.finish(&done, &terminal).await;
+    assert!(
+        matches!(r, Err(Error::SeqConflict { .. })),
+        "record.last_seq 7 with a terminal event at seq 3: {r:?}"
+    );
+
+    // Nothing changed.
+    assert_eq!(store.get_run("run_a").await.unwrap(), Some(rec));
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 2);
+    store.append("run_a", &events("run_a", 3, 3)).await.unwrap();
+
+    // And the right call still works.
+    done.last_seq = 4;
+    let terminal = RawEvent::encode(
+        4,
+        "run_a",
+        kind::CHAIN_COMPLETED,
+        Timestamp::now(),
+        None,
+        "{}",
+    );
+    store.finish(&done, &terminal).await.unwrap();
+    assert_eq!(store.get_run("run_a").await.unwrap(), Some(done));
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 4);
+}
+
+/// `finish` writes the final record and the terminal event; the log then refuses appends.
 pub async fn finish_closes_log_and_updates_record(store: Arc<dyn Store>) {
     let mut rec = new_run(&store, "run_a").await;
     store.append("run_a", &events("run_a", 1, 2)).await.unwrap();
@@ -303,6 +403,7 @@ async fn write_run(
     finish(&store, &mut rec).await;
 }
 
+/// A follower gets the stored history from its cursor, then live events, without gap or repeat.
 pub async fn follow_history_then_live(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     store
@@ -316,6 +417,7 @@ pub async fn follow_history_then_live(store: Arc<dyn Store>) {
     assert_eq!(got, (41..=301).collect::<Vec<_>>());
 }
 
+/// Three followers of one run see the identical contiguous sequence.
 pub async fn follow_many_readers_identical(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     let readers: Vec<_> = (0..3)
@@ -327,6 +429,7 @@ pub async fn follow_many_readers_identical(store: Arc<dyn Store>) {
     }
 }
 
+/// A follower joining while the run writes still gets everything from seq 1.
 pub async fn follow_join_mid_run(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     let writer = tokio::spawn(write_run(
@@ -342,6 +445,7 @@ pub async fn follow_join_mid_run(store: Arc<dyn Store>) {
     assert_eq!(got, (1..=501).collect::<Vec<_>>());
 }
 
+/// Following a finished run replays it and ends; a cursor at its end yields nothing.
 pub async fn follow_finished_run_ends(store: Arc<dyn Store>) {
     let mut rec = new_run(&store, "run_a").await;
     store
@@ -357,12 +461,14 @@ pub async fn follow_finished_run_ends(store: Arc<dyn Store>) {
     assert!(collect(store.clone(), "run_a", 11).await.is_empty());
 }
 
+/// Following a run that does not exist yields one `NotFound` and ends.
 pub async fn follow_unknown_run(store: Arc<dyn Store>) {
     let got: Vec<_> = follow(store, "run_ghost".into(), 0).collect().await;
     assert_eq!(got.len(), 1);
     assert!(matches!(got[0], Err(Error::NotFound { .. })));
 }
 
+/// A reader that stops reading never blocks the writer, and resumes in bounded batches.
 pub async fn slow_reader_does_not_block_writer(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     let mut stream = Box::pin(crate::follow_batches(store.clone(), "run_a".into(), 0));
@@ -391,6 +497,7 @@ pub async fn slow_reader_does_not_block_writer(store: Arc<dyn Store>) {
     assert_eq!(next, 20_002);
 }
 
+/// Fifty runs written and followed at once each keep their own contiguous log.
 pub async fn concurrent_runs_append(store: Arc<dyn Store>) {
     let runs: Vec<String> = (0..50).map(|i| format!("run_{i:03}")).collect();
     for r in &runs {
@@ -412,6 +519,7 @@ pub async fn concurrent_runs_append(store: Arc<dyn Store>) {
     }
 }
 
+/// A checkpoint replaces the previous one.
 pub async fn checkpoints(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     assert_eq!(store.get_checkpoint("run_a").await.unwrap(), None);
@@ -429,6 +537,7 @@ pub async fn checkpoints(store: Arc<dyn Store>) {
     );
 }
 
+/// The inbox: ids grow and are never reused, acks drop entries up to an id, unknown runs are `NotFound`.
 pub async fn inbox(store: Arc<dyn Store>) {
     new_run(&store, "run_a").await;
     assert!(store.inbox_read("run_a").await.unwrap().is_empty());
@@ -461,6 +570,7 @@ pub async fn inbox(store: Arc<dyn Store>) {
     ));
 }
 
+/// Sessions: create, get, replace, delete, and the errors for a taken or a missing id.
 pub async fn sessions(store: Arc<dyn Store>) {
     let now = Timestamp::now();
     let mut s = SessionRecord {
@@ -489,6 +599,7 @@ pub async fn sessions(store: Arc<dyn Store>) {
     ));
 }
 
+/// Deleting a run removes its record, log, checkpoint and inbox, and frees its id.
 pub async fn delete_run_removes_everything(store: Arc<dyn Store>) {
     let mut rec = new_run(&store, "run_a").await;
     store.append("run_a", &events("run_a", 1, 3)).await.unwrap();
@@ -509,6 +620,7 @@ pub async fn delete_run_removes_everything(store: Arc<dyn Store>) {
     store.append("run_a", &events("run_a", 1, 1)).await.unwrap();
 }
 
+/// `finished_before` matches finished runs only; a limit of 0 means 50 and pages stop at 1,000.
 pub async fn list_runs_finished_before_and_limits(store: Arc<dyn Store>) {
     for i in 0..1_005u32 {
         let mut rec = RunRecord::new(format!("run_{i:05}"), "wf", json!(null));

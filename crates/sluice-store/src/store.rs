@@ -54,8 +54,14 @@ pub struct InboxEntry {
 /// - [`append`](Store::append) and [`finish`](Store::finish) are durable (per the backend's
 ///   documented commit policy) before they return, and an event is visible to
 ///   [`read`](Store::read) only once it is.
-/// - The log of a run is contiguous from seq 1 and ends at most once, with a terminal event.
+/// - The log of a run is contiguous from seq 1 and ends at most once, with a terminal event
+///   (`chain-completed`, `chain-error`, `chain-cancelled`), which is always its last event.
 /// - [`finish`](Store::finish) makes the final record visible no later than the terminal event.
+/// - A write that fails writes nothing: a refused batch leaves the log as it was.
+///
+/// The record's `last_seq` is what its writer last stored: exact for a finished run (set by
+/// `finish`) and at the points where the engine saves the record (pausing, resuming); while a
+/// run is active its log runs ahead of it, and [`last_seq`](Store::last_seq) is the live value.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // ---- run records ----
@@ -83,20 +89,29 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- the event log ----
 
-    /// Appends events to a run's log. `events` must be non-empty, contiguous, and start at the
-    /// log's last seq + 1.
+    /// Appends events to a run's log: contiguous seqs starting at the log's last seq + 1. A
+    /// terminal event may only be the last of the batch (it closes the log; runs normally end
+    /// through [`finish`](Store::finish)). The batch is written whole or not at all.
+    ///
+    /// An empty batch writes nothing and notifies no one: it returns `Ok(())` for an open log
+    /// and the same errors as any append otherwise.
     ///
     /// # Errors
     /// [`NotFound`](crate::Error::NotFound) for an unknown run,
     /// [`SeqConflict`](crate::Error::SeqConflict) when the seqs do not continue the log,
-    /// [`LogClosed`](crate::Error::LogClosed) after a terminal event.
+    /// [`LogClosed`](crate::Error::LogClosed) after a terminal event, or when a terminal event
+    /// in the batch is followed by more events.
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> Result<()>;
 
-    /// Atomically replaces the run record and appends the terminal event (whose seq must be
-    /// `record.last_seq`). Readers that see the terminal event see the final record.
+    /// Atomically replaces the run record and appends the terminal event, whose seq must be
+    /// both the log's last seq + 1 and `record.last_seq`. Readers that see the terminal event see
+    /// the final record. When it fails, neither the record nor the log changed.
     ///
     /// # Errors
-    /// As [`append`](Store::append).
+    /// As [`append`](Store::append); [`SeqConflict`](crate::Error::SeqConflict) also when
+    /// `terminal.seq()` is not `record.last_seq` (`expected` is then `record.last_seq`);
+    /// [`Backend`](crate::Error::Backend) when `terminal` is not a terminal event (a caller's
+    /// bug).
     async fn finish(&self, record: &RunRecord, terminal: &RawEvent) -> Result<()>;
 
     /// Up to `limit` events with `seq > after`, in order. Unknown runs give an empty list.

@@ -1,12 +1,14 @@
 //! A document-review workflow, written the way a Sluice user writes one.
 //!
-//! `split` cuts the input text into paragraphs and fans them out; `analyze` (four at a time)
+//! Input: `{"text": "…"}` (paragraphs separated by blank lines), checked before the run starts.
+//!
+//! `split` cuts the text into paragraphs and fans them out; `analyze` (four at a time)
 //! measures each and reports progress on the stream; `summarize` joins the analyses with
 //! `collect`; `approve` pauses the run for a person (`input-requested`) and the `decide` step
-//! turns the answer into the result.
+//! turns the answer into the result. A text without paragraphs goes straight to approval.
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use sluice_engine::protocol_payload::InputRequested;
 use sluice_engine::{
     Context, Emit, InputEvent, StartEvent, Step, StepError, StopEvent, Workflow, WorkflowEvent,
@@ -54,10 +56,23 @@ impl WorkflowEvent for Summary {
     const NAME: &'static str = "summary";
 }
 
+/// The input's text; `Err` names the field (`Engine::start` answers it as invalid input).
+fn text(input: &Value) -> Result<&str, String> {
+    let Some(obj) = input.as_object() else {
+        return Err("input: must be a JSON object with a \"text\" string".into());
+    };
+    if let Some(k) = obj.keys().find(|k| k.as_str() != "text") {
+        return Err(format!("input.{k}: unknown field (expected text)"));
+    }
+    match obj.get("text") {
+        Some(Value::String(t)) => Ok(t),
+        Some(_) => Err("input.text: must be a string".into()),
+        None => Err("input.text: required".into()),
+    }
+}
+
 async fn split(ctx: Context, start: StartEvent) -> Result<Emit, StepError> {
-    let text = start.0["text"]
-        .as_str()
-        .ok_or_else(|| StepError::new("input.text: required").no_retry())?;
+    let text = text(&start.0).map_err(|e| StepError::new(e).no_retry())?;
     let paragraphs: Vec<&str> = text
         .split("\n\n")
         .map(str::trim)
@@ -65,6 +80,14 @@ async fn split(ctx: Context, start: StartEvent) -> Result<Emit, StepError> {
         .collect();
     ctx.set("paragraphs", paragraphs.len())?;
     let of = paragraphs.len();
+    if of == 0 {
+        // Nothing to analyse (and `summarize` would wait for analyses that never come).
+        return Ok(Summary {
+            words: 0,
+            paragraphs: 0,
+        }
+        .into());
+    }
     for (index, p) in paragraphs.into_iter().enumerate() {
         ctx.send_event(Paragraph {
             index,
@@ -137,7 +160,18 @@ async fn decide(ctx: Context, answer: InputEvent) -> Result<Emit, StepError> {
 pub fn review() -> sluice_engine::Result<Workflow> {
     Workflow::builder("review")
         .description("Analyses a document paragraph by paragraph and asks a person to approve it.")
-        .step(Step::new("split", split).emits::<Paragraph>())
+        .input_schema(json!({
+            "type": "object",
+            "required": ["text"],
+            "additionalProperties": false,
+            "properties": {"text": {"type": "string"}}
+        }))
+        .validate_input(|input| text(input).map(|_| ()))
+        .step(
+            Step::new("split", split)
+                .emits::<Paragraph>()
+                .emits::<Summary>(),
+        )
         .step(
             Step::new("analyze", analyze)
                 .emits::<Analysis>()
