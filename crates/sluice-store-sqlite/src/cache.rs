@@ -1,11 +1,23 @@
-//! The committed state of recently written logs, shared by the writer and the readers.
+//! The committed state of open logs, shared by the writer and the readers: where each open log
+//! stands, and its newest committed events (the *tail*), so that live followers read what was
+//! just committed from memory instead of from the database.
+//!
+//! The tail always holds every event of the run that is only in the journal (see
+//! `journal.rs`): it is trimmed only down to the last event in the `events` table. So a read
+//! is answered either from the tail or, for older events, from `events`, never from the
+//! journal.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-/// Past this many entries the cache is emptied and refilled lazily (a safety bound: entries of
-/// finished and deleted runs leave it as they happen).
-const MAX_RUNS: usize = 65_536;
+use sluice_protocol::RawEvent;
+
+/// A run's tail keeps at most this many events…
+const TAIL_EVENTS: usize = 64;
+
+/// …and at most about this many bytes of envelopes (at least the newest event). A follower
+/// that has fallen further behind reads from the database, at its own pace.
+const TAIL_BYTES: usize = 8 * 1024;
 
 /// Where a run's log stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,45 +28,270 @@ pub(crate) struct RunState {
     pub(crate) closed: bool,
 }
 
-/// `run_id -> RunState` for runs whose log is open, as committed.
+/// One open log: its committed state and its newest committed events, contiguous and ending at
+/// `state.last_seq` (possibly empty), holding at least every event after `applied_upto`.
+#[derive(Debug)]
+struct Entry {
+    state: RunState,
+    /// The last seq in the `events` table; later ones are in the journal (and the tail).
+    applied_upto: u64,
+    tail: VecDeque<RawEvent>,
+    tail_bytes: usize,
+}
+
+impl Entry {
+    fn new(state: RunState) -> Self {
+        Self {
+            state,
+            applied_upto: state.last_seq,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+        }
+    }
+
+    /// Moves the entry to `state`, with `appended` the events committed to get there.
+    fn advance(&mut self, state: RunState, appended: Vec<RawEvent>, applied_upto: u64) {
+        self.applied_upto = applied_upto;
+        let continues = appended
+            .first()
+            .is_some_and(|e| e.seq() == self.state.last_seq + 1)
+            && appended.last().is_some_and(|e| e.seq() == state.last_seq);
+        if !continues {
+            // Nothing new (a record update), or state from elsewhere: the tail must still end at
+            // last_seq, so it is kept only if nothing moved.
+            if state.last_seq != self.state.last_seq {
+                self.tail.clear();
+                self.tail_bytes = 0;
+            }
+            self.state = state;
+            return;
+        }
+        self.state = state;
+        // Of a long append, only the newest fit (when they are all in `events` already).
+        let skip = if applied_upto >= state.last_seq {
+            appended.len().saturating_sub(TAIL_EVENTS)
+        } else {
+            0
+        };
+        if skip > 0 {
+            self.tail.clear();
+            self.tail_bytes = 0;
+        }
+        for e in appended.into_iter().skip(skip) {
+            self.tail_bytes += e.json().len();
+            self.tail.push_back(e);
+        }
+        while self.tail.len() > TAIL_EVENTS || (self.tail_bytes > TAIL_BYTES && self.tail.len() > 1)
+        {
+            // Events only in the journal stay, whatever the bounds say.
+            if self
+                .tail
+                .front()
+                .is_none_or(|old| old.seq() > self.applied_upto)
+            {
+                break;
+            }
+            if let Some(old) = self.tail.pop_front() {
+                self.tail_bytes -= old.json().len();
+            }
+        }
+    }
+}
+
+/// What a commit did to one run, for [`RunCache::apply`].
+#[derive(Debug)]
+pub(crate) struct Change<'a> {
+    pub(crate) run_id: &'a str,
+    /// The state after the commit (`None`: the run does not exist).
+    pub(crate) state: Option<RunState>,
+    /// The events the commit appended, in order.
+    pub(crate) appended: Vec<RawEvent>,
+    /// The last seq of the run in the `events` table after the commit.
+    pub(crate) applied_upto: u64,
+}
+
+/// `run_id -> (RunState, tail)` for runs whose log is open, as committed.
 ///
-/// Only the writer fills it, after each commit, so an entry is never older than what was
-/// acknowledged to a writer. Readers use it to answer `last_seq` without a query and fall back to
-/// the database on a miss. Runs whose log is closed are left out: their state never changes.
+/// Only the writer fills it, after each commit, so an entry is never ahead of the database nor
+/// older than what was acknowledged to a writer. Readers use it to answer `last_seq` and live
+/// reads without a query, and fall back to the database on a miss. Runs whose log is closed are
+/// left out: their state never changes, and their readers read the rest from the database.
+/// An open run that has events only in the journal is always here (entries leave when their
+/// log closes or the run is deleted), so a run that is not here has all its events in `events`.
 #[derive(Debug, Default)]
 pub(crate) struct RunCache {
-    runs: Mutex<HashMap<String, RunState>>,
+    runs: Mutex<HashMap<String, Entry>>,
 }
 
 impl RunCache {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, RunState>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The committed state of an open log, if cached.
     pub(crate) fn get(&self, run_id: &str) -> Option<RunState> {
-        self.lock().get(run_id).copied()
+        self.lock().get(run_id).map(|e| e.state)
     }
 
-    /// Records what a commit made of these runs (`None`: the run does not exist).
-    pub(crate) fn apply<'a>(&self, changes: impl IntoIterator<Item = (&'a str, Option<RunState>)>) {
-        let mut runs = self.lock();
-        if runs.len() > MAX_RUNS {
-            runs.clear();
+    /// The committed events with `seq > after` (at most `limit`), when the cache can tell them
+    /// all: `Some(empty)` when nothing is committed past `after`, `None` when the database must
+    /// be asked (the run is not cached, or `after` is older than its tail).
+    pub(crate) fn read(&self, run_id: &str, after: u64, limit: usize) -> Option<Vec<RawEvent>> {
+        let runs = self.lock();
+        let entry = runs.get(run_id)?;
+        if after >= entry.state.last_seq {
+            return Some(Vec::new());
         }
-        for (run_id, state) in changes {
-            match state {
-                Some(state) if !state.closed => {
-                    if let Some(slot) = runs.get_mut(run_id) {
-                        *slot = state;
-                    } else {
-                        runs.insert(run_id.to_owned(), state);
+        let first = entry.tail.front()?.seq();
+        if first > after + 1 {
+            return None;
+        }
+        let skip = usize::try_from(after + 1 - first).ok()?;
+        Some(entry.tail.iter().skip(skip).take(limit).cloned().collect())
+    }
+
+    /// Records what a commit made of these runs.
+    pub(crate) fn apply<'a>(&self, changes: impl IntoIterator<Item = Change<'a>>) {
+        let mut runs = self.lock();
+        for change in changes {
+            match change.state {
+                Some(state) if !state.closed => match runs.get_mut(change.run_id) {
+                    Some(entry) => entry.advance(state, change.appended, change.applied_upto),
+                    None => {
+                        // A run seen for the first time this commit: its tail starts with what
+                        // the commit appended, when that ends at the committed state.
+                        let start = RunState {
+                            last_seq: change
+                                .appended
+                                .first()
+                                .map_or(state.last_seq, |e| e.seq().saturating_sub(1)),
+                            closed: false,
+                        };
+                        let mut entry = Entry::new(start);
+                        entry.advance(state, change.appended, change.applied_upto);
+                        runs.insert(change.run_id.to_owned(), entry);
                     }
-                }
+                },
                 _ => {
-                    runs.remove(run_id);
+                    runs.remove(change.run_id);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64, text_len: usize) -> RawEvent {
+        let json = format!("{{\"seq\":{seq},\"text\":\"{}\"}}", "x".repeat(text_len));
+        RawEvent::from_parts(seq, "tick", bytes::Bytes::from(json))
+    }
+
+    fn open(last_seq: u64) -> Option<RunState> {
+        Some(RunState {
+            last_seq,
+            closed: false,
+        })
+    }
+
+    fn seqs(v: Option<Vec<RawEvent>>) -> Option<Vec<u64>> {
+        v.map(|v| v.iter().map(RawEvent::seq).collect())
+    }
+
+    #[test]
+    fn serves_the_tail_and_sends_older_cursors_to_the_database() {
+        let cache = RunCache::default();
+        cache.apply([Change {
+            run_id: "r",
+            state: open(3),
+            appended: (1..=3).map(|s| ev(s, 4)).collect(),
+            applied_upto: 3,
+        }]);
+        assert_eq!(seqs(cache.read("r", 0, 10)), Some(vec![1, 2, 3]));
+        assert_eq!(seqs(cache.read("r", 1, 1)), Some(vec![2]));
+        assert_eq!(seqs(cache.read("r", 3, 10)), Some(vec![]));
+        assert_eq!(seqs(cache.read("other", 0, 10)), None);
+        // Far more than the tail holds: only the newest stay, older cursors miss.
+        let n = TAIL_EVENTS as u64 * 2;
+        cache.apply([Change {
+            run_id: "r",
+            state: open(3 + n),
+            appended: (4..=3 + n).map(|s| ev(s, 4)).collect(),
+            applied_upto: 3 + n,
+        }]);
+        assert_eq!(seqs(cache.read("r", 0, 10)), None);
+        let newest = seqs(cache.read("r", 2 + n, 10)).unwrap();
+        assert_eq!(newest, vec![3 + n]);
+        let from = 3 + n - TAIL_EVENTS as u64;
+        assert_eq!(
+            seqs(cache.read("r", from, 1000)).unwrap().len(),
+            TAIL_EVENTS
+        );
+    }
+
+    #[test]
+    fn events_only_in_the_journal_are_never_trimmed() {
+        let cache = RunCache::default();
+        let n = TAIL_EVENTS as u64 * 3;
+        cache.apply([Change {
+            run_id: "r",
+            state: open(n),
+            appended: (1..=n).map(|s| ev(s, 4)).collect(),
+            applied_upto: 0,
+        }]);
+        assert_eq!(seqs(cache.read("r", 0, 1000)).unwrap().len() as u64, n);
+        // Once they are in `events`, the tail shrinks to its bounds at the next commit.
+        cache.apply([Change {
+            run_id: "r",
+            state: open(n + 1),
+            appended: vec![ev(n + 1, 4)],
+            applied_upto: n + 1,
+        }]);
+        assert_eq!(cache.read("r", 0, 1000), None);
+        assert_eq!(
+            seqs(cache.read("r", n + 1 - TAIL_EVENTS as u64, 1000))
+                .unwrap()
+                .len(),
+            TAIL_EVENTS
+        );
+    }
+
+    #[test]
+    fn bounds_bytes_and_forgets_closed_and_jumping_runs() {
+        let cache = RunCache::default();
+        let big = TAIL_BYTES / 2;
+        cache.apply([Change {
+            run_id: "r",
+            state: open(4),
+            appended: (1..=4).map(|s| ev(s, big)).collect(),
+            applied_upto: 4,
+        }]);
+        // Only the newest one or two fit in the byte budget.
+        assert_eq!(cache.read("r", 1, 10), None);
+        assert_eq!(seqs(cache.read("r", 3, 10)), Some(vec![4]));
+        // A state that moved without the events (loaded from elsewhere) empties the tail.
+        cache.apply([Change {
+            run_id: "r",
+            state: open(9),
+            appended: Vec::new(),
+            applied_upto: 9,
+        }]);
+        assert_eq!(cache.read("r", 8, 10), None);
+        assert_eq!(seqs(cache.read("r", 9, 10)), Some(vec![]));
+        // A closed log leaves the cache.
+        cache.apply([Change {
+            run_id: "r",
+            state: Some(RunState {
+                last_seq: 10,
+                closed: true,
+            }),
+            appended: vec![ev(10, 1)],
+            applied_upto: 10,
+        }]);
+        assert_eq!(cache.get("r"), None);
+        assert_eq!(cache.read("r", 9, 10), None);
     }
 }

@@ -22,7 +22,8 @@
 //! - `writer.rs`: the writer thread and its group commit.
 //! - `checkpoint.rs`: the checkpoint thread, which keeps WAL checkpoints off the writer.
 //! - `reader.rs`: the pool of read-only connections and the read queries.
-//! - `cache.rs`: the committed `run_id → (last_seq, closed)` of open logs.
+//! - `cache.rs`: the committed `run_id → (last_seq, closed)` of open logs, and each one's
+//!   newest committed events, from which live followers read.
 //!
 //! # How writes are committed
 //! The database runs in WAL mode. One dedicated OS thread owns the only read-write connection
@@ -54,7 +55,12 @@
 //! Reads run on a small pool of read-only connections
 //! ([`SqliteOptions::read_connections`]) on Tokio's blocking thread pool, never on the async
 //! runtime; WAL lets them proceed while the writer commits, each seeing the last commit made
-//! before it started.
+//! before it started. A read of an open log at or near its end (a live follower) is answered
+//! from memory instead: after each commit the writer adds the appended events to the cache's
+//! *tail* of that run (its newest 64 events, at most about 8 KiB of them), so a follower woken
+//! by a commit gets the new events without a query or a thread hop. A follower further behind
+//! reads from the database; the tail's bound keeps memory per open run small however many
+//! followers there are.
 //!
 //! # What survives a crash
 //! A write is acknowledged only after its transaction has committed, so an acknowledged write
@@ -80,6 +86,7 @@
 
 mod cache;
 mod checkpoint;
+mod journal;
 mod options;
 mod reader;
 mod schema;
@@ -266,6 +273,14 @@ impl Store for SqliteStore {
     }
 
     async fn read(&self, run_id: &str, after: u64, limit: usize) -> Result<Vec<RawEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Live followers are usually at the end of an open log: what they need was just
+        // committed and is in the cache's tail.
+        if let Some(events) = self.cache.read(run_id, after, limit) {
+            return Ok(events);
+        }
         let run_id = run_id.to_owned();
         self.readers
             .run(move |conn| reader::read_events(conn, &run_id, after, limit))

@@ -56,6 +56,16 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL            -- the SessionRecord as JSON
     );
     ",
+    // 2: the journal of small appends (see `journal.rs`): rows in append order, no other index.
+    "
+    CREATE TABLE journal (
+        pos    INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        type   TEXT NOT NULL,
+        json   BLOB NOT NULL
+    );
+    ",
 ];
 
 /// The schema version this build writes (`PRAGMA user_version` after migrating).
@@ -94,7 +104,7 @@ pub(crate) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
     }
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {};
-         PRAGMA cache_size = -65536;
+         PRAGMA cache_size = -16384;
          PRAGMA temp_store = MEMORY;
          PRAGMA wal_autocheckpoint = {};
          PRAGMA journal_size_limit = 268435456;",
@@ -103,7 +113,33 @@ pub(crate) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
     ))
     .map_err(|e| Error::backend("configuring the writer connection", e))?;
     migrate(&conn)?;
+    replay_journal(&conn)?;
     Ok(conn)
+}
+
+/// Moves whatever the journal holds into `events` (rows of runs that still exist and are not
+/// there yet) and empties it: the writer starts with nothing pending.
+fn replay_journal(conn: &Connection) -> Result<()> {
+    let what = "replaying the journal";
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(|e| Error::backend(what, e))?;
+    let moved = tx
+        .execute(
+            "INSERT OR IGNORE INTO events (run_id, seq, type, json)
+             SELECT run_id, seq, type, json FROM journal
+             WHERE run_id IN (SELECT id FROM runs)
+             ORDER BY run_id, seq",
+            [],
+        )
+        .map_err(|e| Error::backend(what, e))?;
+    tx.execute("DELETE FROM journal", [])
+        .map_err(|e| Error::backend(what, e))?;
+    tx.commit().map_err(|e| Error::backend(what, e))?;
+    if moved > 0 {
+        tracing::info!(events = moved, "moved journaled events into the log");
+    }
+    Ok(())
 }
 
 /// Opens one read-only connection (after the writer created and migrated the database).
@@ -117,7 +153,7 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
         .map_err(|e| Error::backend("setting the busy timeout", e))?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.execute_batch(
-        "PRAGMA cache_size = -16384; PRAGMA temp_store = MEMORY; PRAGMA query_only = ON;",
+        "PRAGMA cache_size = -4096; PRAGMA temp_store = MEMORY; PRAGMA query_only = ON;",
     )
     .map_err(|e| Error::backend("configuring a reader connection", e))?;
     Ok(conn)

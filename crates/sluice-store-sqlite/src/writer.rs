@@ -11,8 +11,9 @@ use sluice_store::{Error, Notifier, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::SqliteOptions;
-use crate::cache::{RunCache, RunState};
+use crate::cache::{Change, RunCache, RunState};
 use crate::checkpoint::{self, Checkpointer};
+use crate::journal::{Journal, Route};
 
 /// Row counts of the prepared multi-row inserts: an append of n events uses n's binary
 /// decomposition (capped at 64 rows a statement).
@@ -45,6 +46,7 @@ pub(crate) struct RunRow {
     session_id: Option<String>,
     owner: Option<String>,
     finished_at: Option<i64>,
+    last_seq: u64,
     json: String,
 }
 
@@ -58,6 +60,7 @@ impl RunRow {
             session_id: record.session_id.clone(),
             owner: record.owner.clone(),
             finished_at: record.finished_at.map(|t| t.as_micros()),
+            last_seq: record.last_seq,
             json: serde_json::to_string(record)?,
         })
     }
@@ -210,12 +213,12 @@ impl Done {
 }
 
 /// What the open transaction did to a run, on top of the committed [`RunCache`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Touched {
     /// The state after the transaction (`None`: the run does not exist).
     state: Option<RunState>,
-    /// Whether events were appended (followers must be woken).
-    appended: bool,
+    /// The events appended, in order (followers must be woken; they go to the cache's tail).
+    appended: Vec<RawEvent>,
 }
 
 /// The write side of the store, run on its own thread by [`Writer::run`].
@@ -230,6 +233,10 @@ pub(crate) struct Writer {
     interrupted: Option<Fatal>,
     /// The `INSERT INTO events` statements, by how many rows each inserts (largest first).
     inserts: Vec<(usize, String)>,
+    /// The `INSERT INTO journal` statements, likewise.
+    journal_inserts: Vec<(usize, String)>,
+    /// Which runs have events in the journal only (see `journal.rs`).
+    journal: Journal,
     commit_window: Duration,
     max_batch: usize,
     /// Takes checkpoints off this thread; `None` in unit tests.
@@ -284,7 +291,13 @@ fn check_continues(run_id: &str, state: Option<RunState>, events: &[RawEvent]) -
         });
     }
     let mut expected = state.last_seq + 1;
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
+        if e.is_terminal() && i + 1 < events.len() {
+            // Nothing may follow a terminal event: the batch is refused whole.
+            return Err(Error::LogClosed {
+                run_id: run_id.to_owned(),
+            });
+        }
         if e.seq() != expected {
             return Err(Error::SeqConflict {
                 run_id: run_id.to_owned(),
@@ -352,21 +365,38 @@ impl Writer {
         options: &SqliteOptions,
         checkpointer: Option<Checkpointer>,
     ) -> Self {
-        let inserts = INSERT_ROWS
-            .iter()
-            .map(|&rows| {
-                // OR FAIL: the rows are checked before, so a failure is an I/O-level one that
-                // fails the whole group; SQLite then needs no statement journal to undo a
-                // statement halfway.
-                let mut sql = String::from(
-                    "INSERT OR FAIL INTO events (run_id, seq, type, json) VALUES (?, ?, ?, ?)",
-                );
-                for _ in 1..rows {
-                    sql.push_str(", (?, ?, ?, ?)");
-                }
-                (rows, sql)
-            })
-            .collect();
+        // OR FAIL: the rows are checked before, so a failure is an I/O-level one that fails the
+        // whole group; SQLite then needs no statement journal to undo a statement halfway.
+        let multi_row = |head: &str, row: &str| -> Vec<(usize, String)> {
+            INSERT_ROWS
+                .iter()
+                .map(|&rows| {
+                    let mut sql = format!("{head} VALUES {row}");
+                    for _ in 1..rows {
+                        sql.push_str(", ");
+                        sql.push_str(row);
+                    }
+                    (rows, sql)
+                })
+                .collect()
+        };
+        let inserts = multi_row(
+            "INSERT OR FAIL INTO events (run_id, seq, type, json)",
+            "(?, ?, ?, ?)",
+        );
+        let journal_inserts = multi_row(
+            "INSERT OR FAIL INTO journal (pos, run_id, seq, type, json)",
+            "(?, ?, ?, ?, ?)",
+        );
+        // The store replays the journal into `events` when it opens; whatever is left (a
+        // writer made on an unopened file, in tests) just continues after it.
+        let (next_pos, lowest) = conn
+            .query_row(
+                "SELECT COALESCE(MAX(pos), 0) + 1, COALESCE(MIN(pos), MAX(pos) + 1, 1) FROM journal",
+                [],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+            )
+            .unwrap_or((1, 1));
         Self {
             conn,
             cache,
@@ -374,6 +404,8 @@ impl Writer {
             touched: HashMap::new(),
             interrupted: None,
             inserts,
+            journal_inserts,
+            journal: Journal::new(next_pos, lowest),
             commit_window: options.commit_window,
             max_batch: options.max_batch.max(1),
             checkpointer,
@@ -414,6 +446,7 @@ impl Writer {
         let mut done = Vec::with_capacity(group.len());
         let mut bytes = 0;
         let mut fatal: Option<Fatal> = None;
+        self.journal.begin_group();
         if let Err(e) = self.exec("BEGIN IMMEDIATE") {
             fatal = Some(Arc::new(e));
         }
@@ -429,6 +462,11 @@ impl Writer {
             let (d, e) = self.apply_isolated(cmd);
             done.extend(d);
             fatal = e;
+        }
+        if fatal.is_none()
+            && let Err(e) = self.maintain_journal()
+        {
+            fatal = Some(Arc::new(e));
         }
         let outcome = match fatal {
             Some(e) => {
@@ -446,17 +484,28 @@ impl Writer {
         let mut wake = Vec::new();
         match outcome {
             Ok(()) => {
+                self.journal.commit_group();
                 self.since_checkpoint += bytes;
-                self.cache
-                    .apply(self.touched.iter().map(|(id, t)| (id.as_str(), t.state)));
-                for (id, t) in self.touched.drain() {
-                    if let Some(state) = t.state.filter(|_| t.appended) {
-                        wake.push((id, state.last_seq));
+                for (id, t) in &self.touched {
+                    if let Some(state) = t.state.filter(|_| !t.appended.is_empty()) {
+                        wake.push((id.clone(), state.last_seq));
                     }
                 }
+                let journal = &self.journal;
+                self.cache
+                    .apply(self.touched.iter_mut().map(|(id, t)| Change {
+                        run_id: id.as_str(),
+                        state: t.state,
+                        appended: std::mem::take(&mut t.appended),
+                        applied_upto: t.state.map_or(0, |s| {
+                            s.last_seq.saturating_sub(journal.pending_len(id) as u64)
+                        }),
+                    }));
+                self.touched.clear();
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = done.len(), "an SQLite write transaction failed");
+                self.journal.rollback_group();
                 self.touched.clear();
                 for d in &mut done {
                     d.undo(|| Error::backend("committing a write transaction", Arc::clone(&e)));
@@ -582,6 +631,67 @@ impl Writer {
         Ok(())
     }
 
+    /// Inserts `events` into the journal at consecutive positions from `first_pos`.
+    fn insert_journal(
+        &self,
+        run_id: &str,
+        first_pos: i64,
+        mut events: &[RawEvent],
+    ) -> rusqlite::Result<()> {
+        let mut pos = first_pos;
+        for (rows, sql) in &self.journal_inserts {
+            while events.len() >= *rows {
+                let (now, rest) = events.split_at(*rows);
+                let mut stmt = self.conn.prepare_cached(sql)?;
+                for (i, e) in now.iter().enumerate() {
+                    stmt.raw_bind_parameter(5 * i + 1, pos)?;
+                    stmt.raw_bind_parameter(5 * i + 2, run_id)?;
+                    stmt.raw_bind_parameter(5 * i + 3, to_sql_int(e.seq()))?;
+                    stmt.raw_bind_parameter(5 * i + 4, e.event_type())?;
+                    stmt.raw_bind_parameter(5 * i + 5, &e.json()[..])?;
+                    pos += 1;
+                }
+                stmt.raw_execute()?;
+                events = rest;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `events` (checked to continue the run's log) where the journal's rules say:
+    /// into the journal, or with the run's pending events into `events`.
+    fn store_events(
+        &mut self,
+        run_id: &str,
+        events: &[RawEvent],
+        closes: bool,
+    ) -> rusqlite::Result<()> {
+        match self.journal.route(run_id, events, closes) {
+            Route::Journal(first_pos) => self.insert_journal(run_id, first_pos, events),
+            Route::Direct(all) => self.insert_events(run_id, &all),
+        }
+    }
+
+    /// At the end of a group: moves the pending events of runs that went quiet into `events`,
+    /// and cuts off the journal's front when it can move.
+    fn maintain_journal(&mut self) -> Result<()> {
+        for run_id in self.journal.stragglers() {
+            // Touch the run so its cache entry learns that the events are in `events` now.
+            self.state(&run_id)?;
+            let events = self.journal.take(&run_id);
+            self.insert_events(&run_id, &events)
+                .map_err(db("moving journaled events"))?;
+        }
+        if let Some(below) = self.journal.truncation() {
+            self.conn
+                .prepare_cached("DELETE FROM journal WHERE pos < ?1")
+                .and_then(|mut stmt| stmt.execute([below]))
+                .map_err(db("truncating the journal"))?;
+            self.journal.truncated(below);
+        }
+        Ok(())
+    }
+
     /// The state of a run's log as of the open transaction: what it did, else the committed
     /// cache, else the database.
     fn state(&mut self, run_id: &str) -> Result<Option<RunState>> {
@@ -596,19 +706,26 @@ impl Writer {
             run_id.to_owned(),
             Touched {
                 state,
-                appended: false,
+                appended: Vec::new(),
             },
         );
         Ok(state)
     }
 
-    fn set_state(&mut self, run_id: &str, state: Option<RunState>, appended: bool) {
+    /// Records the state of a run after a command, with the events it appended.
+    fn set_state(&mut self, run_id: &str, state: Option<RunState>, appended: &[RawEvent]) {
         let t = self
             .touched
             .entry(run_id.to_owned())
-            .or_insert(Touched { state, appended });
+            .or_insert_with(|| Touched {
+                state,
+                appended: Vec::new(),
+            });
         t.state = state;
-        t.appended |= appended;
+        if state.is_none() {
+            t.appended.clear();
+        }
+        t.appended.extend_from_slice(appended);
     }
 
     fn create_run(&mut self, row: &RunRow) -> Result<()> {
@@ -644,7 +761,7 @@ impl Writer {
                 last_seq: 0,
                 closed: false,
             }),
-            false,
+            &[],
         );
         Ok(())
     }
@@ -662,7 +779,10 @@ impl Writer {
                 .map_err(db("deleting a run"))?;
             stmt.execute([id]).map_err(db("deleting a run"))?;
         }
-        self.set_state(id, None, false);
+        // Its journal rows go with the journal's front (and are skipped if the store reopens
+        // before that: the journal is replayed for existing runs only).
+        self.journal.take(id);
+        self.set_state(id, None, &[]);
         Ok(())
     }
 
@@ -671,7 +791,7 @@ impl Writer {
         if events.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.insert_events(run_id, events) {
+        if let Err(e) = self.store_events(run_id, events, after.closed) {
             // Rows of this append may be in the transaction already: it must not commit.
             self.interrupted = Some(Arc::new(Error::backend("appending events", e)));
             return Err(Error::Backend {
@@ -679,20 +799,42 @@ impl Writer {
                 source: None,
             });
         }
-        self.set_state(run_id, Some(after), true);
+        self.set_state(run_id, Some(after), events);
         Ok(())
     }
 
     fn finish(&mut self, row: &RunRow, terminal: &RawEvent) -> Result<()> {
+        if !terminal.is_terminal() {
+            return Err(Error::Backend {
+                message: format!(
+                    "finish needs a terminal event, not {:?}",
+                    terminal.event_type()
+                ),
+                source: None,
+            });
+        }
+        if terminal.seq() != row.last_seq {
+            return Err(Error::SeqConflict {
+                run_id: row.id.clone(),
+                expected: row.last_seq,
+                got: terminal.seq(),
+            });
+        }
         let after = check_continues(
             &row.id,
             self.state(&row.id)?,
             std::slice::from_ref(terminal),
         )?;
         update_run(&self.conn, row)?;
-        self.insert_events(&row.id, std::slice::from_ref(terminal))
-            .map_err(db("appending the terminal event"))?;
-        self.set_state(&row.id, Some(after), true);
+        if let Err(e) = self.store_events(&row.id, std::slice::from_ref(terminal), true) {
+            // The journal's bookkeeping moved already: the whole group must not commit.
+            self.interrupted = Some(Arc::new(Error::backend("appending the terminal event", e)));
+            return Err(Error::Backend {
+                message: "appending the terminal event failed".into(),
+                source: None,
+            });
+        }
+        self.set_state(&row.id, Some(after), std::slice::from_ref(terminal));
         Ok(())
     }
 
@@ -828,6 +970,18 @@ mod tests {
         w.conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
+    /// A run's events as stored: in `events`, or only in the journal.
+    fn stored(w: &Writer, run: &str) -> i64 {
+        w.conn
+            .query_row(
+                "SELECT count(*) FROM (SELECT seq FROM events WHERE run_id = ?1
+                                       UNION SELECT seq FROM journal WHERE run_id = ?1)",
+                [run],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
     #[test]
     fn a_rejected_command_fails_alone_within_its_group() {
         let (_dir, mut w) = writer();
@@ -873,14 +1027,8 @@ mod tests {
             outcomes[6]
         );
         assert!(outcomes[7].is_ok());
-        assert_eq!(
-            count(&w, "SELECT count(*) FROM events WHERE run_id = 'run_a'"),
-            5
-        );
-        assert_eq!(
-            count(&w, "SELECT count(*) FROM events WHERE run_id = 'run_b'"),
-            2
-        );
+        assert_eq!(stored(&w, "run_a"), 5);
+        assert_eq!(stored(&w, "run_b"), 2);
         assert_eq!(count(&w, "SELECT count(*) FROM runs"), 2);
         // The committed state reached the shared cache.
         assert_eq!(
@@ -927,7 +1075,7 @@ mod tests {
             count(&w, "SELECT inbox_next FROM runs WHERE id = 'run_a'"),
             1
         );
-        assert_eq!(count(&w, "SELECT count(*) FROM events"), 2);
+        assert_eq!(stored(&w, "run_a"), 2);
     }
 
     #[test]

@@ -222,3 +222,108 @@ async fn a_rejected_append_does_not_fail_the_others() {
         );
     }
 }
+
+/// Many runs appending an event at a time: their small appends wait in the journal (and in
+/// memory), yet every reader at any cursor, and the store reopened after a drop, sees every
+/// log whole and contiguous. A deleted run's journaled events do not come back.
+#[tokio::test]
+async fn small_appends_of_many_runs_are_readable_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = Arc::new(open(&path));
+    let runs: Vec<String> = (0..40).map(|i| format!("run_{i:02}")).collect();
+    for id in &runs {
+        new_run(&store, id).await;
+    }
+    // Each run appends 1..=N one event at a time, interleaved with the others, so most of the
+    // events are pending in the journal at any moment.
+    const N: u64 = 30;
+    for seq in 1..=N {
+        let mut appends = Vec::new();
+        for id in &runs {
+            let store = store.clone();
+            let id = id.clone();
+            appends.push(tokio::spawn(async move {
+                store
+                    .append(&id, &[ev(&id, seq, r#"{"text":"tok"}"#)])
+                    .await
+            }));
+        }
+        for a in appends {
+            a.await.unwrap().unwrap();
+        }
+        // A reader from the start and one from the middle see a contiguous prefix up to now.
+        let first = &runs[0];
+        let all = store.read(first, 0, 1000).await.unwrap();
+        assert_eq!(
+            all.iter().map(RawEvent::seq).collect::<Vec<_>>(),
+            (1..=seq).collect::<Vec<_>>()
+        );
+        let mid = store.read(first, seq / 2, 1000).await.unwrap();
+        assert_eq!(mid.first().map(RawEvent::seq), (seq > seq / 2).then_some(seq / 2 + 1));
+    }
+    store.delete_run("run_39").await.unwrap();
+    let before: Vec<Vec<RawEvent>> = {
+        let mut v = Vec::new();
+        for id in &runs[..39] {
+            v.push(store.read(id, 0, 1000).await.unwrap());
+        }
+        v
+    };
+    drop(store);
+    let store = open(&path);
+    for (id, was) in runs[..39].iter().zip(&before) {
+        assert_eq!(store.last_seq(id).await.unwrap(), N, "{id}");
+        let now = store.read(id, 0, 1000).await.unwrap();
+        assert_eq!(&now, was, "{id}");
+        // The log goes on where it was.
+        store
+            .append(id, &[ev(id, N + 1, r#"{"text":"more"}"#)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.get_run("run_39").await.unwrap(), None);
+    assert!(store.read("run_39", 0, 10).await.unwrap().is_empty());
+    store.close().await.unwrap();
+    // After the replay the journal is empty: everything is in the clustered log.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let journal: i64 = conn
+        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
+        .unwrap();
+    let logged: i64 = conn
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert!(journal <= 39, "only the last appends can be journaled: {journal}");
+    assert_eq!(logged + journal, 39 * (N as i64 + 1));
+}
+
+/// Finishing a run moves its journaled events into the log with the terminal event, in one
+/// transaction: a finished run's whole log is in `events`.
+#[tokio::test]
+async fn finishing_moves_pending_events_with_the_terminal_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = open(&path);
+    let mut rec = new_run(&store, "run_a").await;
+    for seq in 1..=5 {
+        store
+            .append("run_a", &[ev("run_a", seq, r#"{"text":"t"}"#)])
+            .await
+            .unwrap();
+    }
+    rec.status = RunStatus::Completed;
+    rec.last_seq = 6;
+    rec.finished_at = Some(Timestamp::now());
+    let terminal = RawEvent::encode(6, "run_a", kind::CHAIN_COMPLETED, Timestamp::now(), None, "{}");
+    store.finish(&rec, &terminal).await.unwrap();
+    store.close().await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let seqs: Vec<i64> = conn
+        .prepare("SELECT seq FROM events WHERE run_id = 'run_a' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+}
