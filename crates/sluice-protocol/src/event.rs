@@ -166,17 +166,25 @@ impl RawEvent {
 }
 
 /// Encodes the envelopes of one run, fast: the run id is quoted once, and envelopes are carved
-/// out of one growing buffer, so encoding an event allocates nothing (one allocation per
-/// [`CHUNK`](EnvelopeWriter::CHUNK) bytes) and the resulting [`RawEvent`]s share it.
+/// out of shared chunks, so encoding an event usually allocates nothing and the resulting
+/// [`RawEvent`]s share their chunk.
+///
+/// Chunks start at [`MIN_CHUNK`](EnvelopeWriter::MIN_CHUNK) bytes and double with each new one
+/// up to [`CHUNK`](EnvelopeWriter::CHUNK): a run that writes a few events holds a small buffer
+/// (thousands of runs stream at once), one that writes many allocates rarely.
 #[derive(Debug)]
 pub struct EnvelopeWriter {
     run_id_json: Vec<u8>,
     buf: BytesMut,
+    next_chunk: usize,
 }
 
 impl EnvelopeWriter {
-    /// Bytes allocated at a time.
+    /// The largest chunk allocated at a time.
     pub const CHUNK: usize = 64 * 1024;
+
+    /// The first chunk's size.
+    pub const MIN_CHUNK: usize = 1024;
 
     /// A writer for the events of `run_id`.
     pub fn new(run_id: &str) -> Self {
@@ -185,6 +193,7 @@ impl EnvelopeWriter {
         Self {
             run_id_json,
             buf: BytesMut::new(),
+            next_chunk: Self::MIN_CHUNK,
         }
     }
 
@@ -233,7 +242,9 @@ impl EnvelopeWriter {
     ) -> Bytes {
         let need = 96 + self.run_id_json.len() + event_type.len() + data_json.len();
         if self.buf.capacity() < need {
-            self.buf.reserve(need.max(Self::CHUNK));
+            // A fresh chunk (the old one stays alive as long as its events do).
+            self.buf = BytesMut::with_capacity(need.max(self.next_chunk));
+            self.next_chunk = (self.next_chunk * 2).min(Self::CHUNK);
         }
         let out = &mut self.buf;
         out.put_slice(b"{\"seq\":");
