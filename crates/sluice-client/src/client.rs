@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use reqwest::header::{self, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, Url};
@@ -23,6 +23,12 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 
 /// Options of a [`Client`]; [`build`](ClientBuilder::build) checks them.
 ///
+/// Defaults (see each setter): [`DEFAULT_URL`], no API key, 5 s to connect, 30 s per request;
+/// an event stream counts as dropped after 45 s without data, reconnects after 100 ms doubling
+/// to 5 s (jittered), honours a server's `Retry-After` up to 30 s, and gives up after 2 minutes
+/// of failed reconnects in a row (so it rides out a server restart of a minute or so); events up
+/// to 16 MiB.
+///
 /// ```
 /// use std::time::Duration;
 /// let client = sluice_client::Client::builder()
@@ -31,6 +37,7 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 ///     .connect_timeout(Duration::from_secs(2))
 ///     .request_timeout(Duration::from_secs(10))
 ///     .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(2))
+///     .reconnect_timeout(Duration::from_secs(300))
 ///     .build()?;
 /// # Ok::<(), sluice_client::Error>(())
 /// ```
@@ -42,8 +49,14 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     idle_timeout: Duration,
     backoff: Backoff,
-    max_reconnect_attempts: u32,
+    max_reconnect_attempts: Option<u32>,
+    reconnect_timeout: Duration,
+    max_retry_after: Duration,
+    max_event_size: usize,
 }
+
+/// The largest event (or SSE line) a stream accepts by default: 16 MiB.
+pub const DEFAULT_MAX_EVENT_SIZE: usize = 16 << 20;
 
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -55,6 +68,9 @@ impl fmt::Debug for ClientBuilder {
             .field("idle_timeout", &self.idle_timeout)
             .field("backoff", &self.backoff)
             .field("max_reconnect_attempts", &self.max_reconnect_attempts)
+            .field("reconnect_timeout", &self.reconnect_timeout)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("max_event_size", &self.max_event_size)
             .finish()
     }
 }
@@ -71,19 +87,39 @@ impl Default for ClientBuilder {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
             },
-            max_reconnect_attempts: 10,
+            max_reconnect_attempts: None,
+            reconnect_timeout: Duration::from_secs(120),
+            max_retry_after: Duration::from_secs(30),
+            max_event_size: DEFAULT_MAX_EVENT_SIZE,
         }
     }
 }
 
 impl ClientBuilder {
-    /// Defaults: [`DEFAULT_URL`], no API key, 5 s to connect, 30 s per request, 45 s of silence
-    /// before a stream counts as dropped, reconnects after 100 ms doubling to 5 s, 10 attempts.
+    /// The default options (listed on [`ClientBuilder`]).
+    ///
+    /// ```
+    /// let client = sluice_client::ClientBuilder::new().build()?;
+    /// assert_eq!(client.base_url(), "http://127.0.0.1:8080/");
+    /// # Ok::<(), sluice_client::Error>(())
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Defaults overridden by the environment: `SLUICE_URL` and `SLUICE_API_KEY`.
+    /// The defaults, with the base URL from `SLUICE_URL` and the API key from `SLUICE_API_KEY`
+    /// when they are set and not empty (the variables the `sluice` command line reads too).
+    /// Other options can still be set afterwards.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// // SLUICE_URL=http://10.0.0.5:8080 SLUICE_API_KEY=… my-program
+    /// let client = sluice_client::ClientBuilder::from_env()
+    ///     .request_timeout(Duration::from_secs(5))
+    ///     .build()?;
+    /// println!("talking to {}", client.base_url());
+    /// # Ok::<(), sluice_client::Error>(())
+    /// ```
     pub fn from_env() -> Self {
         let mut b = Self::default();
         if let Ok(url) = std::env::var("SLUICE_URL")
@@ -141,10 +177,37 @@ impl ClientBuilder {
         self
     }
 
-    /// Consecutive failed reconnects (without an event in between) after which an event stream
-    /// gives up with the last error.
+    /// Consecutive failed reconnects (without an event or keep-alive in between) after which an
+    /// event stream gives up with the last error. Default: no limit by count; the
+    /// [`reconnect_timeout`](Self::reconnect_timeout) applies either way.
     pub fn max_reconnect_attempts(mut self, attempts: u32) -> Self {
-        self.max_reconnect_attempts = attempts;
+        self.max_reconnect_attempts = Some(attempts);
+        self
+    }
+
+    /// How long an event stream keeps trying to reconnect, counted from the first failure since
+    /// it last received an event or keep-alive, before it gives up with the last error.
+    /// Default 2 minutes: a stream rides out a server restart of a minute or so.
+    pub fn reconnect_timeout(mut self, timeout: Duration) -> Self {
+        self.reconnect_timeout = timeout;
+        self
+    }
+
+    /// The longest `Retry-After` (of a 429 or 503 answer) an event stream waits before it
+    /// reconnects; a longer one is cut to this. Default 30 s. Both forms of the header are
+    /// understood: seconds and an HTTP date.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
+    /// The largest event an event stream accepts, in bytes (default
+    /// [`DEFAULT_MAX_EVENT_SIZE`], 16 MiB): a longer SSE line or event ends the stream with
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) instead of buffering without bound.
+    /// Keep it above the server's largest event (`server.max_event` bounds what clients send;
+    /// a workflow's own events can be larger).
+    pub fn max_event_size(mut self, bytes: usize) -> Self {
+        self.max_event_size = bytes.max(1);
         self
     }
 
@@ -204,6 +267,9 @@ impl ClientBuilder {
                 idle_timeout: self.idle_timeout,
                 backoff: self.backoff,
                 max_reconnect_attempts: self.max_reconnect_attempts,
+                reconnect_timeout: self.reconnect_timeout,
+                max_retry_after: self.max_retry_after,
+                max_event_size: self.max_event_size,
             }),
         })
     }
@@ -216,7 +282,10 @@ pub(crate) struct Inner {
     request_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) backoff: Backoff,
-    pub(crate) max_reconnect_attempts: u32,
+    pub(crate) max_reconnect_attempts: Option<u32>,
+    pub(crate) reconnect_timeout: Duration,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) max_event_size: usize,
 }
 
 /// A Sluice client. Cheap to clone: clones share one connection pool.
@@ -250,20 +319,45 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client for `base_url` with default options.
+    /// A client for `base_url` with the default options (listed on [`ClientBuilder`]).
+    ///
+    /// ```
+    /// let client = sluice_client::Client::new("http://127.0.0.1:8080")?;
+    /// let same_pool = client.clone(); // cheap: clones share one connection pool
+    /// assert_eq!(same_pool.base_url(), "http://127.0.0.1:8080/");
+    /// # Ok::<(), sluice_client::Error>(())
+    /// ```
     ///
     /// # Errors
-    /// As [`ClientBuilder::build`].
+    /// As [`ClientBuilder::build`]: [`ErrorKind::Config`](crate::ErrorKind::Config) for a URL
+    /// that is not `http://HOST[:PORT][/PREFIX]`.
     pub fn new(base_url: impl Into<String>) -> Result<Self> {
         ClientBuilder::new().base_url(base_url).build()
     }
 
-    /// Options to build a client with.
+    /// Options to build a client with; the same as [`ClientBuilder::new`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let client = sluice_client::Client::builder()
+    ///     .base_url("http://127.0.0.1:8080")
+    ///     .api_key("my-key")
+    ///     .idle_timeout(Duration::from_secs(60))
+    ///     .build()?;
+    /// # Ok::<(), sluice_client::Error>(())
+    /// ```
     pub fn builder() -> ClientBuilder {
         ClientBuilder::new()
     }
 
-    /// The server's base URL.
+    /// The server's base URL as parsed: `http://HOST:PORT/`, or with its path prefix (without
+    /// a trailing `/`).
+    ///
+    /// ```
+    /// let client = sluice_client::Client::new("http://127.0.0.1:8080/prefix")?;
+    /// assert_eq!(client.base_url(), "http://127.0.0.1:8080/prefix");
+    /// # Ok::<(), sluice_client::Error>(())
+    /// ```
     pub fn base_url(&self) -> &str {
         self.inner.base.as_str()
     }
@@ -510,8 +604,9 @@ impl Client {
     /// ```
     ///
     /// The first connection fails at once when the server cannot be reached (only 429 and 5xx
-    /// are retried then); later ones are retried up to
-    /// [`max_reconnect_attempts`](ClientBuilder::max_reconnect_attempts) times in a row.
+    /// are retried then); once connected, the stream keeps reconnecting for up to
+    /// [`reconnect_timeout`](ClientBuilder::reconnect_timeout) (default 2 minutes) of failures
+    /// in a row, and [`max_reconnect_attempts`](ClientBuilder::max_reconnect_attempts) when set.
     pub fn events(&self, run_id: &str, after: u64) -> EventStream {
         EventStream::new(self.clone(), run_id.to_owned(), after, None, None)
     }
@@ -659,6 +754,71 @@ impl Client {
     }
 }
 
+/// A `Retry-After` value: delay-seconds, or an HTTP date (IMF-fixdate, such as
+/// `Sun, 06 Nov 1994 08:49:37 GMT`) taken relative to `now` (a date in the past is zero). The
+/// obsolete RFC 850 and asctime date forms are not understood (`None`: the caller's own backoff
+/// applies).
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Absurdly long values saturate rather than failing.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = parse_imf_fixdate(value)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110 IMF-fixdate) as a point in time.
+fn parse_imf_fixdate(s: &str) -> Option<SystemTime> {
+    // "Sun," "06" "Nov" "1994" "08:49:37" "GMT"
+    let mut parts = s.split(' ');
+    let weekday = parts.next()?;
+    if weekday.len() != 4 || !weekday.ends_with(',') {
+        return None;
+    }
+    let day: u32 = digits(parts.next()?, 2)?;
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = parts.next()?;
+    let month = MONTHS.iter().position(|m| *m == month)? as u32 + 1;
+    let year: u32 = digits(parts.next()?, 4)?;
+    let mut hms = parts.next()?.split(':');
+    let h: u32 = digits(hms.next()?, 2)?;
+    let m: u32 = digits(hms.next()?, 2)?;
+    let sec: u32 = digits(hms.next()?, 2)?;
+    if hms.next().is_some() || parts.next()? != "GMT" || parts.next().is_some() {
+        return None;
+    }
+    if !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 || year < 1970 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + u64::from(h * 3600 + m * 60 + sec);
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
+/// Exactly `n` ASCII digits.
+fn digits(s: &str, n: usize) -> Option<u32> {
+    if s.len() == n && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (year ≥ 1970; Howard Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
+    let y = u64::from(if month <= 2 { year - 1 } else { year });
+    let m = u64::from(month);
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + u64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe).saturating_sub(719_468)
+}
+
 /// Passes a success answer through; turns any other into its [`Error`].
 async fn check(resp: Response, doing: &str) -> Result<Response> {
     let status = resp.status();
@@ -669,8 +829,7 @@ async fn check(resp: Response, doing: &str) -> Result<Response> {
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
     let body = resp
         .bytes()
         .await
@@ -729,5 +888,56 @@ mod tests {
         assert_eq!(err.kind(), crate::ErrorKind::Config);
         let c = Client::builder().api_key("secret").build().unwrap();
         assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_and_as_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        let p = |v: &str| parse_retry_after(v, now);
+        assert_eq!(p("0"), Some(Duration::ZERO));
+        assert_eq!(p(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(
+            p("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            p("Sun, 06 Nov 1994 08:50:07 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            p("Mon, 07 Nov 1994 08:49:37 GMT"),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            p("Sun, 06 Nov 1994 08:00:00 GMT"),
+            Some(Duration::ZERO),
+            "in the past"
+        );
+        // Leap years and the turn of a year.
+        let t = |v: &str| {
+            parse_imf_fixdate(v)
+                .unwrap()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        };
+        assert_eq!(t("Thu, 01 Jan 1970 00:00:00 GMT"), 0);
+        assert_eq!(t("Thu, 29 Feb 2024 12:00:00 GMT"), 1_709_208_000);
+        assert_eq!(t("Fri, 01 Jan 2027 00:00:00 GMT"), 1_798_761_600);
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "soon",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 GMT extra",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
     }
 }

@@ -41,7 +41,8 @@ pub enum ErrorKind {
     Transport,
     /// An event stream skipped a `seq`: events were lost.
     Gap,
-    /// The server answered something that is not the protocol (bad JSON, bad stream framing).
+    /// The server answered something that is not the protocol (bad JSON, bad stream framing,
+    /// an event larger than [`max_event_size`](crate::ClientBuilder::max_event_size)).
     Decode,
     /// The client was configured wrongly (bad base URL, API key with invalid characters).
     Config,

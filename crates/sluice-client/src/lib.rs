@@ -3,7 +3,8 @@
 //! A cheap-`Clone` [`Client`] (built with [`ClientBuilder`]: base URL, API key, timeouts,
 //! reconnect backoff) covering the HTTP API of `docs/protocol.md`: start runs ([`RunHandle`]),
 //! follow their events as an [`EventStream`] that resumes by itself with `Last-Event-ID` after a
-//! dropped connection (no event lost, none twice; a `seq` gap is an error), send events (human
+//! dropped or silent connection (no event lost, none twice; a `seq` gap is an error; by default
+//! it keeps trying for 2 minutes, enough to ride out a server restart), send events (human
 //! input, client tool results), cancel, get and list runs, sessions. Every failure is an
 //! [`Error`] whose [`kind`](Error::kind) callers match on. Wire types come from
 //! `sluice-protocol`, shared with the server, and are re-exported here.
@@ -44,7 +45,7 @@ mod run;
 mod sse;
 mod stream;
 
-pub use client::{Client, ClientBuilder, DEFAULT_URL};
+pub use client::{Client, ClientBuilder, DEFAULT_MAX_EVENT_SIZE, DEFAULT_URL};
 pub use error::{Error, ErrorKind, Result};
 pub use run::{RunFilter, RunHandle};
 pub use stream::EventStream;

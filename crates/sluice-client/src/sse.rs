@@ -23,15 +23,39 @@ pub(crate) enum Frame {
 }
 
 /// Parses frames from a byte stream; lines end with `\n` (a preceding `\r` is dropped).
-#[derive(Debug, Default)]
+///
+/// Memory is bounded: a line, or an event's data, longer than `max` bytes is an error rather
+/// than a buffer that grows for as long as the server sends without a newline.
+#[derive(Debug)]
 pub(crate) struct Parser {
     buf: BytesMut,
+    /// Bytes of `buf` known to hold no `\n`.
+    scanned: usize,
+    max: usize,
     id: Option<String>,
     event: Option<String>,
     data: Option<String>,
 }
 
+impl Default for Parser {
+    fn default() -> Self {
+        Self::new(crate::client::DEFAULT_MAX_EVENT_SIZE)
+    }
+}
+
 impl Parser {
+    /// A parser accepting lines and events of up to `max` bytes.
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            scanned: 0,
+            max,
+            id: None,
+            event: None,
+            data: None,
+        }
+    }
+
     /// Appends received bytes.
     pub(crate) fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
@@ -39,15 +63,41 @@ impl Parser {
 
     /// Forgets everything buffered (a new connection starts a new stream).
     pub(crate) fn reset(&mut self) {
-        *self = Self::default();
+        *self = Self::new(self.max);
+    }
+
+    fn too_large(&self) -> Error {
+        Error::decode(
+            "the event stream",
+            format!(
+                "an event or line exceeds the maximum event size of {} bytes (ClientBuilder::max_event_size)",
+                self.max
+            ),
+        )
     }
 
     /// The next complete frame, or `None` until more bytes arrive.
     ///
     /// # Errors
-    /// [`Error::Decode`] for a line that is not UTF-8 or a `retry:` that is not a number.
+    /// [`Error::Decode`] for a line that is not UTF-8, a `retry:` that is not a number, or a
+    /// line or event's data longer than the maximum.
     pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>> {
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+        loop {
+            let Some(nl) = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| i + self.scanned)
+            else {
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max {
+                    return Err(self.too_large());
+                }
+                return Ok(None);
+            };
+            self.scanned = 0;
+            if nl > self.max {
+                return Err(self.too_large());
+            }
             let mut line = self.buf.split_to(nl + 1);
             line.truncate(nl);
             if line.last() == Some(&b'\r') {
@@ -73,6 +123,9 @@ impl Parser {
             match field {
                 "data" => match &mut self.data {
                     Some(d) => {
+                        if d.len() + 1 + value.len() > self.max {
+                            return Err(self.too_large());
+                        }
                         d.push('\n');
                         d.push_str(value);
                     }
@@ -90,7 +143,6 @@ impl Parser {
                 _ => {}
             }
         }
-        Ok(None)
     }
 }
 
@@ -146,6 +198,46 @@ mod tests {
         assert!(p.next_frame().is_err());
         p.reset();
         p.push(b"data: \xff\n\n");
+        assert!(p.next_frame().is_err());
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        // A line that never ends: an error once it is longer than the maximum, however it is
+        // split into chunks.
+        let mut p = Parser::new(64);
+        p.push(b"data: ");
+        for _ in 0..7 {
+            p.push(b"xxxxxxxx");
+            assert_eq!(p.next_frame().unwrap(), None);
+        }
+        p.push(b"xxxxxxxx");
+        let err = p.next_frame().unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Decode);
+        assert!(
+            err.to_string().contains("maximum event size of 64 bytes"),
+            "{err}"
+        );
+        // An event of many short data lines.
+        let mut p = Parser::new(64);
+        for _ in 0..30 {
+            p.push(b"data: abc\n");
+        }
+        assert!(p.next_frame().is_err());
+        // At the limit is fine, and the limit survives a reset.
+        let mut p = Parser::new(64);
+        p.reset();
+        let data = "y".repeat(58);
+        p.push(format!("data: {data}\n\n").as_bytes());
+        assert_eq!(
+            p.next_frame().unwrap(),
+            Some(Frame::Event {
+                id: None,
+                event: None,
+                data
+            })
+        );
+        p.push(&[b'z'; 65]);
         assert!(p.next_frame().is_err());
     }
 }

@@ -11,6 +11,7 @@ use futures_util::{Stream, StreamExt};
 use reqwest::header;
 use reqwest::{Method, Response, StatusCode};
 use sluice_protocol::{Event, RawEvent};
+use tokio::time::Instant;
 
 use crate::client::{Client, is_event_stream};
 use crate::error::{Error, ErrorKind, Result};
@@ -27,9 +28,11 @@ struct Stats {
 
 /// A run's events in `seq` order, from [`Client::events`] or [`Client::start_and_stream`].
 ///
-/// It reconnects by itself with `Last-Event-ID` after a dropped connection (with jittered
-/// backoff), yields no event twice, ends after the run's terminal event (or at once when the
-/// server answers `204 No Content`), and ends with an error on a `seq` gap or when it gives up.
+/// It reconnects by itself with `Last-Event-ID` after a dropped connection or a silence longer
+/// than the [idle timeout](crate::ClientBuilder::idle_timeout) (with jittered backoff, for up to
+/// the [reconnect timeout](crate::ClientBuilder::reconnect_timeout)), yields no event twice,
+/// ends after the run's terminal event (or at once when the server answers `204 No Content`),
+/// and ends with an error on a `seq` gap or when it gives up.
 /// `T` is [`Event`]; [`raw`](EventStream::raw) gives [`RawEvent`]s holding the envelope bytes
 /// exactly as the server sent them.
 pub struct EventStream<T = Event> {
@@ -61,6 +64,7 @@ impl EventStream<Event> {
     ) -> Self {
         let stats = Arc::new(Stats::default());
         stats.last_seq.store(after, Ordering::Relaxed);
+        let parser = Parser::new(client.inner.max_event_size);
         let follower = Follower {
             client,
             run_id: run_id.clone(),
@@ -68,8 +72,9 @@ impl EventStream<Event> {
             cursor: after,
             body: None,
             initial,
-            parser: Parser::default(),
+            parser,
             failures: 0,
+            failing_since: None,
             connected: false,
             retry_after: None,
             last_error: None,
@@ -113,17 +118,54 @@ impl EventStream<Event> {
 }
 
 impl<T> EventStream<T> {
-    /// The run these events belong to.
+    /// The run these events belong to (for [`Client::start_and_stream`], the run it started).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use sluice_client::CreateRun;
+    /// let events = client.start_and_stream("ticker", CreateRun::default()).await?;
+    /// eprintln!("started {}; follow it elsewhere with: sluice tail {0}", events.run_id());
+    /// # Ok(()) }
+    /// ```
     pub fn run_id(&self) -> &str {
         &self.run_id
     }
 
-    /// How many times the stream has reconnected after losing its connection.
+    /// How many times the stream has reconnected after losing its connection (0 while the
+    /// first connection holds).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use futures_util::StreamExt;
+    /// let mut events = client.events("run_0193…", 0);
+    /// while let Some(event) = events.next().await {
+    ///     event?;
+    /// }
+    /// if events.reconnects() > 0 {
+    ///     eprintln!("resumed {} times, nothing lost", events.reconnects());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn reconnects(&self) -> u64 {
         self.stats.reconnects.load(Ordering::Relaxed)
     }
 
-    /// The `seq` of the last event yielded (the cursor a resume starts after).
+    /// The `seq` of the last event yielded (the `after` given at first): the cursor a resume
+    /// starts after, and what to pass to [`Client::events`] to continue later.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use futures_util::StreamExt;
+    /// let mut events = client.events("run_0193…", 0);
+    /// if let Some(first) = events.next().await {
+    ///     println!("{}", first?.event_type);
+    /// }
+    /// let cursor = events.last_seq();
+    /// drop(events);
+    /// // … later, possibly in another process: the events after `cursor`.
+    /// let _rest = client.events("run_0193…", cursor);
+    /// # Ok(()) }
+    /// ```
     pub fn last_seq(&self) -> u64 {
         self.stats.last_seq.load(Ordering::Relaxed)
     }
@@ -159,6 +201,8 @@ struct Follower {
     parser: Parser,
     /// Consecutive failures since the last event (or keep-alive).
     failures: u32,
+    /// When the first of those failures happened.
+    failing_since: Option<Instant>,
     /// Whether a connection was ever established.
     connected: bool,
     retry_after: Option<Duration>,
@@ -193,7 +237,7 @@ impl Follower {
                         }
                     }
                     // A keep-alive proves the connection healthy.
-                    Frame::Comment => self.failures = 0,
+                    Frame::Comment => self.healthy(),
                     // The client's own backoff applies, not the server's hint.
                     Frame::Retry(_) => {}
                 }
@@ -222,8 +266,19 @@ impl Follower {
 
     fn lost(&mut self, e: Error) {
         self.body = None;
+        self.failed(e);
+    }
+
+    fn failed(&mut self, e: Error) {
         self.failures += 1;
+        self.failing_since.get_or_insert_with(Instant::now);
+        self.retry_after = e.retry_after();
         self.last_error = Some(e);
+    }
+
+    fn healthy(&mut self) {
+        self.failures = 0;
+        self.failing_since = None;
     }
 
     /// Decodes an event, skipping what was already yielded and refusing gaps.
@@ -242,7 +297,7 @@ impl Follower {
         }
         self.cursor = event.seq;
         self.stats.last_seq.store(event.seq, Ordering::Relaxed);
-        self.failures = 0;
+        self.healthy();
         if event.is_terminal() {
             self.done = true;
             self.body = None;
@@ -252,15 +307,24 @@ impl Follower {
 
     /// Opens a connection, retrying with backoff. `false` when the server says there is nothing
     /// more to read (204).
+    ///
+    /// Retries stop after `reconnect_timeout` of failures in a row (or `max_reconnect_attempts`
+    /// when set); before the first successful connection only 429 and 5xx answers are retried.
     async fn connect(&mut self) -> Result<bool> {
         loop {
             if self.failures > 0 {
+                let inner = &self.client.inner;
                 let early = matches!(
                     self.last_error.as_ref().map(Error::kind),
                     Some(ErrorKind::Rejected { .. } | ErrorKind::Server)
                 );
+                let elapsed = self.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
+                let left = inner.reconnect_timeout.saturating_sub(elapsed);
                 let may_retry = (self.connected || early)
-                    && self.failures <= self.client.inner.max_reconnect_attempts;
+                    && !left.is_zero()
+                    && inner
+                        .max_reconnect_attempts
+                        .is_none_or(|max| self.failures <= max);
                 if !may_retry {
                     return Err(self.last_error.take().unwrap_or_else(|| {
                         Error::transport(format!(
@@ -269,11 +333,12 @@ impl Follower {
                         ))
                     }));
                 }
-                let delay = self
-                    .retry_after
-                    .take()
-                    .unwrap_or_else(|| self.client.inner.backoff.delay(self.failures));
-                tokio::time::sleep(delay).await;
+                let delay = match self.retry_after.take() {
+                    Some(hint) => hint.min(inner.max_retry_after),
+                    None => inner.backoff.delay(self.failures),
+                };
+                // The last attempt happens when the time is up, not after it.
+                tokio::time::sleep(delay.min(left)).await;
             }
             let opened = match self.initial.take() {
                 Some(resp) => Ok(Some(resp)),
@@ -290,11 +355,7 @@ impl Follower {
                     return Ok(true);
                 }
                 Ok(None) => return Ok(false),
-                Err(e) if e.is_retryable() => {
-                    self.failures += 1;
-                    self.retry_after = e.retry_after();
-                    self.last_error = Some(e);
-                }
+                Err(e) if e.is_retryable() => self.failed(e),
                 Err(e) => return Err(e),
             }
         }

@@ -1,5 +1,6 @@
 //! Stream behaviour a real server does not show on demand, against scripted HTTP answers:
-//! duplicates after a resume, gaps, 204, retried 503, the `Last-Event-ID` sent.
+//! duplicates after a resume, gaps, 204, retried 503, the `Last-Event-ID` sent, silent
+//! connections, `Retry-After`, how long a stream keeps trying, oversized events.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -7,7 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Scripted, sse_response, sse_response_with_tail, status_response};
+use common::{
+    Scripted, retry_after_response, sse_open_response, sse_response, sse_response_with_tail,
+    status_response,
+};
 use futures_util::StreamExt;
 use sluice_client::{Client, ErrorKind};
 
@@ -109,4 +113,168 @@ async fn gives_up_after_the_configured_attempts() {
     assert_eq!(err.kind(), ErrorKind::Server, "{err}");
     // The stream, then 3 reconnect attempts, all 503.
     assert_eq!(s.requests.lock().unwrap().len(), 4);
+}
+
+fn unavailable() -> String {
+    status_response(
+        "503 Service Unavailable",
+        r#"{"error":{"code":"shutting_down","message":"bye"}}"#,
+    )
+}
+
+async fn seqs_of(mut events: sluice_client::EventStream) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while let Some(ev) = events.next().await {
+        seqs.push(ev.unwrap().seq);
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_resumed_after_the_idle_timeout() {
+    // Events 1 and 2, then the connection stays open and says nothing (no keep-alive either).
+    let s = Scripted::start_with(vec![
+        (
+            sse_open_response(&[(1, "chain-started"), (2, "tick")]),
+            true,
+        ),
+        (
+            sse_response(&[(2, "tick"), (3, "tick"), (4, "chain-completed")]),
+            false,
+        ),
+    ])
+    .await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .idle_timeout(Duration::from_millis(300))
+        .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let mut events = c.events("run_x", 0);
+    let mut seqs = Vec::new();
+    let follow = async {
+        while let Some(ev) = events.next().await {
+            seqs.push(ev.unwrap().seq);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), follow)
+        .await
+        .expect("the stream never resumed");
+    assert_eq!(seqs, [1, 2, 3, 4], "everything once");
+    assert_eq!(events.reconnects(), 1);
+    assert_eq!(last_event_ids(&s), ["0", "2"]);
+}
+
+#[tokio::test]
+async fn keeps_reconnecting_past_ten_failures_by_default() {
+    // Like a server that is down for a while: 15 failed attempts, then it is back.
+    let mut script = vec![sse_response(&[(1, "chain-started")])];
+    script.extend((0..15).map(|_| unavailable()));
+    script.push(sse_response(&[(2, "tick"), (3, "chain-completed")]));
+    let s = Scripted::start(script).await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .build()
+        .unwrap();
+    let seqs = tokio::time::timeout(Duration::from_secs(20), seqs_of(c.events("run_x", 0)))
+        .await
+        .expect("the stream did not finish");
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(s.requests.lock().unwrap().len(), 17);
+}
+
+#[tokio::test]
+async fn gives_up_after_the_reconnect_timeout() {
+    let mut script = vec![sse_response(&[(1, "chain-started")])];
+    script.extend((0..1000).map(|_| unavailable()));
+    let s = Scripted::start(script).await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .reconnect_backoff(Duration::from_millis(5), Duration::from_millis(10))
+        .reconnect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut events = c.events("run_x", 0);
+    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
+    let err = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("the stream never gave up")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Server, "{err}");
+    let attempts = s.requests.lock().unwrap().len() - 1;
+    assert!(
+        (2..1000).contains(&attempts),
+        "retried for a while, then stopped: {attempts} attempts"
+    );
+    assert!(events.next().await.is_none());
+}
+
+#[tokio::test]
+async fn a_long_retry_after_is_capped_in_both_forms() {
+    let s = Scripted::start(vec![
+        sse_response(&[(1, "chain-started")]),
+        retry_after_response("503 Service Unavailable", "3600"),
+        retry_after_response("429 Too Many Requests", "Fri, 01 Jan 2100 00:00:00 GMT"),
+        sse_response(&[(2, "chain-completed")]),
+    ])
+    .await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .max_retry_after(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let seqs = tokio::time::timeout(Duration::from_secs(20), seqs_of(c.events("run_x", 0)))
+        .await
+        .expect("waited for the server's Retry-After instead of the cap");
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(s.requests.lock().unwrap().len(), 4);
+
+    // The error a caller sees keeps the server's value (here an HTTP date, ~75 years ahead).
+    let s = Scripted::start(vec![retry_after_response(
+        "429 Too Many Requests",
+        "Fri, 01 Jan 2100 00:00:00 GMT",
+    )])
+    .await;
+    let err = Client::new(&s.base)
+        .unwrap()
+        .run("run_x")
+        .await
+        .unwrap_err();
+    match err.kind() {
+        ErrorKind::Rejected {
+            retry_after: Some(d),
+        } => assert!(d > Duration::from_secs(70 * 365 * 86_400), "{d:?}"),
+        other => panic!("expected Rejected with a retry_after, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_endless_line_is_an_error_not_a_growing_buffer() {
+    // A stream whose data line never ends.
+    let head = sse_open_response(&[(1, "chain-started")]);
+    let response = format!("{head}data: {}", "x".repeat(100_000));
+    let s = Scripted::start_with(vec![(response, true)]).await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .max_event_size(16 * 1024)
+        .build()
+        .unwrap();
+    let mut events = c.events("run_x", 0);
+    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
+    let err = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("kept buffering")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode, "{err}");
+    assert!(
+        err.to_string()
+            .contains("maximum event size of 16384 bytes"),
+        "{err}"
+    );
+    assert!(events.next().await.is_none());
+    assert_eq!(s.requests.lock().unwrap().len(), 1, "not retried");
 }

@@ -34,7 +34,7 @@ fn main() -> std::process::ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("sluice: cannot start the async runtime: {e}");
+            report(&format!("cannot start the async runtime: {e}"));
             return std::process::ExitCode::from(2);
         }
     };
@@ -49,8 +49,14 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sluice: {e:#}");
+            report(&format!("{e:#}"));
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// `sluice: …` on stderr, ignoring a failure to write it (`eprintln!` would panic).
+fn report(message: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "sluice: {message}");
 }

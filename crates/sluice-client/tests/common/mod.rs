@@ -166,13 +166,19 @@ pub struct Scripted {
 
 impl Scripted {
     pub async fn start(responses: Vec<String>) -> Self {
+        Self::start_with(responses.into_iter().map(|r| (r, false)).collect()).await
+    }
+
+    /// Like [`start`](Self::start); a response paired with `true` is written and its
+    /// connection then held open, silent, until the script is dropped.
+    pub async fn start_with(responses: Vec<(String, bool)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let (reqs, token) = (requests.clone(), stop.clone());
         tokio::spawn(async move {
-            for response in responses {
+            for (response, hold) in responses {
                 let (mut sock, _) = tokio::select! {
                     () = token.cancelled() => return,
                     c = listener.accept() => c.unwrap(),
@@ -189,8 +195,19 @@ impl Scripted {
                 reqs.lock()
                     .unwrap()
                     .push(String::from_utf8_lossy(&head).into_owned());
-                sock.write_all(response.as_bytes()).await.unwrap();
-                sock.shutdown().await.ok();
+                // The client may have given up on this connection already.
+                if sock.write_all(response.as_bytes()).await.is_err() {
+                    continue;
+                }
+                if hold {
+                    let token = token.clone();
+                    tokio::spawn(async move {
+                        token.cancelled().await;
+                        drop(sock);
+                    });
+                } else {
+                    sock.shutdown().await.ok();
+                }
             }
         });
         Self {
@@ -223,6 +240,23 @@ pub fn sse_response_with_tail(events: &[(u64, &str)], tail: &str) -> String {
     body.push_str(tail);
     format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The head and first events of an SSE answer with no length (it lasts until the connection
+/// closes): for a connection that then goes silent.
+pub fn sse_open_response(events: &[(u64, &str)]) -> String {
+    let full = sse_response(events);
+    let body = &full[full.find("\r\n\r\n").unwrap() + 4..];
+    format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{body}")
+}
+
+/// An error answer with a `Retry-After` header.
+pub fn retry_after_response(status: &str, retry_after: &str) -> String {
+    let body = r#"{"error":{"code":"queue_full","message":"busy"}}"#;
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: {retry_after}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
 }

@@ -1,11 +1,17 @@
 //! `run`, `tail`, `send`, `cancel`, `runs`, `workflows`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
 use serde_json::Value;
-use sluice_client::{CreateRun, ErrorKind, RunFilter, RunStatus};
+use sluice_client::{CreateRun, EventStream, RunFilter, RunStatus};
 
 use super::follow::{self, FollowOptions};
+use super::interrupt::Interrupt;
+use super::output::{self, say};
 use super::render::{Style, truncate};
-use super::{Ctx, EXIT_FAILED, EXIT_OK, EXIT_USAGE, parse_json, terminal};
+use super::{Ctx, EXIT_CANCELLED, EXIT_OK, Exit, parse_json, terminal};
 
 /// Where the configuration of workflows is documented.
 const CONFIG_DOCS: &str = "docs/protocol.md, section \"Command line and configuration\" ([workflows.NAME] in sluice.toml)";
@@ -19,13 +25,14 @@ pub struct RunArgs {
     #[arg(value_name = "INPUT_JSON")]
     input: Option<String>,
     /// Watch the run until it ends (answering its prompts); exit 0 completed, 1 failed,
-    /// 130 cancelled.
+    /// 130 cancelled or Ctrl-C.
     #[arg(long, short)]
     follow: bool,
     /// Print raw JSON: each event envelope on one line (with --follow), else the run record.
     #[arg(long)]
     json: bool,
-    /// On Ctrl-C, cancel the run too (without it, the run continues on the server).
+    /// When this command stops before the run ended (Ctrl-C, or stdout closed), cancel the run
+    /// too; without it, the run continues on the server.
     #[arg(long, requires = "follow")]
     cancel_on_exit: bool,
     /// Continue this session.
@@ -33,7 +40,7 @@ pub struct RunArgs {
     session: Option<String>,
 }
 
-/// `sluice tail RUN_ID [--after N] [--json]`.
+/// `sluice tail RUN_ID [--after N] [--json] [--cancel-on-exit]`.
 #[derive(Debug, clap::Args)]
 pub struct TailArgs {
     /// The run to follow.
@@ -44,6 +51,10 @@ pub struct TailArgs {
     /// Print each event envelope as one JSON line, and nothing else on stdout.
     #[arg(long)]
     json: bool,
+    /// When this command stops before the run ended (Ctrl-C, or stdout closed), cancel the run
+    /// too; without it, the run continues on the server.
+    #[arg(long)]
+    cancel_on_exit: bool,
 }
 
 /// `sluice send RUN_ID TYPE DATA_JSON`.
@@ -69,7 +80,7 @@ pub struct CancelArgs {
     reason: Option<String>,
 }
 
-/// `sluice runs`.
+/// `sluice runs [--workflow W] [--status S,…] [--session ID] [--limit N] [--cursor C] [--json]`.
 #[derive(Debug, clap::Args)]
 pub struct RunsArgs {
     /// Only runs of this workflow.
@@ -79,13 +90,16 @@ pub struct RunsArgs {
     /// failed, cancelled).
     #[arg(long, value_delimiter = ',', value_parser = parse_status)]
     status: Vec<RunStatus>,
+    /// Only runs of this session.
+    #[arg(long, value_name = "SESSION_ID")]
+    session: Option<String>,
     /// How many (1 to 1000).
     #[arg(long, default_value_t = 20)]
     limit: usize,
-    /// Continue after a previous page.
+    /// Continue after a previous page (its `next_cursor`).
     #[arg(long)]
     cursor: Option<String>,
-    /// One run record per line, as JSON.
+    /// The page as the server answers it, on one line: `{"runs": [...], "next_cursor": ...}`.
     #[arg(long)]
     json: bool,
 }
@@ -104,12 +118,9 @@ fn parse_status(s: &str) -> Result<RunStatus, String> {
     })
 }
 
-pub async fn run(ctx: &Ctx, a: RunArgs) -> u8 {
+pub async fn run(ctx: &Ctx, a: RunArgs) -> Exit {
     let input = match a.input.as_deref() {
-        Some(text) => match parse_json("INPUT_JSON", text) {
-            Ok(v) => v,
-            Err(code) => return code,
-        },
+        Some(text) => parse_json("INPUT_JSON", text)?,
         None => Value::Null,
     };
     let req = CreateRun {
@@ -117,121 +128,146 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> u8 {
         session_id: a.session,
         metadata: None,
     };
-    let not_started = |e: &sluice_client::Error| {
-        let code = ctx.fail(e, EXIT_USAGE);
-        if e.kind() == ErrorKind::NotFound {
-            eprintln!("sluice: `sluice workflows` lists the deployed workflows");
-        }
-        code
-    };
     if !a.follow {
-        return match ctx.client.start(&a.workflow, req).await {
-            Ok(handle) => {
-                if a.json {
-                    match serde_json::to_string(handle.record()) {
-                        Ok(line) => println!("{line}"),
-                        Err(e) => {
-                            eprintln!("sluice: {e}");
-                            return EXIT_USAGE;
-                        }
-                    }
-                } else {
-                    println!("{}", handle.id());
-                    eprintln!(
-                        "sluice: started {} ({}); follow it with: sluice tail {}",
-                        handle.id(),
-                        a.workflow,
-                        handle.id()
-                    );
-                }
-                EXIT_OK
-            }
-            Err(e) => not_started(&e),
-        };
+        let handle = ctx
+            .client
+            .start(&a.workflow, req)
+            .await
+            .map_err(|e| ctx.refused(&e))?;
+        if a.json {
+            output::json_line(serde_json::to_string(handle.record()))?;
+        } else {
+            output::line(handle.id())?;
+            say!(
+                "started {} ({}); follow it with: sluice tail {}",
+                handle.id(),
+                a.workflow,
+                handle.id()
+            );
+        }
+        return Ok(EXIT_OK);
     }
-    let stream = match ctx.client.start_and_stream(&a.workflow, req).await {
-        Ok(s) => s,
-        Err(e) => return not_started(&e),
+    // Listening before the first request: Ctrl-C while the run starts is handled too.
+    let mut interrupt = Interrupt::listen();
+    let start = ctx.client.start_and_stream(&a.workflow, req);
+    tokio::pin!(start);
+    let stream = tokio::select! {
+        biased;
+        () = interrupt.recv() => {
+            return Err(interrupted_at_start(ctx, &a.workflow, start, a.cancel_on_exit, &mut interrupt).await);
+        }
+        started = &mut start => started.map_err(|e| ctx.refused(&e))?,
     };
     let opts = FollowOptions {
         json: a.json,
         cancel_on_exit: a.cancel_on_exit,
     };
-    follow::follow(ctx, stream.raw(), opts).await
+    Ok(follow::follow(ctx, stream.raw(), opts, &mut interrupt).await)
 }
 
-pub async fn tail(ctx: &Ctx, a: TailArgs) -> u8 {
+/// Ctrl-C before the server answered the start: the run may or may not exist. To cancel it
+/// (`--cancel-on-exit`) its id is needed, so the start is given a few seconds to answer.
+async fn interrupted_at_start<F>(
+    ctx: &Ctx,
+    workflow: &str,
+    start: Pin<&mut F>,
+    cancel: bool,
+    interrupt: &mut Interrupt,
+) -> u8
+where
+    F: Future<Output = sluice_client::Result<EventStream>>,
+{
+    let maybe = format!(
+        "interrupted while starting a run of {workflow}; it may have started on the server (see: sluice runs --workflow {workflow})"
+    );
+    if !cancel {
+        say!("{maybe}");
+        return EXIT_CANCELLED;
+    }
+    let started = tokio::select! {
+        biased;
+        () = interrupt.recv() => None,
+        answer = tokio::time::timeout(Duration::from_secs(5), start) => answer.ok(),
+    };
+    match started {
+        Some(Ok(stream)) => follow::cancel_run(ctx, stream.run_id(), interrupt).await,
+        Some(Err(e)) => say!("interrupted; the run was not started: {e}"),
+        None => say!("{maybe}"),
+    }
+    EXIT_CANCELLED
+}
+
+pub async fn tail(ctx: &Ctx, a: TailArgs) -> Exit {
+    let mut interrupt = Interrupt::listen();
     let stream = ctx.client.events(&a.run_id, a.after).raw();
     let opts = FollowOptions {
         json: a.json,
-        cancel_on_exit: false,
+        cancel_on_exit: a.cancel_on_exit,
     };
-    follow::follow(ctx, stream, opts).await
+    Ok(follow::follow(ctx, stream, opts, &mut interrupt).await)
 }
 
-pub async fn send(ctx: &Ctx, a: SendArgs) -> u8 {
-    let data = match parse_json("DATA_JSON", &a.data) {
-        Ok(v) => v,
-        Err(code) => return code,
-    };
-    match ctx.client.send(&a.run_id, &a.event_type, data).await {
-        Ok(()) => {
-            println!("sent {} to {}", a.event_type, a.run_id);
-            EXIT_OK
-        }
-        Err(e) => ctx.fail(&e, EXIT_FAILED),
-    }
+pub async fn send(ctx: &Ctx, a: SendArgs) -> Exit {
+    let data = parse_json("DATA_JSON", &a.data)?;
+    ctx.client
+        .send(&a.run_id, &a.event_type, data)
+        .await
+        .map_err(|e| ctx.refused(&e))?;
+    output::line(&format!("sent {} to {}", a.event_type, a.run_id))?;
+    Ok(EXIT_OK)
 }
 
-pub async fn cancel(ctx: &Ctx, a: CancelArgs) -> u8 {
+pub async fn cancel(ctx: &Ctx, a: CancelArgs) -> Exit {
     let answer = match &a.reason {
         Some(r) => ctx.client.cancel_with_reason(&a.run_id, r).await,
         None => ctx.client.cancel(&a.run_id).await,
     };
-    match answer {
-        Ok(rec) if rec.status == RunStatus::Cancelled => {
-            println!("cancelled {}", rec.id);
-            EXIT_OK
-        }
-        Ok(rec) => {
-            println!(
-                "cancelling {} (was {}; it ends with chain-cancelled)",
-                rec.id,
-                rec.status.as_str()
-            );
-            EXIT_OK
-        }
-        Err(e) => ctx.fail(&e, EXIT_FAILED),
+    let rec = answer.map_err(|e| ctx.refused(&e))?;
+    if rec.status == RunStatus::Cancelled {
+        output::line(&format!("cancelled {}", rec.id))?;
+    } else {
+        output::line(&format!(
+            "cancelling {} (was {}; it ends with chain-cancelled)",
+            rec.id,
+            rec.status.as_str()
+        ))?;
     }
+    Ok(EXIT_OK)
 }
 
-pub async fn runs(ctx: &Ctx, a: RunsArgs) -> u8 {
+pub async fn runs(ctx: &Ctx, a: RunsArgs) -> Exit {
     let filter = RunFilter {
         workflow: a.workflow,
         statuses: a.status,
-        session_id: None,
+        session_id: a.session,
         limit: Some(a.limit),
         cursor: a.cursor,
     };
-    let page = match ctx.client.list_runs(&filter).await {
-        Ok(p) => p,
-        Err(e) => return ctx.fail(&e, EXIT_FAILED),
-    };
+    let page = ctx
+        .client
+        .list_runs(&filter)
+        .await
+        .map_err(|e| ctx.refused(&e))?;
     if a.json {
-        for r in &page.runs {
-            match serde_json::to_string(r) {
-                Ok(line) => println!("{line}"),
-                Err(e) => {
-                    eprintln!("sluice: {e}");
-                    return EXIT_USAGE;
-                }
-            }
-        }
-        return EXIT_OK;
+        // `next_cursor` always present (null on the last page), after `runs`.
+        let json = serde_json::to_string(&page.runs).and_then(|runs| {
+            serde_json::to_string(&page.next_cursor)
+                .map(|cursor| format!("{{\"runs\":{runs},\"next_cursor\":{cursor}}}"))
+        });
+        output::json_line(json)?;
+        return Ok(EXIT_OK);
     }
     if page.runs.is_empty() {
-        println!("no runs yet; start one with: sluice run ticker '{{\"n\": 5}}' --follow");
-        return EXIT_OK;
+        let filtered = filter.workflow.is_some()
+            || !filter.statuses.is_empty()
+            || filter.session_id.is_some()
+            || filter.cursor.is_some();
+        if filtered {
+            output::line("no runs match")?;
+        } else {
+            output::line("no runs yet; start one with: sluice run ticker '{\"n\": 5}' --follow")?;
+        }
+        return Ok(EXIT_OK);
     }
     let (_, color) = terminal();
     let style = Style::new(color);
@@ -256,61 +292,63 @@ pub async fn runs(ctx: &Ctx, a: RunsArgs) -> u8 {
         } else {
             cell.to_owned()
         }
-    });
+    })?;
     if let Some(cursor) = page.next_cursor {
-        println!(
-            "{}",
-            style.dim(&format!("more: sluice runs --cursor {cursor}"))
-        );
+        output::line(&style.dim(&format!("more: {}", next_page(&filter, &cursor))))?;
     }
-    EXIT_OK
+    Ok(EXIT_OK)
 }
 
-pub async fn workflows(ctx: &Ctx, a: WorkflowsArgs) -> u8 {
-    let list = match ctx.client.workflows().await {
-        Ok(l) => l,
-        Err(e) => return ctx.fail(&e, EXIT_FAILED),
-    };
+/// The command line of the next page: the same filters, the new cursor.
+fn next_page(filter: &RunFilter, cursor: &str) -> String {
+    let mut cmd = String::from("sluice runs");
+    if let Some(w) = &filter.workflow {
+        cmd.push_str(&format!(" --workflow {w}"));
+    }
+    if !filter.statuses.is_empty() {
+        let list: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        cmd.push_str(&format!(" --status {}", list.join(",")));
+    }
+    if let Some(s) = &filter.session_id {
+        cmd.push_str(&format!(" --session {s}"));
+    }
+    if let Some(l) = filter.limit.filter(|l| *l != 20) {
+        cmd.push_str(&format!(" --limit {l}"));
+    }
+    cmd.push_str(&format!(" --cursor {cursor}"));
+    cmd
+}
+
+pub async fn workflows(ctx: &Ctx, a: WorkflowsArgs) -> Exit {
+    let list = ctx.client.workflows().await.map_err(|e| ctx.refused(&e))?;
     if a.json {
-        return match serde_json::to_string(&list) {
-            Ok(text) => {
-                println!("{text}");
-                EXIT_OK
-            }
-            Err(e) => {
-                eprintln!("sluice: {e}");
-                EXIT_USAGE
-            }
-        };
+        output::json_line(serde_json::to_string(&list))?;
+        return Ok(EXIT_OK);
     }
     let (_, color) = terminal();
     let style = Style::new(color);
     if list.is_empty() {
-        println!("no workflows are deployed on {}.", ctx.server);
-        println!("add one in the server's config file and restart it: see {CONFIG_DOCS}");
-        return EXIT_OK;
+        output::line(&format!("no workflows are deployed on {}.", ctx.server))?;
+        output::line(&format!(
+            "add one in the server's config file and restart it: see {CONFIG_DOCS}"
+        ))?;
+        return Ok(EXIT_OK);
     }
     let rows: Vec<[String; 3]> = list
         .iter()
         .map(|w| [w.name.clone(), w.kind.clone(), truncate(&w.description, 70)])
         .collect();
-    print_table(&["NAME", "KIND", "DESCRIPTION"], &rows, |_, c| c.to_owned());
+    print_table(&["NAME", "KIND", "DESCRIPTION"], &rows, |_, c| c.to_owned())?;
     if !list.iter().any(|w| w.kind == "agent") {
-        println!();
-        println!(
-            "{}",
-            style.dim(
-                "no agent is configured. To add one, start `sluice serve` with OPENAI_API_KEY or"
-            )
-        );
-        println!(
-            "{}",
-            style.dim(&format!(
-                "OPENAI_BASE_URL set (serves `assistant`), or declare kind = \"agent\" in a config file: see {CONFIG_DOCS}"
-            ))
-        );
+        output::line("")?;
+        output::line(&style.dim(
+            "no agent is configured. To add one, start `sluice serve` with OPENAI_API_KEY or",
+        ))?;
+        output::line(&style.dim(&format!(
+            "OPENAI_BASE_URL set (serves `assistant`), or declare kind = \"agent\" in a config file: see {CONFIG_DOCS}"
+        )))?;
     }
-    EXIT_OK
+    Ok(EXIT_OK)
 }
 
 /// Left-aligned columns two spaces apart; `paint` styles a cell after padding is computed.
@@ -318,7 +356,7 @@ fn print_table<const N: usize>(
     header: &[&str; N],
     rows: &[[String; N]],
     paint: impl Fn(usize, &str) -> String,
-) {
+) -> Result<(), u8> {
     let mut widths = header.map(|h| h.chars().count());
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -336,24 +374,46 @@ fn print_table<const N: usize>(
         }
         line
     };
-    println!(
-        "{}",
-        fmt_row(
-            header
-                .iter()
-                .map(|h| (h.to_string(), h.chars().count()))
-                .collect()
-        )
-    );
+    output::line(&fmt_row(
+        header
+            .iter()
+            .map(|h| (h.to_string(), h.chars().count()))
+            .collect(),
+    ))?;
     for row in rows {
-        println!(
-            "{}",
-            fmt_row(
-                row.iter()
-                    .enumerate()
-                    .map(|(i, c)| (paint(i, c), c.chars().count()))
-                    .collect()
-            )
+        output::line(&fmt_row(
+            row.iter()
+                .enumerate()
+                .map(|(i, c)| (paint(i, c), c.chars().count()))
+                .collect(),
+        ))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_keeps_the_filters() {
+        let f = RunFilter {
+            limit: Some(20),
+            ..RunFilter::default()
+        };
+        assert_eq!(next_page(&f, "c1"), "sluice runs --cursor c1");
+        let f = RunFilter {
+            workflow: Some("ticker".into()),
+            statuses: vec![RunStatus::Failed, RunStatus::Cancelled],
+            session_id: Some("ses_1".into()),
+            limit: Some(5),
+            cursor: Some("old".into()),
+        };
+        assert_eq!(
+            next_page(&f, "c2"),
+            "sluice runs --workflow ticker --status failed,cancelled --session ses_1 --limit 5 --cursor c2"
         );
+        assert!(parse_status(" waiting ").is_ok());
+        assert!(parse_status("sleeping").is_err());
     }
 }

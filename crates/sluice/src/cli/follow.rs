@@ -1,8 +1,12 @@
 //! Following a run's stream for `run --follow` and `tail`: raw JSON lines, or the human view
-//! with prompts answered from stdin; Ctrl-C; the exit code of the run's outcome.
+//! with prompts answered from stdin; Ctrl-C and a closed stdout (cancelling the run with
+//! `--cancel-on-exit`); the exit code of the run's outcome.
+//!
+//! Nothing in the loop blocks it: the checks whether the run waits, the sending of an answer
+//! and the reading of stdin run beside the stream, so events and Ctrl-C are handled at once.
 
 use std::future::Future;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{self, BufRead, IsTerminal, Write};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -13,6 +17,8 @@ use sluice_client::{
 };
 use tokio::sync::mpsc;
 
+use super::interrupt::Interrupt;
+use super::output::{self, say};
 use super::render::{Next, Outcome, Renderer, Style, ToolAsk, Wait, short_json};
 use super::{Ctx, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, terminal};
 
@@ -21,43 +27,60 @@ use super::{Ctx, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, terminal};
 pub struct FollowOptions {
     /// Raw envelopes, one per line; no prompts.
     pub json: bool,
-    /// Ctrl-C cancels the run.
+    /// Stopping early (Ctrl-C, stdout closed) cancels the run.
     pub cancel_on_exit: bool,
 }
 
+/// Why following stopped before the run ended.
+enum Leave {
+    /// Ctrl-C.
+    Interrupted,
+    /// Writing stdout failed (its reader went away, or another error).
+    Output(io::Error),
+}
+
 /// Follows the stream to its end and answers the exit code.
-pub async fn follow(ctx: &Ctx, stream: EventStream<RawEvent>, opts: FollowOptions) -> u8 {
+pub async fn follow(
+    ctx: &Ctx,
+    stream: EventStream<RawEvent>,
+    opts: FollowOptions,
+    interrupt: &mut Interrupt,
+) -> u8 {
     if opts.json {
-        follow_json(ctx, stream, opts).await
+        follow_json(ctx, stream, opts, interrupt).await
     } else {
-        follow_human(ctx, stream, opts).await
+        follow_human(ctx, stream, opts, interrupt).await
     }
 }
 
-async fn follow_json(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: FollowOptions) -> u8 {
+async fn follow_json(
+    ctx: &Ctx,
+    mut stream: EventStream<RawEvent>,
+    opts: FollowOptions,
+    interrupt: &mut Interrupt,
+) -> u8 {
     let run_id = stream.run_id().to_owned();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let mut outcome = None;
     loop {
         tokio::select! {
             biased;
-            _ = &mut ctrl_c => return interrupted(ctx, &run_id, opts.cancel_on_exit).await,
+            () = interrupt.recv() => return leave(ctx, &run_id, opts, Leave::Interrupted, interrupt).await,
             item = stream.next() => match item {
                 Some(Ok(raw)) => {
-                    let mut out = std::io::stdout().lock();
+                    let mut out = io::stdout().lock();
                     let written = out
                         .write_all(raw.json())
                         .and_then(|()| out.write_all(b"\n"))
                         .and_then(|()| out.flush());
+                    drop(out);
                     if let Err(e) = written {
-                        return output_failed(&e);
+                        return leave(ctx, &run_id, opts, Leave::Output(e), interrupt).await;
                     }
                     if let Some(o) = Outcome::of_type(raw.event_type()) {
                         outcome = Some(o);
                     }
                 }
-                Some(Err(e)) => return stream_failed(ctx, &e),
+                Some(Err(e)) => return ctx.refused(&e),
                 None => break,
             },
         }
@@ -96,34 +119,40 @@ impl Prompt {
 }
 
 type Check = Pin<Box<dyn Future<Output = sluice_client::Result<RunRecord>>>>;
+type Sending = Pin<Box<dyn Future<Output = (Wait, sluice_client::Result<String>)>>>;
 
-async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: FollowOptions) -> u8 {
+async fn follow_human(
+    ctx: &Ctx,
+    mut stream: EventStream<RawEvent>,
+    opts: FollowOptions,
+    interrupt: &mut Interrupt,
+) -> u8 {
     let run_id = stream.run_id().to_owned();
     let (tty, color) = terminal();
     let style = Style::new(color);
-    let mut view = Renderer::new(std::io::stdout(), style, tty);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let mut view = Renderer::new(io::stdout(), style, tty);
     let mut outcome = None;
     // A request awaiting confirmation that the run waits for it, and the check doing that.
     let mut pending: Option<Wait> = None;
     let mut check: Option<Check> = None;
+    // The prompt shown, its answers being typed; then the answer being sent.
     let mut prompt: Option<Prompt> = None;
+    let mut sending: Option<Sending> = None;
     let mut stdin: Option<mpsc::Receiver<Option<String>>> = None;
     let mut stdin_closed = false;
     loop {
         tokio::select! {
             biased;
-            _ = &mut ctrl_c => {
+            () = interrupt.recv() => {
                 let _ = view.finish();
-                return interrupted(ctx, &run_id, opts.cancel_on_exit).await;
+                return leave(ctx, &run_id, opts, Leave::Interrupted, interrupt).await;
             }
             item = stream.next() => {
                 let raw = match item {
                     Some(Ok(raw)) => raw,
                     Some(Err(e)) => {
                         let _ = view.finish();
-                        return stream_failed(ctx, &e);
+                        return ctx.refused(&e);
                     }
                     None => break,
                 };
@@ -131,7 +160,7 @@ async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: Follow
                     Ok(ev) => ev,
                     Err(e) => {
                         let _ = view.finish();
-                        eprintln!("sluice: cannot decode event {} of run {run_id}: {e}", raw.seq());
+                        say!("cannot decode event {} of run {run_id}: {e}", raw.seq());
                         return EXIT_USAGE;
                     }
                 };
@@ -155,10 +184,10 @@ async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: Follow
                         }
                     }
                     Ok(Next::End(o)) => outcome = Some(o),
-                    Err(e) => return output_failed(&e),
+                    Err(e) => return leave(ctx, &run_id, opts, Leave::Output(e), interrupt).await,
                 }
             }
-            rec = poll(&mut check) => {
+            rec = ready(&mut check) => {
                 check = None;
                 match rec {
                     Ok(rec) if rec.status == RunStatus::Waiting && rec.last_seq <= stream.last_seq() => {
@@ -178,7 +207,7 @@ async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: Follow
                         }
                         let p = Prompt { wait, answers: Vec::new() };
                         if let Err(e) = view.cue(&p.cue(style)) {
-                            return output_failed(&e);
+                            return leave(ctx, &run_id, opts, Leave::Output(e), interrupt).await;
                         }
                         prompt = Some(p);
                     }
@@ -194,13 +223,21 @@ async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: Follow
                     }
                 }
             }
+            (wait, sent) = ready(&mut sending) => {
+                sending = None;
+                let note = match sent {
+                    Ok(shown) => format!("↳ sent {shown}"),
+                    Err(e) if e.kind() == ErrorKind::Conflict => "(the run has already ended)".to_owned(),
+                    Err(e) => format!("could not send the answer: {e}. {}", answer_hint(&run_id, &wait)),
+                };
+                let _ = view.note(&note);
+            }
             line = recv(stdin.as_mut()) => {
                 let Some(line) = line.flatten() else {
                     // End of input: stop prompting; the run keeps waiting on the server.
                     stdin = None;
                     stdin_closed = true;
                     if let Some(p) = prompt.take() {
-                        view.answered(false);
                         let _ = view.note(&format!("stdin is closed; the run keeps waiting. {}", answer_hint(&run_id, &p.wait)));
                     }
                     continue;
@@ -209,25 +246,18 @@ async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: Follow
                     // Typed while nothing was asked: ignored.
                     continue;
                 };
-                view.answered(std::io::stdin().is_terminal());
+                if let Err(e) = view.answered(io::stdin().is_terminal(), &line) {
+                    return leave(ctx, &run_id, opts, Leave::Output(e), interrupt).await;
+                }
                 p.answers.push(parse_answer(&line));
                 if !p.complete() {
                     if let Err(e) = view.cue(&p.cue(style)) {
-                        return output_failed(&e);
+                        return leave(ctx, &run_id, opts, Leave::Output(e), interrupt).await;
                     }
                     continue;
                 }
-                let Some(p) = prompt.take() else { continue };
-                match answer(&ctx.client, &run_id, &p).await {
-                    Ok(shown) => {
-                        let _ = view.note(&format!("↳ sent {shown}"));
-                    }
-                    Err(e) if e.kind() == ErrorKind::Conflict => {
-                        let _ = view.note("(the run has already ended)");
-                    }
-                    Err(e) => {
-                        let _ = view.note(&format!("could not send the answer: {e}. {}", answer_hint(&run_id, &p.wait)));
-                    }
+                if let Some(p) = prompt.take() {
+                    sending = Some(Box::pin(answer(ctx.client.clone(), run_id.clone(), p)));
                 }
             }
         }
@@ -239,9 +269,9 @@ async fn follow_human(ctx: &Ctx, mut stream: EventStream<RawEvent>, opts: Follow
     }
 }
 
-/// Answers the output of a ready future, or never.
-async fn poll(check: &mut Option<Check>) -> sluice_client::Result<RunRecord> {
-    match check {
+/// The output of the future when there is one, or never.
+async fn ready<T>(f: &mut Option<Pin<Box<dyn Future<Output = T>>>>) -> T {
+    match f {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
@@ -303,7 +333,17 @@ fn parse_answer(line: &str) -> Value {
 }
 
 /// Sends a completed prompt's answer; retries briefly while the run settles into `waiting`.
-async fn answer(client: &Client, run_id: &str, p: &Prompt) -> sluice_client::Result<String> {
+/// Answers what was asked, and what was sent (for the note) or the error.
+async fn answer(
+    client: Client,
+    run_id: String,
+    p: Prompt,
+) -> (Wait, sluice_client::Result<String>) {
+    let sent = send_answer(&client, &run_id, &p).await;
+    (p.wait, sent)
+}
+
+async fn send_answer(client: &Client, run_id: &str, p: &Prompt) -> sluice_client::Result<String> {
     let mut attempt = 0;
     loop {
         let sent = match &p.wait {
@@ -349,36 +389,46 @@ fn answer_hint(run_id: &str, wait: &Wait) -> String {
     }
 }
 
-/// Ctrl-C: cancel the run when asked to, and exit 130.
-async fn interrupted(ctx: &Ctx, run_id: &str, cancel: bool) -> u8 {
-    if cancel {
-        match tokio::time::timeout(Duration::from_secs(5), ctx.client.cancel(run_id)).await {
-            Ok(Ok(_)) => eprintln!("sluice: interrupted; cancelled run {run_id}"),
-            Ok(Err(e)) if e.kind() == ErrorKind::Conflict => {
-                eprintln!("sluice: interrupted; run {run_id} had already ended");
-            }
-            Ok(Err(e)) => eprintln!("sluice: interrupted; could not cancel run {run_id}: {e}"),
-            Err(_) => eprintln!("sluice: interrupted; cancelling run {run_id} timed out"),
+/// Stops following before the run ended; cancels the run with `--cancel-on-exit`. Exit 130
+/// after Ctrl-C; after stdout closed, 0 quietly (its reader went away) or 2.
+async fn leave(
+    ctx: &Ctx,
+    run_id: &str,
+    opts: FollowOptions,
+    why: Leave,
+    interrupt: &mut Interrupt,
+) -> u8 {
+    let code = match &why {
+        Leave::Interrupted => EXIT_CANCELLED,
+        Leave::Output(e) => output::failed(e),
+    };
+    if opts.cancel_on_exit {
+        if matches!(why, Leave::Interrupted) {
+            say!("interrupted; cancelling run {run_id}");
         }
-    } else {
-        eprintln!(
-            "sluice: interrupted; run {run_id} continues on the server (follow: sluice tail {run_id}; stop: sluice cancel {run_id})"
+        cancel_run(ctx, run_id, interrupt).await;
+    } else if matches!(why, Leave::Interrupted) {
+        say!(
+            "interrupted; run {run_id} continues on the server (follow: sluice tail {run_id}; stop: sluice cancel {run_id})"
         );
     }
-    EXIT_CANCELLED
+    code
 }
 
-/// The stream ended with an error: exit 2 (connection, not found, data loss).
-fn stream_failed(ctx: &Ctx, e: &sluice_client::Error) -> u8 {
-    ctx.fail(e, EXIT_USAGE)
-}
-
-fn output_failed(e: &std::io::Error) -> u8 {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        EXIT_OK
-    } else {
-        eprintln!("sluice: cannot write the output: {e}");
-        EXIT_USAGE
+/// Cancels a run on the way out, reporting on stderr; gives up after 5 s or at another Ctrl-C.
+pub async fn cancel_run(ctx: &Ctx, run_id: &str, interrupt: &mut Interrupt) {
+    let cancel = tokio::time::timeout(Duration::from_secs(5), ctx.client.cancel(run_id));
+    tokio::select! {
+        biased;
+        () = interrupt.recv() => say!("not waiting for the cancellation of run {run_id}; check it with: sluice runs"),
+        answer = cancel => match answer {
+            Ok(Ok(_)) => say!("cancelled run {run_id}"),
+            Ok(Err(e)) if e.kind() == ErrorKind::Conflict => {
+                say!("run {run_id} had already ended");
+            }
+            Ok(Err(e)) => say!("could not cancel run {run_id}: {e}"),
+            Err(_) => say!("cancelling run {run_id} timed out; check it with: sluice runs"),
+        },
     }
 }
 
@@ -387,7 +437,7 @@ fn output_failed(e: &std::io::Error) -> u8 {
 async fn status_code(ctx: &Ctx, run_id: &str, view: Option<&mut Renderer<std::io::Stdout>>) -> u8 {
     let rec = match ctx.client.run(run_id).await {
         Ok(r) => r,
-        Err(e) => return ctx.fail(&e, EXIT_USAGE),
+        Err(e) => return ctx.refused(&e),
     };
     if let Some(view) = view {
         let style = view.style();
@@ -402,11 +452,54 @@ async fn status_code(ctx: &Ctx, run_id: &str, view: Option<&mut Renderer<std::io
         RunStatus::Failed => EXIT_FAILED,
         RunStatus::Cancelled => EXIT_CANCELLED,
         other => {
-            eprintln!(
-                "sluice: the event stream of run {run_id} ended while it is {}",
+            say!(
+                "the event stream of run {run_id} ended while it is {}",
                 other.as_str()
             );
             EXIT_USAGE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn answers_and_prompts() {
+        assert_eq!(parse_answer("yes"), json!("yes"));
+        assert_eq!(parse_answer(" {\"ok\": true} "), json!({"ok": true}));
+        assert_eq!(parse_answer("42"), json!(42));
+        assert_eq!(parse_answer("\"quoted\""), json!("quoted"));
+        assert_eq!(parse_answer(""), json!(""));
+        let tools = Wait::Tools(vec![
+            ToolAsk {
+                id: "c1".into(),
+                name: "confirm".into(),
+                arguments: json!({"action": "deploy"}),
+            },
+            ToolAsk {
+                id: "c2".into(),
+                name: "pick".into(),
+                arguments: json!({}),
+            },
+        ]);
+        let mut p = Prompt {
+            wait: tools,
+            answers: Vec::new(),
+        };
+        let style = Style::new(false);
+        assert_eq!(
+            p.cue(style),
+            "  > output of confirm({\"action\":\"deploy\"}): "
+        );
+        p.answers.push(json!("ok"));
+        assert!(!p.complete());
+        assert_eq!(p.cue(style), "  > output of pick({}): ");
+        p.answers.push(json!(1));
+        assert!(p.complete());
+        assert!(answer_hint("run_1", &Wait::Input).contains("sluice send run_1 input"));
     }
 }

@@ -2,13 +2,26 @@
 //! `workflows`, all through `sluice-client`.
 //!
 //! Layout: `follow.rs` follows a run's stream (human view or `--json`, prompts, Ctrl-C);
-//! `render.rs` is the human view; `commands.rs` the one-shot commands.
+//! `render.rs` is the human view; `commands.rs` the commands; `output.rs` writes to stdout and
+//! stderr without panicking; `interrupt.rs` listens for Ctrl-C.
 //!
-//! Exit codes: 0 completed (or success), 1 the run failed (or the server refused the request),
-//! 2 usage or connection error, 130 cancelled (or interrupted by Ctrl-C).
+//! Exit codes, one rule for every command (the protocol's "0 completed, 1 failed, 2 usage or
+//! connection error, 130 cancelled"):
+//! - 0: done; for `run --follow` and `tail`, the run completed. Also when stdout's reader goes
+//!   away (`sluice runs | head -1`): the command stops quietly.
+//! - 1: the run failed (`chain-error`). Only `run --follow` and `tail` exit 1, so 1 always
+//!   means "the run ran and failed".
+//! - 2: the command could not do what it was asked: bad usage or JSON; the server cannot be
+//!   reached, wants an API key, or refused the request (unknown workflow or run, invalid input,
+//!   a run that has already ended for `send` and `cancel`, at capacity); the event stream broke
+//!   for good. The reason is on stderr.
+//! - 130: the run was cancelled, or Ctrl-C stopped the command (the run goes on unless
+//!   `--cancel-on-exit`).
 
 mod commands;
 mod follow;
+mod interrupt;
+mod output;
 mod render;
 
 use std::io::IsTerminal;
@@ -16,14 +29,20 @@ use std::process::ExitCode;
 
 use sluice_client::{Client, ErrorKind};
 
-/// Success; the run completed.
+use output::say;
+
+/// Done; the run completed.
 pub const EXIT_OK: u8 = 0;
-/// The run failed; the server refused the request.
+/// The run failed.
 pub const EXIT_FAILED: u8 = 1;
-/// Bad usage or no connection to the server.
+/// Bad usage, no connection to the server, or a request the server refused.
 pub const EXIT_USAGE: u8 = 2;
 /// The run was cancelled, or Ctrl-C.
 pub const EXIT_CANCELLED: u8 = 130;
+
+/// How a command ends: `Ok(code)` after doing its work, `Err(code)` when it stopped early;
+/// either way the process exits with `code`.
+type Exit = Result<u8, u8>;
 
 /// Where the server is and how to authenticate: on every client command.
 #[derive(Debug, clap::Args)]
@@ -66,7 +85,11 @@ pub enum Command {
 }
 
 /// Runs a client command and answers the process exit code.
-pub async fn execute(connect: Connect, command: Command) -> ExitCode {
+pub async fn execute(mut connect: Connect, command: Command) -> ExitCode {
+    // An empty SLUICE_URL counts as unset, as for the API key.
+    if connect.server.trim().is_empty() {
+        sluice_client::DEFAULT_URL.clone_into(&mut connect.server);
+    }
     let mut builder = Client::builder().base_url(&connect.server);
     if let Some(key) = connect.api_key.as_deref().filter(|k| !k.is_empty()) {
         builder = builder.api_key(key);
@@ -74,7 +97,7 @@ pub async fn execute(connect: Connect, command: Command) -> ExitCode {
     let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("sluice: --server {}: {e}", connect.server);
+            say!("--server {}: {e}", connect.server);
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -82,7 +105,7 @@ pub async fn execute(connect: Connect, command: Command) -> ExitCode {
         client,
         server: connect.server,
     };
-    let code = match command {
+    let exit = match command {
         Command::Run(a) => commands::run(&ctx, a).await,
         Command::Tail(a) => commands::tail(&ctx, a).await,
         Command::Send(a) => commands::send(&ctx, a).await,
@@ -90,7 +113,7 @@ pub async fn execute(connect: Connect, command: Command) -> ExitCode {
         Command::Runs(a) => commands::runs(&ctx, a).await,
         Command::Workflows(a) => commands::workflows(&ctx, a).await,
     };
-    ExitCode::from(code)
+    ExitCode::from(exit.unwrap_or_else(|code| code))
 }
 
 /// What every command needs.
@@ -100,34 +123,37 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Reports an SDK error on stderr with a hint, and answers the exit code: 2 for connection,
-    /// configuration and authentication problems, else `refused`.
-    fn fail(&self, e: &sluice_client::Error, refused: u8) -> u8 {
-        eprintln!("sluice: {e}");
+    /// Reports a request that failed on stderr, with a hint where one helps, and answers the
+    /// exit code: always 2 (the command could not do what it was asked).
+    fn refused(&self, e: &sluice_client::Error) -> u8 {
+        say!("{e}");
         match e.kind() {
             ErrorKind::Transport => {
-                eprintln!(
-                    "sluice: is `sluice serve` running at {}? (set --server or SLUICE_URL)",
+                say!(
+                    "is `sluice serve` running at {}? (set --server or SLUICE_URL)",
                     self.server
                 );
-                EXIT_USAGE
             }
             ErrorKind::Unauthorized => {
-                eprintln!("sluice: the server wants an API key: set --api-key or SLUICE_API_KEY");
-                EXIT_USAGE
+                say!("the server wants an API key: set --api-key or SLUICE_API_KEY");
             }
-            ErrorKind::Config => EXIT_USAGE,
             ErrorKind::Rejected {
                 retry_after: Some(d),
             } => {
-                eprintln!(
-                    "sluice: the server is at capacity; retry in {} s",
-                    d.as_secs()
+                say!(
+                    "the server is at capacity; retry in {} s",
+                    d.as_secs().max(1)
                 );
-                refused
             }
-            _ => refused,
+            ErrorKind::NotFound if e.code() == Some("run_not_found") => {
+                say!("`sluice runs` lists the runs");
+            }
+            ErrorKind::NotFound if e.code() == Some("workflow_not_found") => {
+                say!("`sluice workflows` lists the deployed workflows");
+            }
+            _ => {}
         }
+        EXIT_USAGE
     }
 }
 
@@ -141,8 +167,8 @@ fn terminal() -> (bool, bool) {
 /// Parses a JSON argument; a usage error names the argument.
 fn parse_json(what: &str, text: &str) -> Result<serde_json::Value, u8> {
     serde_json::from_str(text).map_err(|e| {
-        eprintln!("sluice: {what} is not valid JSON: {e}");
-        eprintln!("sluice: quote it for the shell, e.g. '{{\"n\": 3}}' or '\"text\"'");
+        say!("{what} is not valid JSON: {e}");
+        say!("quote it for the shell, e.g. '{{\"n\": 3}}' or '\"text\"'");
         EXIT_USAGE
     })
 }

@@ -483,11 +483,19 @@ impl<W: Write> Renderer<W> {
         self.out.flush()
     }
 
-    /// The person's answer was read: a terminal echoed its newline already.
-    pub fn answered(&mut self, echoed: bool) {
-        if echoed {
-            self.cursor = Cursor::LineStart;
+    /// The person's answer was read. A terminal echoed it (and its newline) already; from a
+    /// pipe, it is written after the cue, so the transcript reads `> yes`.
+    ///
+    /// # Errors
+    /// Errors writing the output.
+    pub fn answered(&mut self, echoed: bool, text: &str) -> io::Result<()> {
+        if !echoed {
+            self.out.write_all(text.as_bytes())?;
+            self.out.write_all(b"\n")?;
+            self.out.flush()?;
         }
+        self.cursor = Cursor::LineStart;
+        Ok(())
     }
 
     /// A note to the person (dimmed, indented).
@@ -758,6 +766,29 @@ mod tests {
         assert_eq!(nexts.last(), Some(&Next::End(Outcome::Cancelled)));
         assert_eq!(progress_of(&json!({"pct": 50})), Some((0.5, None)));
         assert_eq!(progress_of(&json!({"i": 1})), None);
+    }
+
+    #[test]
+    fn a_prompt_and_its_answer() {
+        let mut r = Renderer::new(Vec::new(), Style::new(false), false);
+        r.event(&ev(
+            1,
+            "input-requested",
+            Some(1),
+            0,
+            json!({"prompt": "Go?"}),
+        ))
+        .unwrap();
+        r.cue("  > ").unwrap();
+        // From a pipe the answer is written out; a terminal has echoed it already.
+        r.answered(false, "yes").unwrap();
+        r.note("↳ sent \"yes\"").unwrap();
+        r.cue("  > ").unwrap();
+        r.answered(true, "ignored").unwrap();
+        r.note("done").unwrap();
+        let text = String::from_utf8(r.into_inner()).unwrap();
+        // (The terminal's echo, not in this buffer, ends the second cue's line.)
+        assert_eq!(text, "  ? Go?\n  > yes\n  ↳ sent \"yes\"\n  >   done\n");
     }
 
     #[test]
