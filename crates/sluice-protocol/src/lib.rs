@@ -3,7 +3,8 @@
 //! This crate is the code form of `docs/protocol.md`: the [`Event`] envelope every transport
 //! carries, the reserved event types and their payloads ([`kind`], [`payload`]), run and session
 //! records ([`record`]), request and response bodies ([`api`]) and timestamps ([`Timestamp`]).
-//! It does no I/O and depends on serde only.
+//! It does no I/O; it depends on serde, and on schemars for the JSON Schemas of the request and
+//! response bodies (the server publishes them in `/openapi.json`).
 //!
 //! Layout:
 //! - `event.rs`: the envelope, its pre-serialised log form [`RawEvent`], event-name rules.

@@ -1,5 +1,6 @@
 //! Run and session records, and token usage.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -7,7 +8,7 @@ use crate::Timestamp;
 use crate::payload::ErrorInfo;
 
 /// The state of a run: `queued → running ⇄ waiting → completed | failed | cancelled`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Accepted, not started (admission control).
@@ -57,7 +58,7 @@ impl RunStatus {
 }
 
 /// Model token usage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub struct Usage {
     /// Prompt tokens.
     pub input_tokens: u64,
@@ -89,7 +90,7 @@ impl Usage {
 }
 
 /// A run as `GET /v1/runs/{id}` returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RunRecord {
     /// Run id (`run_…`, time-ordered).
     pub id: String,
@@ -100,18 +101,22 @@ pub struct RunRecord {
     /// Current state.
     pub status: RunStatus,
     /// When it was accepted.
+    #[schemars(schema_with = "timestamp_schema")]
     pub created_at: Timestamp,
     /// When a task first started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timestamp_schema")]
     pub started_at: Option<Timestamp>,
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timestamp_schema")]
     pub finished_at: Option<Timestamp>,
     /// The result, once completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
     /// The error, once failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<ErrorInfoSchema>")]
     pub error: Option<ErrorInfo>,
     /// Model usage so far.
     pub usage: Usage,
@@ -123,8 +128,10 @@ pub struct RunRecord {
     /// Client-supplied metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
-    /// Label of the API key that created it (never the key itself).
+    /// Label of the API key that created it (never the key itself). Never sent to clients, so
+    /// not in the published schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
     pub owner: Option<String>,
 }
 
@@ -151,13 +158,15 @@ impl RunRecord {
 }
 
 /// A session: a group of runs sharing state (for agents, the conversation so far).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SessionRecord {
     /// Session id (`ses_…`).
     pub id: String,
     /// When it was created.
+    #[schemars(schema_with = "timestamp_schema")]
     pub created_at: Timestamp,
     /// When its state last changed.
+    #[schemars(schema_with = "timestamp_schema")]
     pub updated_at: Timestamp,
     /// Shared state carried from run to run.
     #[serde(default)]
@@ -165,7 +174,128 @@ pub struct SessionRecord {
     /// The run of this session currently active, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_run: Option<String>,
-    /// Label of the API key that created it.
+    /// Label of the API key that created it. Never sent to clients, so not in the published
+    /// schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
     pub owner: Option<String>,
+}
+
+/// The JSON Schema of a [`Timestamp`]: an RFC 3339 UTC string with microseconds.
+pub fn timestamp_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "format": "date-time",
+        "description": "RFC 3339 UTC with microseconds, e.g. 2026-11-22T05:00:00.123456Z"
+    })
+}
+
+/// The schema of [`ErrorInfo`] (whose type lives in `payload.rs`): the same serde shape,
+/// described for the published schema only. A test keeps the two in step.
+#[derive(JsonSchema)]
+#[schemars(rename = "ErrorInfo")]
+#[allow(dead_code)]
+struct ErrorInfoSchema {
+    /// Machine-readable reason.
+    code: ErrorCodeSchema,
+    /// Human-readable message.
+    message: String,
+    /// Extra structured detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    details: Option<Value>,
+}
+
+/// The schema of [`ErrorCode`](crate::payload::ErrorCode): the `code` of `chain-error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[schemars(rename = "ErrorCode")]
+#[allow(dead_code)]
+enum ErrorCodeSchema {
+    /// A step failed (error or panic) after its retries.
+    Failed,
+    /// The run or a step exceeded its time limit.
+    Timeout,
+    /// The model provider failed.
+    ProviderError,
+    /// The model provider rate-limited the run beyond its retries.
+    RateLimited,
+    /// The server stopped while the run was active and it could not be resumed.
+    Interrupted,
+    /// The run's input was not acceptable to the workflow.
+    InvalidInput,
+    /// A tool failed in a way the run cannot continue from.
+    ToolError,
+    /// The run used up its step budget.
+    MaxSteps,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::payload::ErrorCode;
+
+    /// Exhaustive both ways: a new `ErrorCode` variant fails to compile here until the schema
+    /// mirror has it too.
+    fn mirror(code: ErrorCode) -> ErrorCodeSchema {
+        match code {
+            ErrorCode::Failed => ErrorCodeSchema::Failed,
+            ErrorCode::Timeout => ErrorCodeSchema::Timeout,
+            ErrorCode::ProviderError => ErrorCodeSchema::ProviderError,
+            ErrorCode::RateLimited => ErrorCodeSchema::RateLimited,
+            ErrorCode::Interrupted => ErrorCodeSchema::Interrupted,
+            ErrorCode::InvalidInput => ErrorCodeSchema::InvalidInput,
+            ErrorCode::ToolError => ErrorCodeSchema::ToolError,
+            ErrorCode::MaxSteps => ErrorCodeSchema::MaxSteps,
+        }
+    }
+
+    #[test]
+    fn error_info_schema_matches_the_serde_shape() {
+        let all = [
+            ErrorCode::Failed,
+            ErrorCode::Timeout,
+            ErrorCode::ProviderError,
+            ErrorCode::RateLimited,
+            ErrorCode::Interrupted,
+            ErrorCode::InvalidInput,
+            ErrorCode::ToolError,
+            ErrorCode::MaxSteps,
+        ];
+        let schema = schemars::schema_for!(ErrorInfoSchema);
+        let json = serde_json::to_value(&schema).unwrap();
+        let codes = &json["$defs"]["ErrorCode"];
+        let listed: Vec<String> = codes["oneOf"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|c| c["const"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .or_else(|| {
+                codes["enum"]
+                    .as_array()
+                    .map(|v| v.iter().map(|c| c.as_str().unwrap().to_owned()).collect())
+            })
+            .unwrap();
+        assert_eq!(listed.len(), all.len(), "{codes}");
+        for code in all {
+            assert_eq!(
+                serde_json::to_value(mirror(code)).unwrap(),
+                serde_json::to_value(code).unwrap()
+            );
+            assert!(listed.iter().any(|c| c == code.as_str()), "{code:?}");
+        }
+        let info = ErrorInfo {
+            code: ErrorCode::Timeout,
+            message: "m".into(),
+            details: Some(serde_json::json!({"a": 1})),
+        };
+        let v = serde_json::to_value(&info).unwrap();
+        let props = json["properties"].as_object().unwrap();
+        for key in v.as_object().unwrap().keys() {
+            assert!(props.contains_key(key), "{key} in the schema");
+        }
+        assert_eq!(props.len(), v.as_object().unwrap().len());
+    }
 }

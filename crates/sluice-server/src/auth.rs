@@ -1,7 +1,5 @@
 //! Bearer-key authentication and run visibility.
 
-use std::hash::{Hash, Hasher};
-
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
@@ -73,11 +71,24 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// A stable, non-reversible label of a key: the owner stored with its runs.
+/// A stable, non-reversible label of a key: the owner stored with its runs and sessions.
+///
+/// It must never change for a given key (stored runs would become invisible to their own key),
+/// so it is built with [`crate::hash::stable_hash`] (SipHash-1-3, fixed key, written out in
+/// this crate), not with `std`'s `DefaultHasher`, whose algorithm may change between Rust
+/// releases. It equals the label earlier builds derived with `DefaultHasher`.
 fn label(key: &[u8]) -> String {
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    format!("key_{:016x}", h.finish())
+    format!("key_{:016x}", crate::hash::stable_hash(key))
+}
+
+/// The credentials of an `Authorization: Bearer <key>` header. The scheme is matched
+/// case-insensitively (RFC 9110 §11.1); spaces around the key are ignored.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|k| !k.is_empty())
 }
 
 /// Middleware: resolves the caller, answers 401 for a missing or unknown key.
@@ -91,8 +102,7 @@ pub(crate) async fn authenticate(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer);
         match presented.and_then(|p| state.keys.check(p.as_bytes())) {
             Some(p) => p,
             None => return ApiError::Unauthorized.into_response(),
@@ -138,5 +148,18 @@ mod tests {
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"abcd"));
         assert!(!ct_eq(b"", b"\0"));
+        // Labels are fixed forever (stored with runs); see `hash.rs`.
+        assert_eq!(label(b"k1-0123456789abcdef"), "key_4206ee9b65e0f36d");
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER   abc  "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearer   "), None);
+        assert_eq!(bearer("Bearerabc"), None);
     }
 }

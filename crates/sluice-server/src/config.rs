@@ -67,12 +67,19 @@ pub struct ServerOptions {
     /// Largest request body.
     #[serde(deserialize_with = "size")]
     pub max_body: usize,
-    /// Largest `data` of one event sent into a run.
+    /// Largest `data` of one event sent into a run (1KiB to 64MiB); over HTTP the whole body
+    /// must also fit in `max_body`. A WebSocket message may be up to this plus 4 KiB (for the
+    /// `type` and the JSON around `data`); a larger one closes the socket.
     #[serde(deserialize_with = "size")]
     pub max_event: usize,
-    /// Requests (streams included) served at once; beyond, 503.
+    /// Open TCP connections at once (API calls, event streams and WebSockets alike); at the
+    /// limit, new connections wait in the listen backlog until one closes.
     pub max_connections: usize,
-    /// How long shutdown waits for runs to reach a checkpoint and streams to close.
+    /// Open event streams at once (SSE, NDJSON, WebSocket); beyond, `503 overloaded` with
+    /// `Retry-After`.
+    pub max_streams: usize,
+    /// Shutdown ends within this: runs get until then to reach a checkpoint and connections
+    /// to finish; whatever is still open then is closed.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
     /// Finished runs older than this are removed with their logs (`"0s"`: keep forever).
@@ -97,6 +104,7 @@ impl Default for ServerOptions {
             max_body: 1 << 20,
             max_event: 256 << 10,
             max_connections: 20_000,
+            max_streams: 10_000,
             shutdown_grace: Duration::from_secs(10),
             retention: Duration::from_secs(7 * 86_400),
             max_finished_runs: 0,
@@ -426,8 +434,19 @@ impl Config {
         if s.sweep_interval < Duration::from_secs(1) {
             return Err(invalid("server.sweep_interval", "must be at least 1s"));
         }
+        if !(1024..=64 << 20).contains(&s.max_event) {
+            return Err(invalid("server.max_event", "must be from 1KiB to 64MiB"));
+        }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.max_streams == 0 {
+            return Err(invalid("server.max_streams", "must be at least 1"));
+        }
+        if s.shutdown_grace < Duration::from_millis(100)
+            || s.shutdown_grace > Duration::from_secs(3600)
+        {
+            return Err(invalid("server.shutdown_grace", "must be from 100ms to 1h"));
         }
         for (name, p) in &self.providers {
             let key = |k: &str| format!("providers.{name}.{k}");
@@ -797,6 +816,21 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
                 .to_string()
                 .contains("server.listen")
         );
+        for (text, key) in [
+            ("max_event = \"10B\"", "server.max_event"),
+            ("max_event = \"65MiB\"", "server.max_event"),
+            ("shutdown_grace = \"0s\"", "server.shutdown_grace"),
+            ("shutdown_grace = \"2h\"", "server.shutdown_grace"),
+            ("max_streams = 0", "server.max_streams"),
+            ("max_connections = 0", "server.max_connections"),
+        ] {
+            let c = Config::from_toml(&format!("[server]\n{text}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let c = Config::from_toml("[server]\nmax_event = \"1MiB\"\nshutdown_grace = \"30s\"\n")
+            .unwrap();
+        c.validate().unwrap();
         let c = Config::from_toml("[workflows.x]\nkind = \"nope\"\n").unwrap();
         assert!(
             c.validate()

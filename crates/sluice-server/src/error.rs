@@ -45,9 +45,22 @@ pub enum ApiError {
         /// Suggested wait.
         retry_after: Duration,
     },
+    /// 422: an `Idempotency-Key` seen before, sent with a different body.
+    #[error(
+        "Idempotency-Key: this key was used for a different request body; use a new key for a new request"
+    )]
+    IdempotencyKeyReused,
     /// 503: shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// 503: a server-wide limit (open event streams) is reached.
+    #[error("{what}; retry after {} s", retry_after.as_secs())]
+    Overloaded {
+        /// Which limit, for the message.
+        what: &'static str,
+        /// Suggested wait.
+        retry_after: Duration,
+    },
     /// 500: something failed inside; logged, not shown.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -74,7 +87,11 @@ impl ApiError {
             }
             Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             Self::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            Self::IdempotencyKeyReused => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -82,6 +99,26 @@ impl ApiError {
     /// The status this error answers with.
     pub fn status(&self) -> StatusCode {
         self.parts().0
+    }
+
+    /// The protocol's error `code` (`invalid_request`, `run_not_found`, …).
+    pub fn code(&self) -> &'static str {
+        self.parts().1
+    }
+
+    /// The `Retry-After` this error suggests, if any.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::QueueFull { retry_after, .. } | Self::Overloaded { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+
+    /// The error shape of the protocol, as sent in a body or a WebSocket frame.
+    pub(crate) fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string())
     }
 
     pub(crate) fn not_found(what: &'static str, id: &str) -> Self {
@@ -100,7 +137,7 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorBody::new(code, self.to_string());
         let mut resp = (status, axum::Json(body)).into_response();
-        if let Self::QueueFull { retry_after, .. } = &self
+        if let Some(retry_after) = self.retry_after()
             && let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);

@@ -2,17 +2,21 @@
 //!
 //! Implements `docs/protocol.md`: the run API under `/v1`, event streams (SSE, NDJSON,
 //! WebSocket) read from the durable log with cursors, admission control answers (429 with
-//! `Retry-After`), bearer-key auth with per-key run visibility, `/healthz`, `/readyz`,
-//! `/metrics` and `/openapi.json`.
+//! `Retry-After`), bearer-key auth with per-key run visibility, connection and stream limits,
+//! graceful shutdown, `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
 //!
 //! Layout:
 //! - `config.rs`: `sluice.toml` and its layers.
 //! - `error.rs`: [`ApiError`], the one error shape.
 //! - `extract.rs`: JSON and query extractors answering in that shape.
-//! - `auth.rs`: keys, principals, visibility.
+//! - `auth.rs`: keys, principals, visibility; `hash.rs`: the stable hash of key labels.
 //! - `stream.rs`: the SSE / NDJSON encoders over the log.
-//! - `routes.rs`: the handlers. `ws.rs`: the WebSocket transport.
-//! - `metrics.rs`, `openapi.rs`.
+//! - `routes.rs`: the handlers, and the router built from `openapi.rs`'s route table.
+//! - `ws.rs`: the WebSocket transport.
+//! - `idempotency.rs`: `Idempotency-Key`s; `locks.rs`: per-session locks.
+//! - `conn.rs`: the TCP connection limit.
+//! - `metrics.rs`, `openapi.rs` (the document, generated from the route table and the body
+//!   types).
 //!
 //! ```no_run
 //! # async fn demo(engine: sluice_engine::Engine) -> std::io::Result<()> {
@@ -25,16 +29,19 @@
 
 pub mod auth;
 pub mod config;
+mod conn;
 mod error;
 mod extract;
+mod hash;
+mod idempotency;
+mod locks;
 mod metrics;
 mod openapi;
 mod routes;
 pub mod stream;
 mod ws;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -44,14 +51,12 @@ use axum::response::{IntoResponse, Response};
 use sluice_engine::Engine;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use crate::error::{ApiError, ApiResult};
 pub use crate::metrics::Metrics;
 use crate::metrics::Rejection;
-pub use crate::openapi::openapi;
-
-/// (owner, workflow, `Idempotency-Key` header).
-pub(crate) type IdempotencyKey = (Option<String>, String, String);
+pub use crate::openapi::{openapi, routes};
 
 /// Everything a handler needs. Cheap to clone.
 #[derive(Clone)]
@@ -65,10 +70,12 @@ pub(crate) struct AppInner {
     pub(crate) keys: auth::Keys,
     pub(crate) metrics: Metrics,
     pub(crate) draining: CancellationToken,
-    /// (owner, workflow, Idempotency-Key) → run id and when it was first used.
-    pub(crate) idempotency: Mutex<HashMap<IdempotencyKey, (String, Instant)>>,
-    /// Serialises session changes (one active run per session).
-    pub(crate) sessions: tokio::sync::Mutex<()>,
+    /// (owner, workflow, Idempotency-Key) → the run created first.
+    pub(crate) idempotency: idempotency::Idempotency,
+    /// Serialises changes of one session (one active run per session).
+    pub(crate) sessions: locks::SessionLocks,
+    /// Open TCP connections.
+    pub(crate) connections: Arc<conn::Connections>,
 }
 
 impl std::ops::Deref for AppState {
@@ -93,8 +100,9 @@ impl App {
             keys,
             metrics: Metrics::default(),
             draining: CancellationToken::new(),
-            idempotency: Mutex::default(),
-            sessions: tokio::sync::Mutex::new(()),
+            idempotency: idempotency::Idempotency::new(idempotency::TTL, idempotency::CAPACITY),
+            sessions: locks::SessionLocks::default(),
+            connections: Arc::default(),
         };
         Self {
             state: AppState {
@@ -132,8 +140,14 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-/// Serves `app` on `listener` until `shutdown` is cancelled, then drains: new requests get 503,
-/// runs reach a checkpoint, streams end, and the call returns within the configured grace.
+/// Serves `app` on `listener` until `shutdown` is cancelled, then drains, all within
+/// `server.shutdown_grace` of the cancellation: new requests get 503 (and `/readyz` too), runs
+/// get until the deadline to reach a checkpoint, streams end, the listener closes, in-flight
+/// requests may finish; at the deadline, connections still open are closed and the call
+/// returns.
+///
+/// At most `server.max_connections` TCP connections are open at once; beyond, new ones wait
+/// in the listen backlog.
 ///
 /// # Errors
 /// I/O errors of the listener.
@@ -144,12 +158,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let state = app.state.clone();
     let router = app.router();
+    let tasks = TaskTracker::new();
+    spawn_sweeper(&state, &tasks);
+    let grace = state.options.shutdown_grace;
     let drain = {
         let state = state.clone();
         async move {
             shutdown.cancelled().await;
             state.draining.cancel();
-            let grace = state.options.shutdown_grace;
             if !state.engine.shutdown(grace).await {
                 tracing::warn!(
                     ?grace,
@@ -158,24 +174,38 @@ pub async fn serve(
             }
         }
     };
-    spawn_sweeper(&state);
+    let listener = conn::LimitedListener::new(
+        listener,
+        state.options.max_connections,
+        state.connections.clone(),
+    );
     let server = axum::serve(listener, router).with_graceful_shutdown(drain);
-    let grace = state.options.shutdown_grace;
-    let done = state.draining.clone();
-    tokio::select! {
+    let draining = state.draining.clone();
+    let result = tokio::select! {
         r = server => r,
         () = async move {
-            done.cancelled().await;
-            tokio::time::sleep(grace * 2).await;
+            // One deadline for everything: the grace counts from the start of the drain.
+            draining.cancelled().await;
+            tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!("connections still open after the grace period; closing them");
+            tracing::warn!(
+                open = state.connections.open(),
+                "connections still open at the end of the grace period; closing them"
+            );
+            state.connections.close_all();
             Ok(())
         }
-    }
+    };
+    // (Already cancelled, unless the server ended on its own: the sweeper stops either way.)
+    state.draining.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result
 }
 
-/// Removes finished runs beyond the retention policy every `sweep_interval`, until shutdown.
-fn spawn_sweeper(state: &AppState) {
+/// Removes finished runs beyond the retention policy every `sweep_interval`, until shutdown
+/// (a sweep in progress stops too: each removal stands on its own). Tracked by `tasks`.
+fn spawn_sweeper(state: &AppState, tasks: &TaskTracker) {
     let o = &state.options;
     let policy = sluice_engine::Retention {
         ttl: (!o.retention.is_zero()).then_some(o.retention),
@@ -189,12 +219,16 @@ fn spawn_sweeper(state: &AppState) {
         o.sweep_interval,
         state.draining.clone(),
     );
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 () = token.cancelled() => return,
-                _ = tick.tick() => match engine.sweep(&policy).await {
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                () = token.cancelled() => return,
+                r = engine.sweep(&policy) => match r {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "retention sweep"),
                     Err(e) => tracing::warn!(error = %e, "retention sweep failed"),

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use sluice_engine::Engine;
 
-const BUCKETS_MS: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 250, 1000, 5000];
+/// Upper bounds of the latency histogram's buckets, in microseconds (1 ms … 5 s).
+const BUCKETS_US: [u64; 10] = [
+    1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+];
 
 /// Server counters.
 #[derive(Debug, Default)]
@@ -18,7 +21,7 @@ pub struct Metrics {
     rejected_unauthorized: AtomicU64,
     rejected_too_many_streams: AtomicU64,
     http_requests: [AtomicU64; 5],
-    latency_buckets: [AtomicU64; BUCKETS_MS.len()],
+    latency_buckets: [AtomicU64; BUCKETS_US.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
 }
@@ -32,7 +35,7 @@ pub enum Rejection {
     ShuttingDown,
     /// 401.
     Unauthorized,
-    /// 503 over `max_connections` streams.
+    /// 503 over `max_streams` open streams.
     TooManyStreams,
 }
 
@@ -52,19 +55,22 @@ impl Metrics {
     pub fn observe(&self, status: u16, took: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.http_requests[class].fetch_add(1, Ordering::Relaxed);
-        let ms = took.as_millis() as u64;
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
+        // Bucketed by the exact duration (a bucket's bound is inclusive: `le`), not by whole
+        // milliseconds: 1.9 ms belongs in le="0.002", not le="0.001".
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let sub_us = !took.subsec_nanos().is_multiple_of(1_000);
+        for (i, b) in BUCKETS_US.iter().enumerate() {
+            if us < *b || (us == *b && !sub_us) {
                 self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
             }
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// The exposition text.
-    pub fn render(&self, engine: &Engine, waiting: &[(String, u64)]) -> String {
+    /// The exposition text. `waiting` has the waiting runs of each workflow that could be
+    /// counted; `connections` is the number of open TCP connections.
+    pub fn render(&self, engine: &Engine, waiting: &[(String, u64)], connections: u64) -> String {
         let mut out = String::with_capacity(4096);
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let _ = writeln!(
@@ -113,6 +119,11 @@ impl Metrics {
         let _ = writeln!(out, "sluice_stream_readers {}", g(&self.stream_readers));
         let _ = writeln!(
             out,
+            "# HELP sluice_connections_open Open TCP connections.\n# TYPE sluice_connections_open gauge"
+        );
+        let _ = writeln!(out, "sluice_connections_open {connections}");
+        let _ = writeln!(
+            out,
             "# HELP sluice_rejections_total Refused requests by reason.\n# TYPE sluice_rejections_total counter"
         );
         for (reason, v) in [
@@ -143,11 +154,11 @@ impl Metrics {
             out,
             "# HELP sluice_http_request_duration_seconds Time to response headers.\n# TYPE sluice_http_request_duration_seconds histogram"
         );
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
+        for (i, b) in BUCKETS_US.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "sluice_http_request_duration_seconds_bucket{{le=\"{}\"}} {}",
-                *b as f64 / 1000.0,
+                *b as f64 / 1e6,
                 g(&self.latency_buckets[i])
             );
         }
@@ -163,5 +174,39 @@ impl Metrics {
         );
         let _ = writeln!(out, "sluice_http_request_duration_seconds_count {count}");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buckets(m: &Metrics) -> Vec<u64> {
+        m.latency_buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[test]
+    fn latencies_are_bucketed_by_their_exact_duration() {
+        let m = Metrics::default();
+        m.observe(200, Duration::from_micros(1_900));
+        assert_eq!(
+            buckets(&m),
+            [0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            "1.9 ms is not <= 1 ms"
+        );
+        let m = Metrics::default();
+        m.observe(200, Duration::from_millis(1));
+        assert_eq!(buckets(&m)[0], 1, "bounds are inclusive");
+        let m = Metrics::default();
+        m.observe(200, Duration::from_nanos(1_000_001));
+        assert_eq!(buckets(&m)[..2], [0, 1], "just over 1 ms");
+        let m = Metrics::default();
+        m.observe(200, Duration::from_secs(6));
+        assert_eq!(buckets(&m), [0; 10], "only in +Inf");
+        assert_eq!(m.latency_count.load(Ordering::Relaxed), 1);
+        assert_eq!(m.latency_sum_us.load(Ordering::Relaxed), 6_000_000);
     }
 }

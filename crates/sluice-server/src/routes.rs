@@ -1,50 +1,51 @@
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, on};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sluice_engine::StartRun;
-use sluice_protocol::api::{CreateRun, RunList, SendEvent, WorkflowInfo};
+use sluice_protocol::api::{
+    Accepted, CancelRun, CreateRun, CreateSession, Health, RunList, SendEvent, WorkflowInfo,
+};
 use sluice_protocol::{RunRecord, RunStatus};
 use sluice_store::RunFilter;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery};
+use crate::idempotency::{Claim, fingerprint};
 use crate::metrics::Rejection;
+use crate::openapi::{OPERATIONS, Op, Operation};
 use crate::stream::{self, Format, StreamOptions, TypeFilter};
 use crate::{AppState, ws};
 
-/// How long an `Idempotency-Key` is remembered.
-const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The `Retry-After` of a refused stream (streams are long-lived: one second is a guess that
+/// keeps reconnecting clients from hammering).
+const STREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// The router, built from the route table [`OPERATIONS`] (which `/openapi.json` documents).
 pub(crate) fn router(state: AppState) -> Router<AppState> {
-    let v1 = Router::new()
-        .route("/workflows", get(list_workflows))
-        .route("/workflows/{name}/runs", post(create_run))
-        .route("/runs", get(list_runs))
-        .route("/runs/{id}", get(get_run))
-        .route("/runs/{id}/events", get(run_events).post(send_event))
-        .route("/runs/{id}/cancel", post(cancel_run))
-        .route("/sessions", post(create_session))
-        .route("/sessions/{id}", get(get_session).delete(delete_session))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::authenticate,
-        ));
-    Router::new()
-        .nest("/v1", v1)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+    let mut v1 = Router::new();
+    let mut ops = Router::new();
+    for o in OPERATIONS {
+        match o.path.strip_prefix("/v1") {
+            Some(path) => v1 = v1.route(path, handler(&o)),
+            None => ops = ops.route(o.path, handler(&o)),
+        }
+    }
+    let v1 = v1.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        crate::auth::authenticate,
+    ));
+    ops.nest("/v1", v1)
         .fallback(|| async {
             ApiError::NotFound {
                 what: "route",
@@ -54,6 +55,27 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body))
         .layer(axum::middleware::from_fn_with_state(state, body_limit_ext))
+}
+
+/// The handler of one operation, for its method.
+fn handler(o: &Operation) -> MethodRouter<AppState> {
+    let m = o.method.filter();
+    match o.op {
+        Op::ListWorkflows => on(m, list_workflows),
+        Op::CreateRun => on(m, create_run),
+        Op::ListRuns => on(m, list_runs),
+        Op::GetRun => on(m, get_run),
+        Op::RunEvents => on(m, run_events),
+        Op::SendEvent => on(m, send_event),
+        Op::CancelRun => on(m, cancel_run),
+        Op::CreateSession => on(m, create_session),
+        Op::GetSession => on(m, get_session),
+        Op::DeleteSession => on(m, delete_session),
+        Op::Healthz => on(m, healthz),
+        Op::Readyz => on(m, readyz),
+        Op::Metrics => on(m, metrics),
+        Op::OpenApi => on(m, openapi),
+    }
 }
 
 async fn body_limit_ext(
@@ -98,8 +120,6 @@ async fn list_workflows(State(state): State<AppState>) -> Json<Vec<WorkflowInfo>
             .collect(),
     )
 }
-
-use axum::Json;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,44 +206,58 @@ async fn create_run(
         }
     };
     let req: CreateRun = optional_json(&headers, &body)?;
-    let stream_format = Format::requested(&headers);
     let key = idempotency_key(&headers)?;
-    let slot_key = key
-        .as_ref()
-        .map(|k| (who.owner.clone(), name.clone(), k.clone()));
-    let existing = slot_key.as_ref().and_then(|k| {
-        let mut map = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (_, at)| at.elapsed() < IDEMPOTENCY_TTL);
-        map.get(k).map(|(id, _)| id.clone())
-    });
-    let (handle, replayed) = match existing {
-        Some(id) => (state.engine.handle(&id), true),
-        None => {
+    // A stream is admitted before the run is started: a refused stream starts nothing.
+    let stream = match Format::requested(&headers) {
+        Some(format) => Some((format, StreamGuard::new(&state)?)),
+        None => None,
+    };
+    let claim = match key {
+        Some(k) => {
+            let print = fingerprint(&serde_json::to_value(&req).unwrap_or(Value::Null));
+            Some(
+                state
+                    .idempotency
+                    .claim((who.owner.clone(), name.clone(), k), print)
+                    .await?,
+            )
+        }
+        None => None,
+    };
+    let (handle, replayed) = match claim {
+        Some(Claim::Existing(id)) => (state.engine.handle(&id), true),
+        claim => {
+            // With a key, the id is fixed before the start, so concurrent duplicates (waiting
+            // on the reservation) answer this very run. A failed start drops the reservation,
+            // which frees the key.
+            let reservation = match claim {
+                Some(Claim::New(r)) => Some(r),
+                _ => None,
+            };
             let start = StartRun {
                 input: req.input,
                 session_id: req.session_id,
                 metadata: req.metadata,
                 owner: who.owner.clone(),
-                run_id: None,
+                run_id: reservation.as_ref().map(|r| r.run_id().to_owned()),
                 after_run: None,
             };
             let handle = start_in_session(&state, &who, &name, start, enqueue).await?;
-            if let Some(k) = slot_key {
-                let mut map = state.idempotency.lock().unwrap_or_else(|p| p.into_inner());
-                map.insert(k, (handle.id().to_owned(), Instant::now()));
+            if let Some(r) = reservation {
+                r.commit();
             }
             (handle, false)
         }
     };
     let location = format!("/v1/runs/{}", handle.id());
-    if let Some(format) = stream_format {
+    if let Some((format, guard)) = stream {
         let opts = StreamOptions {
             format,
             after: 0,
             types: TypeFilter::default(),
             heartbeat: state.options.heartbeat,
         };
-        let mut resp = stream_response(&state, handle.id().to_owned(), opts)?;
+        let mut resp = stream_response(&state, handle.id().to_owned(), opts, guard);
         if let Ok(v) = HeaderValue::from_str(&location) {
             resp.headers_mut().insert(header::LOCATION, v);
         }
@@ -267,7 +301,7 @@ async fn start_in_session(
     let Some(session_id) = start.session_id.clone() else {
         return Ok(state.engine.start(workflow, start).await?);
     };
-    let _guard = state.sessions.lock().await;
+    let _guard = state.sessions.lock(&session_id).await;
     let store = state.engine.store();
     let mut session = match store.get_session(&session_id).await? {
         Some(s) if who.can_see(s.owner.as_deref()) => s,
@@ -292,13 +326,6 @@ async fn start_in_session(
     session.updated_at = sluice_protocol::Timestamp::now();
     store.put_session(&session).await?;
     Ok(handle)
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateSession {
-    #[serde(default)]
-    state: Option<Value>,
 }
 
 async fn create_session(
@@ -363,7 +390,7 @@ async fn delete_session(
     who: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let _guard = state.sessions.lock().await;
+    let _guard = state.sessions.lock(&id).await;
     let session = visible_session(&state, &who, &id).await?;
     if let Some(active) = &session.active_run
         && state
@@ -418,11 +445,11 @@ async fn list_runs(
         }
     }
     if let Some(c) = &q.cursor
-        && (c.is_empty() || c.len() > 128)
+        && !valid_cursor(c)
     {
-        return Err(ApiError::BadRequest(
-            "cursor: not a cursor returned by this API".into(),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "cursor: {c:?} is not a next_cursor returned by this API"
+        )));
     }
     let filter = RunFilter {
         workflow: q.workflow,
@@ -442,6 +469,17 @@ async fn list_runs(
         runs,
         next_cursor: page.next_cursor,
     }))
+}
+
+/// Whether `c` has the form of the cursors this API hands out (`next_cursor` is the id of the
+/// last run of a page: `run_` and up to 96 letters, digits, `_` or `-`).
+fn valid_cursor(c: &str) -> bool {
+    c.strip_prefix("run_").is_some_and(|rest| {
+        (1..=96).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    })
 }
 
 async fn get_run(
@@ -474,11 +512,13 @@ async fn run_events(
     let after = stream::cursor(&headers, q.after.as_deref())?;
     let types = TypeFilter::parse(q.types.as_deref())?;
     let rec = visible_run(&state, &who, &id).await?;
-    if let Ok(upgrade) = upgrade {
-        return Ok(ws::upgrade(state, who, id, after, types, upgrade));
-    }
-    if rec.status.is_terminal() && after >= rec.last_seq {
+    if at_end(&state, rec, after).await? {
         return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    // Admitted (or refused with a 503) before a WebSocket upgrade, not after it.
+    let guard = StreamGuard::new(&state)?;
+    if let Ok(upgrade) = upgrade {
+        return Ok(ws::upgrade(state, who, id, after, types, upgrade, guard));
     }
     let opts = StreamOptions {
         format: Format::negotiate(&headers),
@@ -486,32 +526,64 @@ async fn run_events(
         types,
         heartbeat: state.options.heartbeat,
     };
-    stream_response(&state, id, opts)
+    Ok(stream_response(&state, id, opts, guard))
 }
 
-/// Counts open streams and refuses beyond `max_connections`.
-pub(crate) struct ReaderGuard(AppState);
+/// Whether a reader at cursor `after` has nothing more to read: the run has ended and the
+/// cursor is at or beyond its last event (answered `204`).
+///
+/// # Errors
+/// 400 for a cursor beyond the last event of a live run: no such event exists yet, and one
+/// with that seq may never come (the run may end first), so waiting could hang forever.
+async fn at_end(state: &AppState, rec: RunRecord, after: u64) -> ApiResult<bool> {
+    if rec.status.is_terminal() {
+        return Ok(after >= rec.last_seq);
+    }
+    let last = state.engine.store().last_seq(&rec.id).await?;
+    if after <= last {
+        return Ok(false);
+    }
+    // It may have ended just now.
+    match state.engine.store().get_run(&rec.id).await? {
+        Some(r) if r.status.is_terminal() && after >= r.last_seq => Ok(true),
+        _ => Err(ApiError::BadRequest(format!(
+            "cursor: {after} is beyond the last event of run {:?} ({last}); resume from a seq you have received",
+            rec.id
+        ))),
+    }
+}
 
-impl ReaderGuard {
+/// An admitted event stream: counts toward `server.max_streams` while it lives.
+pub(crate) struct StreamGuard(AppState);
+
+impl StreamGuard {
+    /// Admits one more stream, or refuses with `503 overloaded` at the limit.
     pub(crate) fn new(state: &AppState) -> ApiResult<Self> {
         let n = state.metrics.stream_readers.fetch_add(1, Ordering::AcqRel);
-        if n as usize >= state.options.max_connections {
+        if n as usize >= state.options.max_streams {
             state.metrics.stream_readers.fetch_sub(1, Ordering::AcqRel);
             state.metrics.reject(Rejection::TooManyStreams);
-            return Err(ApiError::ShuttingDown);
+            return Err(ApiError::Overloaded {
+                what: "too many open event streams (server.max_streams)",
+                retry_after: STREAM_RETRY_AFTER,
+            });
         }
         Ok(Self(state.clone()))
     }
 }
 
-impl Drop for ReaderGuard {
+impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.metrics.stream_readers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-fn stream_response(state: &AppState, run_id: String, opts: StreamOptions) -> ApiResult<Response> {
-    let guard = ReaderGuard::new(state)?;
+fn stream_response(
+    state: &AppState,
+    run_id: String,
+    opts: StreamOptions,
+    guard: StreamGuard,
+) -> Response {
     let content_type = opts.format.content_type();
     let body = stream::body(
         state.engine.store().clone(),
@@ -531,7 +603,7 @@ fn stream_response(state: &AppState, run_id: String, opts: StreamOptions) -> Api
     if let Ok(v) = HeaderValue::from_str(&run_id) {
         h.insert("x-sluice-run-id", v);
     }
-    Ok(resp)
+    resp
 }
 
 /// `POST /v1/runs/{id}/events` (and WebSocket client frames).
@@ -570,7 +642,7 @@ async fn send_event(
     ApiJson(ev): ApiJson<SendEvent>,
 ) -> ApiResult<Response> {
     deliver(&state, &who, &id, ev).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })).into_response())
 }
 
 async fn cancel_run(
@@ -580,12 +652,7 @@ async fn cancel_run(
     headers: HeaderMap,
     ApiBytes(body): ApiBytes,
 ) -> ApiResult<Response> {
-    #[derive(Debug, Default, Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct CancelBody {
-        reason: Option<String>,
-    }
-    let req: CancelBody = optional_json(&headers, &body)?;
+    let req: CancelRun = optional_json(&headers, &body)?;
     let rec = visible_run(&state, &who, &id).await?;
     if rec.status.is_terminal() {
         return Err(ApiError::Conflict(format!(
@@ -598,36 +665,60 @@ async fn cancel_run(
     Ok((StatusCode::ACCEPTED, Json(public(&state, rec).await?)).into_response())
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.draining.is_cancelled() {
         return ApiError::ShuttingDown.into_response();
     }
-    Json(json!({"status": "ready"})).into_response()
+    Json(Health {
+        status: "ready".into(),
+    })
+    .into_response()
+}
+
+/// Counts the waiting runs of `workflow` by paging through the store. (The engine keeps no
+/// count of waiting runs; a counter it maintained would make this O(1).)
+async fn count_waiting(state: &AppState, workflow: &str) -> sluice_store::Result<u64> {
+    let mut n = 0u64;
+    let mut cursor = None;
+    loop {
+        let filter = RunFilter {
+            workflow: Some(workflow.to_owned()),
+            statuses: vec![RunStatus::Waiting],
+            limit: 1000,
+            cursor: cursor.take(),
+            ..RunFilter::default()
+        };
+        let page = state.engine.store().list_runs(&filter).await?;
+        n += page.runs.len() as u64;
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(n),
+        }
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut waiting = Vec::new();
     for wf in state.engine.workflows() {
-        let filter = RunFilter {
-            workflow: Some(wf.name().to_owned()),
-            statuses: vec![RunStatus::Waiting],
-            limit: 1000,
-            ..RunFilter::default()
-        };
-        let n = state
-            .engine
-            .store()
-            .list_runs(&filter)
-            .await
-            .map(|p| p.runs.len() as u64)
-            .unwrap_or(0);
-        waiting.push((wf.name().to_owned(), n));
+        match count_waiting(&state, wf.name()).await {
+            Ok(n) => waiting.push((wf.name().to_owned(), n)),
+            // No sample rather than a wrong one (a 0 would look like "nobody waits").
+            Err(e) => tracing::warn!(
+                workflow = wf.name(),
+                error = %e,
+                "metrics: cannot count waiting runs; sample left out"
+            ),
+        }
     }
-    let text = state.metrics.render(&state.engine, &waiting);
+    let text = state
+        .metrics
+        .render(&state.engine, &waiting, state.connections.open());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -1,17 +1,27 @@
 //! The WebSocket transport of `GET /v1/runs/{id}/events`: one text frame per envelope; client
 //! text frames `{type, data}` are handled as `POST /v1/runs/{id}/events`, answered with
-//! `{"accepted": true}` or the error shape.
+//! `{"accepted": true}` or the protocol's error shape (with its `code`, e.g.
+//! `invalid_request`). While no event is sent, the server pings every `server.heartbeat`.
+//!
+//! A stream is admitted (`server.max_streams`) before the upgrade, so a refused client gets an
+//! HTTP `503`, not a socket that closes at once. Messages from the client larger than
+//! `server.max_event` plus [`FRAME_OVERHEAD`] are refused by the WebSocket layer itself
+//! (nothing that large is buffered), and the socket is closed with code 1008 (policy).
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use sluice_protocol::api::{ErrorBody, SendEvent};
+use sluice_protocol::api::SendEvent;
 
 use crate::AppState;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::routes::{ReaderGuard, deliver};
+use crate::routes::{StreamGuard, deliver};
 use crate::stream::TypeFilter;
+
+/// Room for the `type` and the JSON around `data` in a client frame.
+pub(crate) const FRAME_OVERHEAD: usize = 4096;
 
 pub(crate) fn upgrade(
     state: AppState,
@@ -20,20 +30,21 @@ pub(crate) fn upgrade(
     after: u64,
     types: TypeFilter,
     upgrade: WebSocketUpgrade,
+    guard: StreamGuard,
 ) -> Response {
-    upgrade.on_upgrade(move |socket| async move {
-        let Ok(guard) = ReaderGuard::new(&state) else {
-            return;
-        };
-        run(state, who, run_id, after, types, socket).await;
-        drop(guard);
-    })
+    let limit = state.options.max_event.saturating_add(FRAME_OVERHEAD);
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| async move {
+            run(state, who, run_id, after, types, socket).await;
+            drop(guard);
+        })
 }
 
 fn error_frame(e: &ApiError) -> Message {
-    let body = ErrorBody::new(format!("{}", e.status().as_u16()), e.to_string());
     Message::Text(Utf8Bytes::from(
-        serde_json::to_string(&body).unwrap_or_default(),
+        serde_json::to_string(&e.body()).unwrap_or_default(),
     ))
 }
 
@@ -52,11 +63,17 @@ async fn run(
         after,
     ));
     let shutdown = state.engine.shutdown_token();
-    let filter = |ev: &sluice_protocol::RawEvent| types_pass(&types, ev);
+    let every = state.options.heartbeat;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut close: Option<CloseFrame> = None;
     loop {
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => {
+                close = Some(CloseFrame { code: close_code::AWAY, reason: "the server is shutting down".into() });
+                break;
+            }
             frame = rx.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let reply = match serde_json::from_str::<SendEvent>(text.as_str()) {
@@ -70,12 +87,18 @@ async fn run(
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    // A message over the size limit (or a protocol violation).
+                    tracing::debug!(run_id = %run_id, error = %e, "websocket read failed");
+                    close = Some(CloseFrame { code: close_code::POLICY, reason: "message too big or malformed".into() });
+                    break;
+                }
                 Some(Ok(_)) => {}
             },
             ev = events.next() => match ev {
                 Some(Ok(ev)) => {
-                    if !filter(&ev) {
+                    if !types.passes(&ev) {
                         continue;
                     }
                     let terminal = ev.is_terminal();
@@ -83,21 +106,25 @@ async fn run(
                     if tx.send(Message::Text(Utf8Bytes::from(text))).await.is_err() {
                         break;
                     }
+                    ping.reset();
                     if terminal {
+                        close = Some(CloseFrame { code: close_code::NORMAL, reason: "the run has ended".into() });
                         break;
                     }
                 }
                 Some(Err(e)) => {
                     tracing::warn!(run_id = %run_id, error = %e, "websocket stream ended by a store error");
+                    close = Some(CloseFrame { code: close_code::ERROR, reason: "internal error".into() });
                     break;
                 }
                 None => break,
             },
+            _ = ping.tick() => {
+                if tx.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break;
+                }
+            }
         }
     }
-    let _ = tx.send(Message::Close(None)).await;
-}
-
-fn types_pass(types: &TypeFilter, ev: &sluice_protocol::RawEvent) -> bool {
-    types.passes(ev)
+    let _ = tx.send(Message::Close(close)).await;
 }

@@ -352,18 +352,24 @@ async fn burst_beyond_capacity_gets_429_with_retry_after_and_accepted_runs_compl
         queue: Some(6),
         ..Default::default()
     };
-    let wf = builtin::ticker().configure("ticker", &limits).unwrap();
+    // Runs hold their slot until the gate opens, so the burst meets exactly 4 + 6 places
+    // however the 100 concurrent requests interleave.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let wf = common::gate_workflow(gate.clone())
+        .configure("gate", &limits)
+        .unwrap();
     let s = TestServer::with(ServerOptions::default(), vec![wf]).await;
+    let burst = (0..100).map(|_| {
+        s.client
+            .post(s.url("/v1/workflows/gate/runs"))
+            .json(&json!({}))
+            .send()
+    });
+    let answers = futures_util::future::join_all(burst).await;
     let mut accepted = Vec::new();
     let mut rejected = 0;
-    for _ in 0..100 {
-        let r = s
-            .client
-            .post(s.url("/v1/workflows/ticker/runs"))
-            .json(&json!({"input": {"n": 20, "delay_ms": 10}}))
-            .send()
-            .await
-            .unwrap();
+    for r in answers {
+        let r = r.unwrap();
         match r.status().as_u16() {
             202 => accepted.push(
                 r.json::<Value>().await.unwrap()["id"]
@@ -389,11 +395,6 @@ async fn burst_beyond_capacity_gets_429_with_retry_after_and_accepted_runs_compl
     }
     assert_eq!(accepted.len(), 10);
     assert_eq!(rejected, 90);
-    for id in &accepted {
-        let evs = sse_events(&s, id, "").await;
-        assert_eq!(evs.len(), 24);
-        assert_eq!(evs.last().unwrap()["type"], "chain-completed");
-    }
     let metrics = s
         .client
         .get(s.url("/metrics"))
@@ -407,6 +408,85 @@ async fn burst_beyond_capacity_gets_429_with_retry_after_and_accepted_runs_compl
         metrics.contains("sluice_rejections_total{reason=\"queue_full\"} 90"),
         "{metrics}"
     );
+    assert!(metrics.contains("sluice_runs_running{workflow=\"gate\"} 4"));
+    assert!(metrics.contains("sluice_runs_queued{workflow=\"gate\"} 6"));
+    gate.add_permits(100);
+    for id in &accepted {
+        let evs = sse_events(&s, id, "").await;
+        assert_eq!(evs.last().unwrap()["type"], "chain-completed");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_of_an_idempotent_create_get_one_run() {
+    let s = TestServer::start().await;
+    let create = |key: &'static str, input: Value| {
+        s.client
+            .post(s.url("/v1/workflows/ticker/runs"))
+            .header("idempotency-key", key)
+            .json(&json!({ "input": input }))
+            .send()
+    };
+    let answers = futures_util::future::join_all(
+        (0..20).map(|_| create("k-1", json!({"n": 2, "delay_ms": 1}))),
+    )
+    .await;
+    let mut ids = Vec::new();
+    let mut statuses = Vec::new();
+    for r in answers {
+        let r = r.unwrap();
+        statuses.push(r.status().as_u16());
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        19,
+        "{statuses:?}"
+    );
+    assert!(ids.iter().all(|id| id == &ids[0]), "one run: {ids:?}");
+    let (_, all) = s.get_json("/v1/runs?workflow=ticker").await;
+    assert_eq!(all["runs"].as_array().unwrap().len(), 1);
+
+    // The same key with another body: 422, and nothing starts.
+    let r = create("k-1", json!({"n": 3})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "idempotency_key_reused"
+    );
+    // A create that fails does not use up its key.
+    let r = create("k-2", json!({"n": "many"})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_input"
+    );
+    let r = create("k-2", json!({"n": 1})).await.unwrap();
+    assert_eq!(r.status(), 202);
+    // Keys belong to their workflow: the same key elsewhere is another run.
+    let r = s
+        .client
+        .post(s.url("/v1/workflows/ask-human/runs"))
+        .header("idempotency-key", "k-1")
+        .json(&json!({"input": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let (_, all) = s.get_json("/v1/runs").await;
+    assert_eq!(all["runs"].as_array().unwrap().len(), 3);
     s.stop().await;
 }
 
@@ -545,6 +625,251 @@ async fn keys_own_their_runs() {
         .await
         .unwrap();
     assert_eq!(list["runs"].as_array().unwrap().len(), 1);
+
+    // The scheme is case-insensitive; another scheme is not a bearer key.
+    for auth in [format!("bearer {k1}"), format!("BEARER  {k1} ")] {
+        let r = s
+            .client
+            .get(s.url(&format!("/v1/runs/{id}")))
+            .header("authorization", auth.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{auth}");
+    }
+    let r = s
+        .client
+        .get(s.url("/v1/workflows"))
+        .header("authorization", format!("Basic {k1}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A foreign session is invisible too, and cannot be continued or deleted.
+    let r = s
+        .client
+        .post(s.url("/v1/sessions"))
+        .bearer_auth(k1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let sid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        get(k1, format!("/v1/sessions/{sid}"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = get(k2, format!("/v1/sessions/{sid}")).await.unwrap();
+    assert_eq!(r.status(), 404, "a foreign session is invisible");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "session_not_found"
+    );
+    let r = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .bearer_auth(k2)
+        .json(&json!({"input": {"n": 1}, "session_id": sid}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/sessions/{sid}")))
+        .bearer_auth(k2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        get(admin, format!("/v1/sessions/{sid}"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get(k1, format!("/v1/sessions/{sid}"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "the foreign delete did nothing"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_beyond_the_log() {
+    let s = TestServer::start().await;
+    // A finished run: at or beyond its last event, 204 on every transport.
+    let r = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs?wait=true"))
+        .json(&json!({"input": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    let done: Value = r.json().await.unwrap();
+    let (id, last) = (
+        done["id"].as_str().unwrap(),
+        done["last_seq"].as_u64().unwrap(),
+    );
+    for after in [last, last + 5] {
+        let r = s
+            .client
+            .get(s.url(&format!("/v1/runs/{id}/events?after={after}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204, "after={after}");
+    }
+    let e = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/runs/{id}/events?after={}",
+        s.addr,
+        last + 5
+    ))
+    .await
+    .unwrap_err();
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 204),
+        other => panic!("{other}"),
+    }
+
+    // A live (waiting) run: beyond its last event is a 400; at it, the stream waits.
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    let (_, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
+    let last = rec["last_seq"].as_u64().unwrap();
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("last-event-id", (last + 1).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("beyond")
+    );
+    let e = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/runs/{id}/events?after={}",
+        s.addr,
+        last + 1
+    ))
+    .await
+    .unwrap_err();
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 400),
+        other => panic!("{other}"),
+    }
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events?after={last}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut sse = SseReader::new(r);
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{id}/events")))
+        .json(&json!({"type": "input", "data": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let rest = sse.rest().await;
+    assert_eq!(rest.first().unwrap()["seq"].as_u64().unwrap(), last + 1);
+    assert_eq!(rest.last().unwrap()["type"], "chain-completed");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_pings_while_the_run_waits() {
+    let opts = ServerOptions {
+        heartbeat: Duration::from_millis(100),
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ask_human()]).await;
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/v1/runs/{id}/events", s.addr))
+            .await
+            .unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    let mut events = 0;
+    let mut pings = 0;
+    let read = async {
+        while pings < 3 {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(_) => events += 1,
+                Message::Ping(_) => pings += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("pings while idle");
+    assert!(events >= 3, "the history came first");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_histogram_and_waiting_runs() {
+    let s = TestServer::start().await;
+    for _ in 0..2 {
+        let id = s.start_run("ask-human", json!(null)).await;
+        s.wait_status(&id, "waiting").await;
+    }
+    s.start_run("ticker", json!({"n": 1})).await;
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("sluice_runs_waiting{workflow=\"ask-human\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("sluice_runs_waiting{workflow=\"ticker\"} 0"));
+    let conns = s.metric("sluice_connections_open").await.unwrap();
+    assert!(conns >= 1.0, "{conns}");
+    // The histogram is cumulative and ends at the count.
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with("sluice_http_request_duration_seconds_bucket"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 11);
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    let count: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_http_request_duration_seconds_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(*buckets.last().unwrap(), count);
+    assert!(count >= 5.0);
     s.stop().await;
 }
 
@@ -569,7 +894,7 @@ async fn websocket_client_frames_are_sent_events() {
         }
     }
     let replies: Vec<&Value> = texts.iter().filter(|t| t.get("seq").is_none()).collect();
-    assert_eq!(replies[0]["error"]["code"], "400");
+    assert_eq!(replies[0]["error"]["code"], "invalid_request");
     assert_eq!(replies[1], &json!({"accepted": true}));
     assert_eq!(texts.last().unwrap()["type"], "chain-completed");
     assert_eq!(
@@ -788,6 +1113,30 @@ async fn bad_input_never_gets_a_5xx() {
             400,
             s.client
                 .get(s.url("/v1/runs?status=done"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?cursor=garbage"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?cursor=run_%27%20OR%201%3D1"))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url("/v1/runs?cursor="))
                 .send()
                 .await
                 .unwrap(),

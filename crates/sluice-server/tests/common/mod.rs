@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use sluice_engine::{Engine, Workflow, builtin};
+use sluice_engine::{Emit, Engine, StartEvent, Step, StopEvent, Workflow, builtin};
 use sluice_server::config::ServerOptions;
+use sluice_store::Store;
 use tokio_util::sync::CancellationToken;
 
 pub struct TestServer {
@@ -17,7 +18,9 @@ pub struct TestServer {
     pub client: reqwest::Client,
     pub shutdown: CancellationToken,
     pub engine: Engine,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Where a SQLite store keeps its file, for as long as the server lives.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -32,6 +35,34 @@ impl TestServer {
     pub async fn with(mut options: ServerOptions, workflows: Vec<Workflow>) -> Self {
         options.shutdown_grace = Duration::from_secs(5);
         let store = Arc::new(sluice_store_memory::MemoryStore::new());
+        Self::with_store(options, workflows, store).await
+    }
+
+    /// The built-in workflows on a SQLite store in a fresh directory.
+    pub async fn sqlite(mut options: ServerOptions) -> Self {
+        options.shutdown_grace = Duration::from_secs(5);
+        let dir = tempfile::tempdir().unwrap();
+        let store = sluice_store_sqlite::SqliteStore::open(
+            dir.path().join("sluice.db"),
+            sluice_store_sqlite::SqliteOptions::default(),
+        )
+        .unwrap();
+        let mut s = Self::with_store(
+            options,
+            vec![builtin::ticker(), builtin::ask_human()],
+            Arc::new(store),
+        )
+        .await;
+        s.dir = Some(dir);
+        s
+    }
+
+    /// Any store; `options` as given (grace included).
+    pub async fn with_store(
+        options: ServerOptions,
+        workflows: Vec<Workflow>,
+        store: Arc<dyn Store>,
+    ) -> Self {
         let engine = Engine::new(store, workflows).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -45,6 +76,7 @@ impl TestServer {
             shutdown,
             engine,
             task,
+            dir: None,
         }
     }
 
@@ -89,6 +121,39 @@ impl TestServer {
             .await
             .expect("server did not stop");
     }
+
+    /// The value of a metric line (`name{labels}` exactly as rendered).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
+/// A workflow `gate` whose one step waits for a permit of `gate`, then completes with `null`:
+/// runs that stay running until the test lets them go.
+pub fn gate_workflow(gate: Arc<tokio::sync::Semaphore>) -> Workflow {
+    Workflow::builder("gate")
+        .step(
+            Step::new("wait", move |_ctx, _start: StartEvent| {
+                let gate = gate.clone();
+                async move {
+                    let _permit = gate.acquire().await;
+                    Ok(Emit::stop(Value::Null))
+                }
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap()
 }
 
 /// One SSE frame.
@@ -179,4 +244,118 @@ impl SseReader {
 
 pub fn seqs(evs: &[Value]) -> Vec<u64> {
     evs.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
+}
+
+/// A store that, once [`armed`](GatedStore::arm), holds every checkpoint write until the test
+/// [`release`](GatedStore::release)s it: a shutdown (whose runs checkpoint) then stays in its
+/// draining phase for as long as the test needs.
+pub struct GatedStore {
+    inner: sluice_store_memory::MemoryStore,
+    armed: std::sync::atomic::AtomicBool,
+    gate: tokio::sync::Semaphore,
+}
+
+impl GatedStore {
+    pub fn new() -> Self {
+        Self {
+            inner: sluice_store_memory::MemoryStore::new(),
+            armed: std::sync::atomic::AtomicBool::new(false),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
+
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.gate.add_permits(1_000);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for GatedStore {
+    async fn create_run(&self, r: &sluice_protocol::RunRecord) -> sluice_store::Result<()> {
+        self.inner.create_run(r).await
+    }
+    async fn get_run(&self, id: &str) -> sluice_store::Result<Option<sluice_protocol::RunRecord>> {
+        self.inner.get_run(id).await
+    }
+    async fn put_run(&self, r: &sluice_protocol::RunRecord) -> sluice_store::Result<()> {
+        self.inner.put_run(r).await
+    }
+    async fn list_runs(
+        &self,
+        f: &sluice_store::RunFilter,
+    ) -> sluice_store::Result<sluice_store::RunPage> {
+        self.inner.list_runs(f).await
+    }
+    async fn delete_run(&self, id: &str) -> sluice_store::Result<()> {
+        self.inner.delete_run(id).await
+    }
+    async fn append(
+        &self,
+        run_id: &str,
+        events: &[sluice_protocol::RawEvent],
+    ) -> sluice_store::Result<()> {
+        self.inner.append(run_id, events).await
+    }
+    async fn finish(
+        &self,
+        r: &sluice_protocol::RunRecord,
+        terminal: &sluice_protocol::RawEvent,
+    ) -> sluice_store::Result<()> {
+        self.inner.finish(r, terminal).await
+    }
+    async fn read(
+        &self,
+        run_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> sluice_store::Result<Vec<sluice_protocol::RawEvent>> {
+        self.inner.read(run_id, after, limit).await
+    }
+    async fn last_seq(&self, run_id: &str) -> sluice_store::Result<u64> {
+        self.inner.last_seq(run_id).await
+    }
+    async fn wait_for(&self, run_id: &str, after: u64) -> sluice_store::Result<()> {
+        self.inner.wait_for(run_id, after).await
+    }
+    async fn put_checkpoint(&self, run_id: &str, cp: bytes::Bytes) -> sluice_store::Result<()> {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _permit = self.gate.acquire().await;
+        }
+        self.inner.put_checkpoint(run_id, cp).await
+    }
+    async fn get_checkpoint(&self, run_id: &str) -> sluice_store::Result<Option<bytes::Bytes>> {
+        self.inner.get_checkpoint(run_id).await
+    }
+    async fn inbox_push(&self, run_id: &str, t: &str, data: &Value) -> sluice_store::Result<u64> {
+        self.inner.inbox_push(run_id, t, data).await
+    }
+    async fn inbox_read(
+        &self,
+        run_id: &str,
+    ) -> sluice_store::Result<Vec<sluice_store::InboxEntry>> {
+        self.inner.inbox_read(run_id).await
+    }
+    async fn inbox_ack(&self, run_id: &str, up_to: u64) -> sluice_store::Result<()> {
+        self.inner.inbox_ack(run_id, up_to).await
+    }
+    async fn create_session(&self, s: &sluice_protocol::SessionRecord) -> sluice_store::Result<()> {
+        self.inner.create_session(s).await
+    }
+    async fn get_session(
+        &self,
+        id: &str,
+    ) -> sluice_store::Result<Option<sluice_protocol::SessionRecord>> {
+        self.inner.get_session(id).await
+    }
+    async fn put_session(&self, s: &sluice_protocol::SessionRecord) -> sluice_store::Result<()> {
+        self.inner.put_session(s).await
+    }
+    async fn delete_session(&self, id: &str) -> sluice_store::Result<bool> {
+        self.inner.delete_session(id).await
+    }
 }

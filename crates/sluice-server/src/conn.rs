@@ -1,0 +1,228 @@
+//! The connection limit: a listener that holds one permit of `server.max_connections` per open
+//! TCP connection (requests, event streams and WebSockets alike), and can close every open
+//! connection at the end of the shutdown grace period.
+//!
+//! At the limit, the listener stops accepting until a connection closes: new connections wait
+//! in the kernel's listen backlog (as in mini-redis), instead of costing the server a task and
+//! a socket each. Event streams have their own, lower limit (`server.max_streams`, a 503), so
+//! a server full of streams still answers API calls.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The open connections of one server.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    open: AtomicU64,
+    next_id: AtomicU64,
+    closing: AtomicBool,
+    /// Wakers of every open connection's reads and writes, to close them all at once.
+    wakers: Mutex<HashMap<u64, Arc<Wakers>>>,
+}
+
+#[derive(Debug, Default)]
+struct Wakers {
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl Connections {
+    /// Connections open now.
+    pub(crate) fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Fails every further read and write of every connection (the hard end of shutdown):
+    /// their tasks see an error and end.
+    pub(crate) fn close_all(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let wakers: Vec<Arc<Wakers>> = self
+            .wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for w in wakers {
+            w.read.wake();
+            w.write.wake();
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+}
+
+/// A [`TcpListener`] admitting at most `max` connections at once.
+pub(crate) struct LimitedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    connections: Arc<Connections>,
+}
+
+impl LimitedListener {
+    pub(crate) fn new(inner: TcpListener, max: usize, connections: Arc<Connections>) -> Self {
+        Self {
+            inner,
+            permits: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
+            connections,
+        }
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // The semaphore is never closed; were it, accept nothing more.
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return std::future::pending().await;
+        };
+        // Errors (e.g. out of file descriptors) are retried inside, with a pause.
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        // Event streams write small frames as they happen: Nagle's algorithm would hold one back
+        // until the previous is acknowledged (up to a delayed ACK, 40 ms on Linux). The encoder
+        // already batches what is ready into one write.
+        if let Err(e) = io.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        (LimitedIo::new(io, permit, self.connections.clone()), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// One admitted connection: the socket, its permit, and its place in [`Connections`].
+pub(crate) struct LimitedIo {
+    io: TcpStream,
+    id: u64,
+    wakers: Arc<Wakers>,
+    connections: Arc<Connections>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl LimitedIo {
+    fn new(io: TcpStream, permit: OwnedSemaphorePermit, connections: Arc<Connections>) -> Self {
+        let id = connections.next_id.fetch_add(1, Ordering::Relaxed);
+        let wakers = Arc::new(Wakers::default());
+        connections
+            .wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, wakers.clone());
+        connections.open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            io,
+            id,
+            wakers,
+            connections,
+            _permit: permit,
+        }
+    }
+
+    /// Polls `op` unless the server closes its connections; registers the task to be woken
+    /// when it does.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: bool,
+        op: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.connections.closing() {
+            return Poll::Ready(Err(closed()));
+        }
+        match op(Pin::new(&mut self.io), cx) {
+            Poll::Pending => {
+                let w = if write {
+                    &self.wakers.write
+                } else {
+                    &self.wakers.read
+                };
+                w.register(cx.waker());
+                // `close_all` sets the flag before waking: checking after registering
+                // cannot miss it.
+                if self.connections.closing() {
+                    Poll::Ready(Err(closed()))
+                } else {
+                    Poll::Pending
+                }
+            }
+            ready => ready,
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed at the end of the shutdown grace period",
+    )
+}
+
+impl Drop for LimitedIo {
+    fn drop(&mut self) {
+        self.connections
+            .wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        self.connections.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for LimitedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut()
+            .guard(cx, false, |io, cx| io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for LimitedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .guard(cx, true, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .guard(cx, true, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, true, |io, cx| io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

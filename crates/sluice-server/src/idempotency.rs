@@ -1,0 +1,354 @@
+//! Idempotent run creation: `(key owner, workflow, Idempotency-Key)` → the run created first.
+//!
+//! A key is *claimed* before the run is started, with the run's id assigned up front, so
+//! concurrent requests with the same key wait for the first one and answer the same run
+//! instead of each starting one. A claim whose start fails (or whose request goes away) is
+//! released: the key is free again and a waiting duplicate takes it over.
+//!
+//! The map is bounded: entries expire [`TTL`] after the key was first used, and beyond
+//! [`CAPACITY`] keys the oldest is forgotten. Both happen from the front of an
+//! insertion-ordered queue, so each claim does amortised O(1) work (no scan of the map).
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::error::{ApiError, ApiResult};
+
+/// How long a key is remembered after its first use.
+pub(crate) const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How many keys are remembered at most; beyond, the oldest is forgotten.
+pub(crate) const CAPACITY: usize = 100_000;
+
+/// (owner, workflow, `Idempotency-Key` header).
+pub(crate) type Key = (Option<String>, String, String);
+
+/// The remembered keys.
+pub(crate) struct Idempotency {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<Key, Entry>,
+    /// Keys in the order they were first used, with the generation of their entry (a key
+    /// released and claimed again has a newer entry: the stale queue item must not remove it).
+    order: VecDeque<(Key, u64, Instant)>,
+    next_generation: u64,
+}
+
+struct Entry {
+    run_id: String,
+    fingerprint: u64,
+    generation: u64,
+    /// `true` once the run exists.
+    created: watch::Receiver<bool>,
+}
+
+/// What [`Idempotency::claim`] found.
+pub(crate) enum Claim<'a> {
+    /// The key is new: start the run with this reservation's id, then commit it.
+    New(Reservation<'a>),
+    /// The key was used before with the same body: answer this run.
+    Existing(String),
+}
+
+/// A claimed key. [`commit`](Reservation::commit) once the run exists; dropping it uncommitted
+/// releases the key.
+pub(crate) struct Reservation<'a> {
+    owner: &'a Idempotency,
+    key: Key,
+    generation: u64,
+    run_id: String,
+    created: Option<watch::Sender<bool>>,
+}
+
+enum Step<'a> {
+    Done(Claim<'a>),
+    Wait(watch::Receiver<bool>),
+}
+
+impl Idempotency {
+    /// Keys kept `ttl` after their first use, at most `capacity` of them.
+    pub(crate) fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            ttl,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `key` for a request whose body has `fingerprint`, waiting while another request
+    /// holding the same key is still starting its run.
+    ///
+    /// # Errors
+    /// [`ApiError::IdempotencyKeyReused`] when the key was used with a different body.
+    pub(crate) async fn claim(&self, key: Key, fingerprint: u64) -> ApiResult<Claim<'_>> {
+        loop {
+            match self.try_claim(&key, fingerprint, Instant::now())? {
+                Step::Done(claim) => return Ok(claim),
+                // Whether the first request created its run or gave up (its sender dropped),
+                // look again: the key then names a run, or is free.
+                Step::Wait(mut created) => {
+                    let _ = created.wait_for(|c| *c).await;
+                }
+            }
+        }
+    }
+
+    fn try_claim(&self, key: &Key, fingerprint: u64, now: Instant) -> ApiResult<Step<'_>> {
+        let mut inner = self.lock();
+        inner.expire(now, self.ttl);
+        if let Some(e) = inner.map.get(key) {
+            if e.fingerprint != fingerprint {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            if *e.created.borrow() {
+                return Ok(Step::Done(Claim::Existing(e.run_id.clone())));
+            }
+            return Ok(Step::Wait(e.created.clone()));
+        }
+        while inner.order.len() >= self.capacity {
+            inner.pop_front();
+        }
+        let generation = inner.next_generation;
+        inner.next_generation += 1;
+        let run_id = sluice_engine::new_run_id();
+        let (tx, rx) = watch::channel(false);
+        inner.map.insert(
+            key.clone(),
+            Entry {
+                run_id: run_id.clone(),
+                fingerprint,
+                generation,
+                created: rx,
+            },
+        );
+        inner.order.push_back((key.clone(), generation, now));
+        Ok(Step::Done(Claim::New(Reservation {
+            owner: self,
+            key: key.clone(),
+            generation,
+            run_id,
+            created: Some(tx),
+        })))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
+
+impl Inner {
+    /// Drops entries first used `ttl` ago or longer (they are at the front).
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, _, at)| now.saturating_duration_since(*at) >= ttl)
+        {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((key, generation, _)) = self.order.pop_front() {
+            self.remove(&key, generation);
+        }
+    }
+
+    fn remove(&mut self, key: &Key, generation: u64) {
+        if let MapEntry::Occupied(e) = self.map.entry(key.clone())
+            && e.get().generation == generation
+        {
+            e.remove();
+        }
+    }
+}
+
+impl Reservation<'_> {
+    /// The id to start the run with.
+    pub(crate) fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The run exists: the key now answers it.
+    pub(crate) fn commit(mut self) {
+        if let Some(tx) = self.created.take() {
+            tx.send_replace(true);
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.created.is_some() {
+            // Not committed: free the key (waiters see the sender go and look again).
+            self.owner.lock().remove(&self.key, self.generation);
+        }
+    }
+}
+
+/// A fingerprint of a request body that does not depend on the order of object keys.
+pub(crate) fn fingerprint(body: &Value) -> u64 {
+    let mut out = Vec::with_capacity(256);
+    canonical(body, &mut out);
+    crate::hash::stable_hash(&out)
+}
+
+fn canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(Value::String(k.clone()).to_string().as_bytes());
+                out.push(b':');
+                canonical(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(v, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn key(k: &str) -> Key {
+        (None, "wf".into(), k.into())
+    }
+
+    fn new_claim<'a>(c: &'a Idempotency, k: &str, fp: u64, now: Instant) -> Reservation<'a> {
+        match c.try_claim(&key(k), fp, now) {
+            Ok(Step::Done(Claim::New(r))) => r,
+            _ => panic!("expected a new claim for {k}"),
+        }
+    }
+
+    #[test]
+    fn same_body_answers_the_first_run_other_body_is_refused() {
+        let c = Idempotency::new(TTL, 10);
+        let now = Instant::now();
+        let r = new_claim(&c, "a", 1, now);
+        let id = r.run_id().to_owned();
+        assert!(matches!(c.try_claim(&key("a"), 1, now), Ok(Step::Wait(_))));
+        r.commit();
+        match c.try_claim(&key("a"), 1, now) {
+            Ok(Step::Done(Claim::Existing(got))) => assert_eq!(got, id),
+            _ => panic!("expected the first run"),
+        }
+        assert!(matches!(
+            c.try_claim(&key("a"), 2, now),
+            Err(ApiError::IdempotencyKeyReused)
+        ));
+    }
+
+    #[test]
+    fn a_released_claim_frees_the_key() {
+        let c = Idempotency::new(TTL, 10);
+        let now = Instant::now();
+        drop(new_claim(&c, "a", 1, now));
+        assert_eq!(c.len(), 0);
+        // Free again, even for another body; the stale queue item does not remove the new one.
+        let r = new_claim(&c, "a", 2, now);
+        r.commit();
+        for i in 0..9 {
+            new_claim(&c, &format!("k{i}"), 0, now).commit();
+        }
+        assert!(matches!(
+            c.try_claim(&key("a"), 2, now),
+            Ok(Step::Done(Claim::Existing(_)))
+        ));
+    }
+
+    #[test]
+    fn keys_expire_after_the_ttl_and_the_oldest_go_beyond_capacity() {
+        let ttl = Duration::from_secs(100);
+        let c = Idempotency::new(ttl, 3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        new_claim(&c, "a", 1, at(0)).commit();
+        new_claim(&c, "b", 1, at(10)).commit();
+        new_claim(&c, "c", 1, at(20)).commit();
+        // Capacity: "d" pushes out "a", the oldest.
+        new_claim(&c, "d", 1, at(30)).commit();
+        assert_eq!(c.len(), 3);
+        assert!(matches!(
+            c.try_claim(&key("b"), 1, at(30)),
+            Ok(Step::Done(Claim::Existing(_)))
+        ));
+        // TTL: at 115 s, "b" (first used at 10 s) has expired, "c" (20 s) has not. A key that
+        // is gone is new again, even with another body.
+        new_claim(&c, "b", 99, at(115)).commit();
+        assert!(matches!(
+            c.try_claim(&key("c"), 1, at(115)),
+            Ok(Step::Done(Claim::Existing(_)))
+        ));
+        assert!(matches!(
+            c.try_claim(&key("c"), 99, at(115)),
+            Err(ApiError::IdempotencyKeyReused)
+        ));
+        new_claim(&c, "a", 99, at(116)).commit();
+        assert_eq!(c.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_duplicate_takes_over_a_released_claim() {
+        let c = Idempotency::new(TTL, 10);
+        let first = match c.claim(key("a"), 1).await.unwrap() {
+            Claim::New(r) => r,
+            Claim::Existing(_) => panic!("new key"),
+        };
+        let first_id = first.run_id().to_owned();
+        let (second, ()) = tokio::join!(c.claim(key("a"), 1), async move {
+            tokio::task::yield_now().await;
+            drop(first);
+        });
+        match second.unwrap() {
+            Claim::New(r) => assert_ne!(r.run_id(), first_id),
+            Claim::Existing(_) => panic!("the first start failed: the duplicate starts its own"),
+        }
+    }
+
+    #[test]
+    fn fingerprints_ignore_key_order_only() {
+        let a = serde_json::json!({"input": {"n": 1, "m": [1, {"x": 2, "y": 3}]}});
+        let b = serde_json::json!({"input": {"m": [1, {"y": 3, "x": 2}], "n": 1}});
+        let c = serde_json::json!({"input": {"n": 2, "m": [1, {"x": 2, "y": 3}]}});
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+        assert_ne!(
+            fingerprint(&serde_json::json!({"input": "1"})),
+            fingerprint(&serde_json::json!({"input": 1}))
+        );
+    }
+}
