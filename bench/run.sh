@@ -4,7 +4,9 @@
 #   2. starts `sluice serve` on an ephemeral loopback port with a fresh data dir,
 #   3. runs `sluice-bench all` against it (S1 with the raw-socket reference, S2, S3, S5),
 #   4. starts a second server with bench/configs/s4.toml and runs `sluice-bench s4`,
-#   5. stops both servers and prints every table.
+#   5. starts the scripted model server (`sluice-mock-llm --stamp`, 250 tokens at 50/s) and a
+#      third server with one agent on it, and runs `sluice-bench agents` (1,000 agent runs),
+#   6. stops every server and prints every table.
 # Options: --big adds S2 at C=10,000 (the main server then runs with bench/configs/big.toml).
 # Everything is bounded: each bench invocation has a hard deadline, servers are stopped on exit.
 set -euo pipefail
@@ -23,7 +25,7 @@ done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 echo "open files limit: $(ulimit -n)"
 
-cargo build --release -p sluice -p sluice-bench
+cargo build --release -p sluice -p sluice-bench -p sluice-mock-llm
 
 WORK="$(mktemp -d)"
 PIDS=()
@@ -87,9 +89,34 @@ if [ -s "$WORK/s4.err" ]; then
   echo "-- s4 server stderr (last 20 lines):"; tail -n 20 "$WORK/s4.err"
 fi
 
+# The agent scenario: a scripted model streaming 250 stamped tokens at 50/s to each of 1,000
+# concurrent runs of one agent.
+target/release/sluice-mock-llm --tokens 250 --rate 50 --stamp >"$WORK/mock.out" 2>"$WORK/mock.err" &
+MOCK_PID=$!
+PIDS+=("$MOCK_PID")
+MOCK_URL=""
+for _ in $(seq 1 100); do
+  MOCK_URL="$(sed -n 's/^listening on \(http:\/\/[^ ]*\)$/\1/p' "$WORK/mock.out" | head -n1)"
+  [ -n "$MOCK_URL" ] && break
+  sleep 0.1
+done
+[ -n "$MOCK_URL" ] || { echo "the mock model server did not start" >&2; cat "$WORK/mock.err" >&2; exit 1; }
+sed "s|@MOCK_URL@|$MOCK_URL|" bench/configs/agents.toml >"$WORK/agents.toml"
+start_server agents --config "$WORK/agents.toml"
+target/release/sluice-bench agents --server "$SERVER_URL" --runs 1000 --tokens 250 --rate 50 \
+  --server-pid "$SERVER_PID" --mock-pid "$MOCK_PID" --deadline-secs 300 \
+  | tee "$WORK/agents.md" || STATUS=$?
+stop_server "$SERVER_PID"
+stop_server "$MOCK_PID"
+if [ -s "$WORK/agents.err" ]; then
+  echo "-- agents server stderr (last 20 lines):"; tail -n 20 "$WORK/agents.err"
+fi
+
 echo
 echo "==================== summary ===================="
 sed -n '/^### /,$p' "$WORK/all.md"
 echo
 sed -n '/^### /,$p' "$WORK/s4.md"
+echo
+sed -n '/^### /,$p' "$WORK/agents.md"
 exit "$STATUS"

@@ -98,6 +98,10 @@ pub struct Reader {
     /// `(t, added latency)` of the ticks recorded: creation time (Unix ns) and receive time
     /// minus `t` (ns).
     pub latencies: Vec<(u64, i64)>,
+    /// `text-delta` events seen, with [`FollowOpts::stamped_tokens`].
+    pub tokens: u64,
+    /// Unix nanoseconds of the read that brought the first `text-delta`.
+    pub first_token_ns: Option<u64>,
     /// Events dispatched (duplicates included).
     pub dispatched: u64,
     /// Body bytes decoded.
@@ -111,6 +115,9 @@ pub struct FollowOpts {
     pub stop_after: Option<u64>,
     /// Record the latency of ticks created at or after this Unix-nanosecond time.
     pub latency_from: Option<u64>,
+    /// Model tokens carry their send time: record the latency of every `text-delta` whose
+    /// text is `t<unix-ns> ` (as `sluice-mock-llm --stamp` writes them), not of ticks.
+    pub stamped_tokens: bool,
 }
 
 /// Why [`Reader::follow`] returned.
@@ -166,6 +173,8 @@ impl Reader {
             let terminal_ns = &mut self.terminal_ns;
             let latencies = &mut self.latencies;
             let dispatched = &mut self.dispatched;
+            let tokens = &mut self.tokens;
+            let first_token = &mut self.first_token_ns;
             let flow = self.parser.parse(&mut self.buf, |ev| {
                 *dispatched += 1;
                 on_conn += 1;
@@ -176,6 +185,13 @@ impl Reader {
                         check.observe(env.seq, id, ev.kind, env.i);
                         if terminal_ns.is_none() && check.terminal.is_some() {
                             *terminal_ns = Some(now);
+                        }
+                        if opts.stamped_tokens && ev.kind == b"text-delta" {
+                            *tokens += 1;
+                            first_token.get_or_insert(now);
+                            if let Some(t) = sse::stamped_text(ev.data) {
+                                latencies.push((t, now as i64 - t as i64));
+                            }
                         }
                         if tick {
                             first_tick.get_or_insert(now);

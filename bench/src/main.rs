@@ -7,13 +7,14 @@
 //!
 //! Layout: `http` (the client), `sse` (scanner and envelope fields), `check` (delivery checks),
 //! `client` (the reader all scenarios share), `raw` (the raw-socket reference server), `s1`…`s5`
-//! (scenarios), `procfs` (server RSS and CPU), `report` (the markdown table).
+//! and `agents` (scenarios), `procfs` (server RSS and CPU), `report` (the markdown table).
 //!
 //! ```text
 //! sluice-bench all --server http://127.0.0.1:8080 --server-pid 1234
 //! sluice-bench s4 --server http://127.0.0.1:8081     # a server run with bench/configs/s4.toml
 //! ```
 
+mod agents;
 mod check;
 mod client;
 mod http;
@@ -72,6 +73,8 @@ enum Command {
     S4(S4Args),
     /// S5, fan-out: one run, many live readers.
     S5(S5Args),
+    /// Agents: C concurrent agent runs against `sluice-mock-llm --stamp` (see bench/run.sh).
+    Agents(AgentsArgs),
     /// S1 (with the raw comparison), S2, S3 and S5, then one markdown table.
     All(AllArgs),
 }
@@ -228,6 +231,30 @@ struct S5Args {
     /// The server's process id, to report its RSS and CPU.
     #[arg(long)]
     server_pid: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct AgentsArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Concurrent agent runs (C).
+    #[arg(long, default_value_t = 1000)]
+    runs: u64,
+    /// Tokens per answer, as `sluice-mock-llm --tokens` was started with.
+    #[arg(long, default_value_t = 250)]
+    tokens: u64,
+    /// Tokens per second, as `sluice-mock-llm --rate` was started with.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// The agent workflow (kind = "agent", on the mock model server).
+    #[arg(long, default_value = "agent")]
+    workflow: String,
+    /// The server's process id, to report its RSS and CPU.
+    #[arg(long)]
+    server_pid: Option<String>,
+    /// The model server's process id, to report its CPU.
+    #[arg(long)]
+    mock_pid: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -397,6 +424,25 @@ async fn dispatch(command: Command, common: Common) -> anyhow::Result<Vec<Row>> 
             let res = s5::run(&target, &p, &common, a.server_pid.as_deref()).await?;
             res.print(&p);
             Ok(finish("S5", res.rows(&p)))
+        }
+        Command::Agents(a) => {
+            let target = Target::parse(&a.server.server)?;
+            let p = agents::AgentsParams {
+                runs: a.runs.max(1),
+                tokens: a.tokens,
+                rate: a.rate,
+                workflow: a.workflow,
+            };
+            let res = agents::run(
+                &target,
+                &p,
+                &common,
+                a.server_pid.as_deref(),
+                a.mock_pid.as_deref(),
+            )
+            .await?;
+            res.print(&p);
+            Ok(finish("Agents", res.rows(&p)))
         }
         Command::All(a) => all(a, common).await,
     }

@@ -158,7 +158,7 @@ fn short(e: &anyhow::Error) -> String {
 }
 
 /// The most intervals overlapping at once.
-fn peak(spans: &[(u64, u64)]) -> u64 {
+pub fn peak(spans: &[(u64, u64)]) -> u64 {
     let mut edges: Vec<(u64, i64)> = spans
         .iter()
         .flat_map(|&(a, b)| [(a, 1), (b.max(a), -1)])

@@ -148,6 +148,8 @@ static DATA_KEY: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"data\":"));
 static I_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"i\":"));
 static T_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"t\":"));
+static STAMP_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"text\":\"t"));
 
 /// Reads `seq` from an envelope, and with `tick` also `data.i` and `data.t`. `None` when the
 /// data is not an object with a numeric `seq`.
@@ -182,6 +184,13 @@ pub fn envelope(json: &[u8], tick: bool) -> Option<Envelope> {
     Some(env)
 }
 
+/// The send time in a stamped model token: the number in `"text":"t<unix-ns> "` of a
+/// `text-delta` envelope (see `sluice-mock-llm --stamp`).
+pub fn stamped_text(json: &[u8]) -> Option<u64> {
+    let at = STAMP_KEY.find(json)? + STAMP_KEY.needle().len();
+    number(&json[at..]).map(|n| n.0)
+}
+
 /// A non-negative integer at the start of `b` (after optional spaces), and where it ended.
 pub fn number(b: &[u8]) -> Option<(u64, usize)> {
     let mut i = 0;
@@ -203,6 +212,14 @@ pub fn number(b: &[u8]) -> Option<(u64, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamped_tokens() {
+        let env = br#"{"seq":9,"run_id":"r","type":"text-delta","ts":"x","step":2,"data":{"text":"t1733000000123456789 "}}"#;
+        assert_eq!(stamped_text(env), Some(1_733_000_000_123_456_789));
+        assert_eq!(stamped_text(br#"{"seq":9,"data":{"text":"tok "}}"#), None);
+        assert_eq!(stamped_text(br#"{"seq":9,"data":{"text":"hello"}}"#), None);
+    }
     use sluice_protocol::{RawEvent, Timestamp};
 
     fn sse(ev: &RawEvent) -> Vec<u8> {

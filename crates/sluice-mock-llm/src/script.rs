@@ -89,6 +89,8 @@ pub enum Step {
     /// Aborts the connection without ending the body (after what was written is flushed).
     CloseConnection,
     /// `count` text deltas of `text`, at `per_second` (the first at once), on a fixed schedule.
+    /// Every `{t}` in `text` is replaced by the time the delta is written, in Unix nanoseconds
+    /// (so a client on the same machine can measure what happened to the token since).
     Paced {
         /// How many deltas.
         count: usize,
@@ -154,11 +156,16 @@ impl Turn {
 
     /// `count` deltas of `"tok "` at `per_second`, usage 10 in / `count` out, finish `stop`.
     pub fn paced(count: usize, per_second: f64) -> Self {
+        Self::paced_text(count, per_second, "tok ")
+    }
+
+    /// Like [`paced`](Turn::paced), each delta `text` (see [`Step::Paced`] for `{t}`).
+    pub fn paced_text(count: usize, per_second: f64, text: &str) -> Self {
         Self::new(vec![
             Step::Paced {
                 count,
                 per_second,
-                text: "tok ".into(),
+                text: text.into(),
             },
             Step::Usage(usage(10, count as u64)),
             Step::Finish(FinishReason::Stop),
@@ -252,6 +259,12 @@ impl Script {
     /// For benchmarks: every request gets `count` deltas at `per_second`.
     pub fn paced(count: usize, per_second: f64) -> Self {
         Self::new().fallback(Turn::paced(count, per_second))
+    }
+
+    /// Like [`paced`](Script::paced), each delta's text being `t<unix-ns> ` (the time it was
+    /// written), for measuring the latency a server adds to each token.
+    pub fn paced_stamped(count: usize, per_second: f64) -> Self {
+        Self::new().fallback(Turn::paced_text(count, per_second, "t{t} "))
     }
 
     /// Appends a turn to the in-order queue.

@@ -125,7 +125,14 @@ impl Emitter {
                 tokio::time::sleep_until(due).await;
                 paced.left -= 1;
                 paced.sent += 1;
-                let text = paced.text.clone();
+                let text = if paced.text.contains("{t}") {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos());
+                    paced.text.replace("{t}", &now.to_string())
+                } else {
+                    paced.text.clone()
+                };
                 self.text(&text);
                 continue;
             }

@@ -280,3 +280,36 @@ async fn paced_streams_keep_their_rate() {
     assert!(mock.requests().is_empty());
     assert_eq!(mock.request_count(), 1);
 }
+
+#[tokio::test]
+async fn stamped_deltas_carry_the_time_they_were_written() {
+    let mock = MockServer::start(Script::paced_stamped(3, 100.0).record(false))
+        .await
+        .unwrap();
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    };
+    let before = now_ns();
+    let events = events(post(&mock, "/v1/chat/completions", json!({"model": "m"})).await).await;
+    let after = now_ns();
+    let stamps: Vec<u128> = events
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .filter(|text| !text.is_empty())
+        .map(|text| {
+            let digits = text.strip_prefix('t').unwrap().strip_suffix(' ').unwrap();
+            digits.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(stamps.len(), 3, "{events:?}");
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+    assert!(stamps[0] >= before && stamps[2] <= after, "{stamps:?}");
+}

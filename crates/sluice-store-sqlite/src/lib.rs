@@ -45,6 +45,20 @@
 //! transaction itself (I/O error, full disk) fails the whole group. An append's events go in with
 //! few multi-row `INSERT`s through cached prepared statements.
 //!
+//! # Where events are written
+//! A run's log lives in the `events` table, clustered by `(run_id, seq)` so that replaying a run
+//! reads a few adjacent pages. Writing there one event at a time would dirty one page per run
+//! per commit: with a thousand runs each streaming a token at a time, every commit would write
+//! hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small append goes
+//! to the `journal` table first, whose rows only ever go at its end, and the writer moves a run's
+//! journaled events into `events` with one insert once about a page of them (4 KiB, or 48
+//! events) has piled up, when the run's log closes, or when the run has gone quiet for a while
+//! (131,072 newer journal rows). A batch of 4 KiB or more goes to `events` directly. The journal
+//! is cut off from the front, never row by row, and when the store opens whatever it still holds
+//! is moved into `events` first. Both tables are written in the same transactions, so the
+//! durability rules below hold for every event wherever it sits; readers never read the journal
+//! (a run's journaled events are always in the in-memory tail described below).
+//!
 //! [`finish`](Store::finish) writes the final record and the terminal event in the same
 //! transaction, so a reader that sees the terminal event sees the final record.
 //!
@@ -80,6 +94,14 @@
 //!     lost is a suffix of whole transactions: every run's log is still contiguous from seq 1,
 //!     and a finished run is either finished with its terminal event or not finished at all.
 //!   - [`Synchronous::Off`]: recent commits may be lost and the database file may be corrupted.
+//!
+//! # Why rusqlite
+//! The store needs one long-lived writer connection on its own thread, with prepared multi-row
+//! inserts reused for every commit, explicit `BEGIN IMMEDIATE`/savepoints, and control of
+//! pragmas and checkpoints; readers run on a few connections on the blocking pool. rusqlite
+//! gives that directly, synchronously, with SQLite bundled (no system library, builds
+//! anywhere). An async wrapper such as sqlx would add a runtime-driven connection pool and
+//! per-query overhead between the store and SQLite without helping a single-writer design.
 //!
 //! The path must name a file on a local file system (WAL needs shared memory between the
 //! connections of this process); the store is meant to be the only writer of its file.

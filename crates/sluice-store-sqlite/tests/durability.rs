@@ -260,7 +260,10 @@ async fn small_appends_of_many_runs_are_readable_and_survive_reopening() {
             (1..=seq).collect::<Vec<_>>()
         );
         let mid = store.read(first, seq / 2, 1000).await.unwrap();
-        assert_eq!(mid.first().map(RawEvent::seq), (seq > seq / 2).then_some(seq / 2 + 1));
+        assert_eq!(
+            mid.first().map(RawEvent::seq),
+            (seq > seq / 2).then_some(seq / 2 + 1)
+        );
     }
     store.delete_run("run_39").await.unwrap();
     let before: Vec<Vec<RawEvent>> = {
@@ -293,7 +296,10 @@ async fn small_appends_of_many_runs_are_readable_and_survive_reopening() {
     let logged: i64 = conn
         .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
         .unwrap();
-    assert!(journal <= 39, "only the last appends can be journaled: {journal}");
+    assert!(
+        journal <= 39,
+        "only the last appends can be journaled: {journal}"
+    );
     assert_eq!(logged + journal, 39 * (N as i64 + 1));
 }
 
@@ -314,7 +320,14 @@ async fn finishing_moves_pending_events_with_the_terminal_event() {
     rec.status = RunStatus::Completed;
     rec.last_seq = 6;
     rec.finished_at = Some(Timestamp::now());
-    let terminal = RawEvent::encode(6, "run_a", kind::CHAIN_COMPLETED, Timestamp::now(), None, "{}");
+    let terminal = RawEvent::encode(
+        6,
+        "run_a",
+        kind::CHAIN_COMPLETED,
+        Timestamp::now(),
+        None,
+        "{}",
+    );
     store.finish(&rec, &terminal).await.unwrap();
     store.close().await.unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
