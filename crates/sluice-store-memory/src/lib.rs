@@ -161,6 +161,8 @@ impl Store for MemoryStore {
 
     async fn delete_run(&self, id: &str) -> Result<()> {
         self.lock().runs.remove(id);
+        // Followers of the run wake up, find it gone and end.
+        self.notifier.publish(id, u64::MAX);
         Ok(())
     }
 

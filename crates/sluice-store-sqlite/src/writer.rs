@@ -487,8 +487,13 @@ impl Writer {
                 self.journal.commit_group();
                 self.since_checkpoint += bytes;
                 for (id, t) in &self.touched {
-                    if let Some(state) = t.state.filter(|_| !t.appended.is_empty()) {
-                        wake.push((id.clone(), state.last_seq));
+                    match t.state {
+                        Some(state) if !t.appended.is_empty() => {
+                            wake.push((id.clone(), state.last_seq));
+                        }
+                        // Deleted (or never there): followers wake, find it gone and end.
+                        None => wake.push((id.clone(), u64::MAX)),
+                        Some(_) => {}
                     }
                 }
                 let journal = &self.journal;

@@ -31,7 +31,8 @@ macro_rules! store_conformance_tests {
             append_unknown_run, append_empty_batch_is_a_no_op, append_rejects_terminal_before_the_end,
             finish_closes_log_and_updates_record, finish_checks_its_terminal_event, follow_history_then_live,
             follow_many_readers_identical, follow_join_mid_run, follow_finished_run_ends,
-            follow_unknown_run, slow_reader_does_not_block_writer, concurrent_runs_append,
+            follow_unknown_run, follow_ends_when_the_run_is_deleted, slow_reader_does_not_block_writer,
+            concurrent_runs_append,
             checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -466,6 +467,26 @@ pub async fn follow_unknown_run(store: Arc<dyn Store>) {
     let got: Vec<_> = follow(store, "run_ghost".into(), 0).collect().await;
     assert_eq!(got.len(), 1);
     assert!(matches!(got[0], Err(Error::NotFound { .. })));
+}
+
+/// A follower waiting for a run that is deleted (retention, say) ends with `NotFound` instead
+/// of waiting forever.
+pub async fn follow_ends_when_the_run_is_deleted(store: Arc<dyn Store>) {
+    new_run(&store, "run_a").await;
+    store.append("run_a", &events("run_a", 1, 3)).await.unwrap();
+    let mut stream = Box::pin(follow(store.clone(), "run_a".into(), 0));
+    for seq in 1..=3 {
+        assert_eq!(stream.next().await.unwrap().unwrap().seq(), seq);
+    }
+    // The follower is at the head and waits; the run goes away.
+    let next = tokio::spawn(async move { stream.next().await.map(|r| r.map(|e| e.seq())) });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.delete_run("run_a").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("a follower of a deleted run must not wait forever")
+        .unwrap();
+    assert!(matches!(got, Some(Err(Error::NotFound { .. }))), "{got:?}");
 }
 
 /// A reader that stops reading never blocks the writer, and resumes in bounded batches.

@@ -16,8 +16,9 @@ const READ_BATCH: usize = 1024;
 /// and nothing buffers beyond one read batch.
 ///
 /// # Errors
-/// The stream yields [`Error::NotFound`] once if the run does not exist, and any store error;
-/// it ends after yielding an error.
+/// The stream yields [`Error::NotFound`] once if the run does not exist or is deleted while it
+/// is followed (stores wake followers when they delete a run), and any store error; it ends
+/// after yielding an error.
 pub fn follow(
     store: Arc<dyn Store>,
     run_id: String,
@@ -38,6 +39,9 @@ struct FollowState {
     cursor: u64,
     checked: bool,
     done: bool,
+    /// The last wait ended: a read that then finds nothing means the run went away (deleted:
+    /// stores wake followers then) or the wake-up was spurious.
+    woken: bool,
 }
 
 /// Like [`follow`], in the batches the log is read in (at most 1,024 events each, never empty);
@@ -53,6 +57,7 @@ pub fn follow_batches(
         cursor: after,
         checked: false,
         done: false,
+        woken: false,
     };
     stream::unfold(state, |mut st| async move {
         if st.done {
@@ -101,10 +106,31 @@ pub fn follow_batches(
                     return Some((Ok(out), st));
                 }
                 Ok(_) => {
+                    if st.woken {
+                        st.woken = false;
+                        match st.store.get_run(&st.run_id).await {
+                            Ok(Some(rec))
+                                if rec.status.is_terminal() && st.cursor >= rec.last_seq =>
+                            {
+                                return None;
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) => {
+                                // Deleted (by retention, say) while it was being read.
+                                st.done = true;
+                                return Some((Err(Error::run_not_found(&st.run_id)), st));
+                            }
+                            Err(e) => {
+                                st.done = true;
+                                return Some((Err(e), st));
+                            }
+                        }
+                    }
                     if let Err(e) = st.store.wait_for(&st.run_id, st.cursor).await {
                         st.done = true;
                         return Some((Err(e), st));
                     }
+                    st.woken = true;
                 }
                 Err(e) => {
                     st.done = true;
