@@ -84,6 +84,7 @@ pub fn follow_batches(
         loop {
             match st.store.read(&st.run_id, st.cursor, READ_BATCH).await {
                 Ok(batch) if !batch.is_empty() => {
+                    st.woken = false;
                     let mut out = Vec::with_capacity(batch.len());
                     for ev in batch {
                         if ev.seq() != st.cursor + 1 {
