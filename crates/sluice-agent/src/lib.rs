@@ -14,15 +14,19 @@
 //!   `chain-error` `max_steps`; provider failures with `provider_error` or `rate_limited`
 //!   (the provider has already retried what could be retried, before the first token).
 //! - `tools`: server-side HTTP tools run concurrently (`tools-started`, then one
-//!   `tool-completed` per call as each finishes); unknown tools and unparsable arguments
-//!   become error results the model reads. If the model called client-side tools, the run
-//!   pauses with `tools-requested` (status `waiting`: no task, no slot, durable across
-//!   restarts); otherwise the results go back to `model`.
+//!   `tool-completed` per call as each finishes), each tool within its `max_concurrent_calls`
+//!   across all runs of the agent; unknown tools, unparsable arguments, timeouts and non-2xx
+//!   answers (3xx included: redirects are not followed) become error results the model reads.
+//!   If the model called client-side tools, the run pauses with `tools-requested` (status
+//!   `waiting`: no task, no slot, durable across restarts); otherwise the results go back to
+//!   `model`.
 //! - `client-results` (the `tool-results` event sent into the waiting run): matches results
 //!   to the requested calls and goes back to `model`.
 //!
 //! The run's state holds everything (conversation, model-call count, calls waiting for the
-//! client), so nothing lives in memory across a pause or a restart.
+//! client), so nothing lives in memory across a pause or a restart. A `model` step cut by a
+//! crash runs again after the restart and asks the model again: its partial deltas stay in the
+//! log before `chain-resumed`, superseded by the re-run's.
 //!
 //! Layout: `options.rs` ([`AgentOptions`], [`Tool`]), `input.rs` (input validation),
 //! `steps.rs` (the steps and their events), `http.rs` (HTTP tool calls).
@@ -61,10 +65,11 @@ use std::sync::Arc;
 use serde_json::json;
 use sluice_engine::{Error, Result, StartEvent, Step, StepError, StopEvent, Workflow};
 use sluice_llm::{ChatRequest, Message, Provider, ToolSpec};
+use tokio::sync::Semaphore;
 
 pub use options::{
-    AgentOptions, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_STEPS, DEFAULT_TOOL_TIMEOUT, Tool,
-    valid_tool_name,
+    AgentOptions, DEFAULT_MAX_CONCURRENT_CALLS, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_STEPS,
+    DEFAULT_TOOL_TIMEOUT, Tool, valid_tool_name,
 };
 
 use steps::{ModelTurn, RunTools};
@@ -72,7 +77,8 @@ use steps::{ModelTurn, RunTools};
 /// The workflow kind agents are listed with.
 pub const KIND: &str = "agent";
 
-/// What the steps share: the definition, and the HTTP client of the tools.
+/// What the steps share (one per workflow, so across all its runs): the definition, the HTTP
+/// client of the tools and their concurrency limits.
 #[derive(Debug)]
 pub(crate) struct Agent {
     provider: Provider,
@@ -84,11 +90,18 @@ pub(crate) struct Agent {
     temperature: Option<f32>,
     max_tokens: Option<u32>,
     http: reqwest::Client,
+    /// Per HTTP tool (by name), its `max_concurrent_calls` slots.
+    slots: std::collections::BTreeMap<String, Arc<Semaphore>>,
 }
 
 impl Agent {
     fn tool(&self, name: &str) -> Option<&Tool> {
         self.tools.iter().find(|t| t.name() == name)
+    }
+
+    /// The slots of an HTTP tool.
+    fn slots(&self, name: &str) -> Option<&Arc<Semaphore>> {
+        self.slots.get(name)
     }
 
     fn tool_names(&self) -> String {
@@ -116,7 +129,9 @@ impl Agent {
     }
 
     /// A provider failure as the step's final error: `provider_error` or `rate_limited`, not
-    /// retried (the provider retries before the first token itself).
+    /// retried (the provider retries before the first token itself). The message is the
+    /// error's text and its sources'; none of them names the provider's URL (sluice-llm drops
+    /// it), so a client reading the `chain-error` learns nothing of the internal endpoint.
     fn provider_error(&self, error: &sluice_llm::Error) -> StepError {
         let mut message = format!("provider {}: {error}", self.provider.name());
         let mut source = std::error::Error::source(error);
@@ -153,7 +168,7 @@ fn invalid(name: &str, message: String) -> Error {
 }
 
 /// Checks the options: a model name; tool names valid (`^[a-zA-Z0-9_-]{1,64}$`) and unique;
-/// HTTP tools with an `http`/`https` URL, a timeout and a size limit.
+/// HTTP tools with an `http`/`https` URL, a timeout, a size limit and a concurrency limit.
 fn validate(name: &str, options: &AgentOptions) -> Result<()> {
     if options.model.trim().is_empty() {
         return Err(invalid(name, "the agent needs a model name".into()));
@@ -174,6 +189,7 @@ fn validate(name: &str, options: &AgentOptions) -> Result<()> {
             url,
             timeout,
             max_response_bytes,
+            max_concurrent_calls,
             ..
         } = tool
         {
@@ -198,6 +214,15 @@ fn validate(name: &str, options: &AgentOptions) -> Result<()> {
                     format!("tool {tool_name:?}: max_response_bytes must be at least 1"),
                 ));
             }
+            if !(1..=Semaphore::MAX_PERMITS).contains(max_concurrent_calls) {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "tool {tool_name:?}: max_concurrent_calls must be from 1 to {}",
+                        Semaphore::MAX_PERMITS
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -212,12 +237,27 @@ fn validate(name: &str, options: &AgentOptions) -> Result<()> {
 /// # Errors
 /// [`Error::InvalidWorkflow`] for a malformed workflow name, an empty model name, a tool name
 /// that is malformed or taken twice, an HTTP tool URL that is not `http(s)`, a zero tool
-/// timeout or size limit, or an HTTP client that cannot be built.
+/// timeout, size limit or concurrency limit, or an HTTP client that cannot be built.
 pub fn agent(name: &str, options: AgentOptions) -> Result<Workflow> {
     validate(name, &options)?;
     let http = http::client()
         .map_err(|e| invalid(name, format!("cannot build the tools' HTTP client: {e}")))?;
     let max_steps = options.max_steps.max(1);
+    let slots = options
+        .tools
+        .iter()
+        .filter_map(|tool| match tool {
+            Tool::Http {
+                name,
+                max_concurrent_calls,
+                ..
+            } => Some((
+                name.clone(),
+                Arc::new(Semaphore::new(*max_concurrent_calls)),
+            )),
+            Tool::Client { .. } => None,
+        })
+        .collect();
     let agent = Arc::new(Agent {
         specs: options.tools.iter().map(Tool::spec).collect(),
         provider: options.provider,
@@ -228,6 +268,7 @@ pub fn agent(name: &str, options: AgentOptions) -> Result<Workflow> {
         temperature: options.temperature,
         max_tokens: options.max_tokens,
         http,
+        slots,
     });
     // Per model call: `model`, `tools`, `client-results`; plus `start` and the refused call.
     let budget = max_steps.saturating_mul(3).saturating_add(2);
@@ -289,6 +330,10 @@ mod tests {
         );
         assert!(err(options().with_tool(Tool::http("x", "ftp://h/"))).contains("http(s)"));
         assert!(err(options().with_tool(Tool::http("x", "not a url"))).contains("http(s)"));
+        assert!(
+            err(options().with_tool(Tool::http("x", "http://h/").with_max_concurrent_calls(0)))
+                .contains("max_concurrent_calls")
+        );
         let mut no_model = options();
         no_model.model = " ".into();
         assert!(err(no_model).contains("model"));

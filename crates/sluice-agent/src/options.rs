@@ -11,6 +11,9 @@ pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default size limit of an HTTP tool's response body.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
 
+/// Default limit of one HTTP tool's calls in flight at once, across all runs of an agent.
+pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 64;
+
 /// Default number of model calls a run may make.
 pub const DEFAULT_MAX_STEPS: u32 = 8;
 
@@ -44,10 +47,15 @@ pub enum Tool {
         parameters: Value,
         /// Where the arguments are POSTed (`http://` or `https://`).
         url: String,
-        /// Time limit of one call, response included.
+        /// Time limit of one call: the wait for a slot (see `max_concurrent_calls`), the
+        /// request and the response.
         timeout: Duration,
-        /// Largest response body accepted; a bigger one is an error result.
+        /// Largest response body accepted; a bigger one is an error result. (Of a non-2xx
+        /// answer, at most this much, and at most 2 KiB, is shown to the model.)
         max_response_bytes: usize,
+        /// Calls of this tool in flight at once, across all runs of the agent; more wait for a
+        /// slot, and the wait counts against `timeout`.
+        max_concurrent_calls: usize,
     },
     /// A client-side tool: the run pauses with `tools-requested` (status `waiting`) until the
     /// client sends `tool-results`.
@@ -67,8 +75,9 @@ fn empty_object_schema() -> Value {
 
 impl Tool {
     /// A server-side HTTP tool with an empty description, an object schema without properties,
-    /// the default timeout ([`DEFAULT_TOOL_TIMEOUT`]) and size limit
-    /// ([`DEFAULT_MAX_RESPONSE_BYTES`]).
+    /// the default timeout ([`DEFAULT_TOOL_TIMEOUT`]), size limit
+    /// ([`DEFAULT_MAX_RESPONSE_BYTES`]) and concurrency limit
+    /// ([`DEFAULT_MAX_CONCURRENT_CALLS`]).
     pub fn http(name: impl Into<String>, url: impl Into<String>) -> Self {
         Self::Http {
             name: name.into(),
@@ -77,6 +86,7 @@ impl Tool {
             url: url.into(),
             timeout: DEFAULT_TOOL_TIMEOUT,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
         }
     }
 
@@ -122,6 +132,19 @@ impl Tool {
         } = &mut self
         {
             *max_response_bytes = limit;
+        }
+        self
+    }
+
+    /// Sets how many calls of an HTTP tool may be in flight at once, across all runs of the
+    /// agent (no effect on a client tool).
+    pub fn with_max_concurrent_calls(mut self, limit: usize) -> Self {
+        if let Self::Http {
+            max_concurrent_calls,
+            ..
+        } = &mut self
+        {
+            *max_concurrent_calls = limit;
         }
         self
     }
@@ -272,11 +295,14 @@ mod tests {
     fn builders() {
         let t = Tool::http("t", "http://x")
             .with_timeout(Duration::from_secs(1))
-            .with_max_response_bytes(10);
+            .with_max_response_bytes(10)
+            .with_max_concurrent_calls(3);
         assert!(
-            matches!(t, Tool::Http { timeout, max_response_bytes: 10, .. } if timeout == Duration::from_secs(1))
+            matches!(t, Tool::Http { timeout, max_response_bytes: 10, max_concurrent_calls: 3, .. } if timeout == Duration::from_secs(1))
         );
-        let c = Tool::client("c").with_timeout(Duration::from_secs(1));
+        let c = Tool::client("c")
+            .with_timeout(Duration::from_secs(1))
+            .with_max_concurrent_calls(3);
         assert_eq!(c, Tool::client("c"));
         assert_eq!(c.spec().parameters, empty_object_schema());
     }

@@ -269,17 +269,19 @@ async fn save_session(ctx: &Context, conversation: &[Message]) -> Result<(), Ste
 enum Job<'a> {
     /// Answer with this error at once.
     Reject(String),
-    /// POST to an HTTP tool.
+    /// POST to an HTTP tool, once one of its slots is free.
     Http {
         url: &'a str,
         timeout: std::time::Duration,
         max_response_bytes: usize,
+        slots: &'a tokio::sync::Semaphore,
     },
 }
 
 /// `tools` (accepts `run-tools`): runs the server-side calls concurrently (`tools-started`, one
-/// `tool-completed` each as it finishes); unknown tools and unparsable arguments become error
-/// results. Then asks the client for its tools (the run waits) or asks for the next model turn.
+/// `tool-completed` each as it finishes), each HTTP tool within its `max_concurrent_calls`
+/// across all runs; unknown tools and unparsable arguments become error results. Then asks the
+/// client for its tools (the run waits) or asks for the next model turn.
 pub(crate) async fn tools(
     agent: Arc<Agent>,
     ctx: Context,
@@ -312,10 +314,14 @@ pub(crate) async fn tools(
                 timeout,
                 max_response_bytes,
                 ..
-            }) => Job::Http {
-                url,
-                timeout: *timeout,
-                max_response_bytes: *max_response_bytes,
+            }) => match agent.slots(&call.name) {
+                Some(slots) => Job::Http {
+                    url,
+                    timeout: *timeout,
+                    max_response_bytes: *max_response_bytes,
+                    slots,
+                },
+                None => Job::Reject(format!("the tool {:?} is not available", call.name)),
             },
         };
         server.push((i, job));
@@ -339,7 +345,15 @@ pub(crate) async fn tools(
                             url,
                             timeout,
                             max_response_bytes,
-                        } => http::call(http, url, timeout, max_response_bytes, arguments).await,
+                            slots,
+                        } => {
+                            let call = http::Call {
+                                url,
+                                timeout,
+                                max_response_bytes,
+                            };
+                            http::call(http, &call, slots, arguments).await
+                        }
                     };
                     (i, output, is_error, t0.elapsed())
                 }

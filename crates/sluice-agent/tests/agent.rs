@@ -217,9 +217,10 @@ async fn two_parallel_tool_calls_run_concurrently() {
     let mock = MockServer::start(
         Script::new()
             .turn(Turn::new(vec![
+                // Each call first waits (up to 5 s) for the other to be in flight too.
                 Step::ParallelToolCalls(vec![
-                    ToolCallSpec::new("call_a", "slow", r#"{"ms":400}"#),
-                    ToolCallSpec::new("call_b", "fast", r#"{"ms":20}"#),
+                    ToolCallSpec::new("call_a", "slow", r#"{"ms":400,"together":2}"#),
+                    ToolCallSpec::new("call_b", "fast", r#"{"ms":20,"together":2}"#),
                 ]),
                 Step::Finish(FinishReason::ToolCalls),
             ]))
@@ -245,11 +246,11 @@ async fn two_parallel_tool_calls_run_concurrently() {
             "step-completed start",
             "step-started model",
             "provider-started mock/test-model",
-            r#"tool-call-delta call_a:slow{"ms":400} call_b:fast{"ms":20}"#,
+            r#"tool-call-delta call_a:slow{"ms":400,"together":2} call_b:fast{"ms":20,"together":2}"#,
             "provider-completed tool_calls 0+0",
             "step-completed model",
             "step-started tools",
-            r#"tools-started call_a:slow{"ms":400} call_b:fast{"ms":20}"#,
+            r#"tools-started call_a:slow{"ms":400,"together":2} call_b:fast{"ms":20,"together":2}"#,
             // Each as it finishes: the fast one first.
             r#"tool-completed call_b:fast ok {"slept":20}"#,
             r#"tool-completed call_a:slow ok {"slept":400}"#,
@@ -262,15 +263,9 @@ async fn two_parallel_tool_calls_run_concurrently() {
             "chain-completed Both done.",
         ])
     );
-    let tools_step = evs
-        .iter()
-        .find(|e| e["type"] == "step-completed" && e["data"]["name"] == "tools")
-        .unwrap();
-    let took = tools_step["data"]["duration_ms"].as_u64().unwrap();
-    assert!(
-        (400..800).contains(&took),
-        "the calls overlapped: {took} ms"
-    );
+    // Concurrent: the tool server had both calls in flight at once (run one after the other,
+    // each would have waited 5 s for the other in vain).
+    assert_eq!(tools.calls.max(), 2, "the calls overlapped");
     // The model gets the results in the order of its calls, not of completion.
     let t = transcript(&mock.requests()[1]);
     assert_eq!(
@@ -296,6 +291,9 @@ async fn failing_tool_calls_become_error_results_for_the_model() {
                     ToolCallSpec::new("c4", "big", "{}"),
                     ToolCallSpec::new("c5", "hang", "{}"),
                     ToolCallSpec::new("c6", "gone", "{}"),
+                    ToolCallSpec::new("c7", "bigfail", "{}"),
+                    ToolCallSpec::new("c8", "moved", "{}"),
+                    ToolCallSpec::new("c9", "bigfail2", "{}"),
                 ]),
                 Step::Finish(FinishReason::ToolCalls),
             ]))
@@ -312,7 +310,14 @@ async fn failing_tool_calls_become_error_results_for_the_model() {
                 .tool("hang", "/hang")
                 .with_timeout(Duration::from_millis(400)),
         )
-        .with_tool(Tool::http("gone", "http://127.0.0.1:1/secret-path"));
+        .with_tool(Tool::http("gone", "http://127.0.0.1:1/secret-path"))
+        .with_tool(
+            tools
+                .tool("bigfail", "/bigfail")
+                .with_max_response_bytes(10),
+        )
+        .with_tool(tools.tool("moved", "/redirect"))
+        .with_tool(tools.tool("bigfail2", "/bigfail"));
     let server = Server::start(vec![assistant(options)]).await;
 
     let (_, mut sse) = server
@@ -322,36 +327,72 @@ async fn failing_tool_calls_become_error_results_for_the_model() {
     check_log(&evs);
     let s = summary(&evs);
     assert_eq!(
-        s[8..17],
+        s[8..10],
         lines(&[
             "step-started tools",
-            r#"tools-started c1:nope{} c2:get_weather"{\"city\":" c3:fail{} c4:big{} c5:hang{} c6:gone{}"#,
-            r#"tool-completed c1:nope error "unknown tool \"nope\"; the tools are: get_weather, fail, big, hang, gone""#,
-            r#"tool-completed c2:get_weather error "the arguments are not valid JSON: {\"city\":""#,
-            r#"tool-completed c6:gone error "the tool could not be reached: error sending request: client error (Connect): tcp connect error: Connection refused (os error 111)""#,
-            r#"tool-completed c3:fail error {"body":"database on fire","error":"the tool answered HTTP 500 Internal Server Error","status":500}"#,
-            r#"tool-completed c4:big error "the tool's response is larger than its limit of 10 bytes""#,
-            r#"tool-completed c5:hang error "the tool did not answer within 400 ms""#,
-            "step-completed tools",
+            r#"tools-started c1:nope{} c2:get_weather"{\"city\":" c3:fail{} c4:big{} c5:hang{} c6:gone{} c7:bigfail{} c8:moved{} c9:bigfail2{}"#,
         ])
     );
+    assert_eq!(s[19], "step-completed tools");
+    // One `tool-completed` per call, in the order they finish (timing: compared as a set).
+    let mut completed = s[10..19].to_vec();
+    completed.sort();
+    let mut expected = lines(&[
+        r#"tool-completed c1:nope error "unknown tool \"nope\"; the tools are: get_weather, fail, big, hang, gone, bigfail, moved, bigfail2""#,
+        r#"tool-completed c2:get_weather error "the arguments are not valid JSON: {\"city\":""#,
+        r#"tool-completed c3:fail error {"body":"database on fire","error":"the tool answered HTTP 500 Internal Server Error","status":500}"#,
+        r#"tool-completed c4:big error "the tool's response is larger than its limit of 10 bytes""#,
+        r#"tool-completed c5:hang error "the tool did not answer within 400 ms""#,
+        r#"tool-completed c6:gone error "the tool could not be reached: error sending request: client error (Connect): tcp connect error: Connection refused (os error 111)""#,
+        // An oversized error answer still shows its status, and the start of its body.
+        r#"tool-completed c7:bigfail error {"body":"overloaded","error":"the tool answered HTTP 503 Service Unavailable","status":503,"truncated":true}"#,
+        // A redirect is an error result: it is not followed.
+        r#"tool-completed c8:moved error {"body":"moved","error":"the tool answered HTTP 302 Found (redirects are not followed)","status":302}"#,
+    ]);
+    let c9 = completed.pop().unwrap();
+    expected.sort();
+    assert_eq!(completed, expected);
+    // With the default limit, an error body is cut at 2 KiB.
+    let c9_event = evs
+        .iter()
+        .find(|e| e["type"] == "tool-completed" && e["data"]["id"] == "c9")
+        .unwrap();
+    let output = &c9_event["data"]["output"];
+    assert!(c9.starts_with("tool-completed c9:bigfail2 error "), "{c9}");
+    assert_eq!(output["status"], 503);
+    assert_eq!(output["truncated"], true);
+    assert_eq!(output["body"].as_str().unwrap().len(), 2048);
+    assert!(
+        output["body"]
+            .as_str()
+            .unwrap()
+            .starts_with("overloaded overloaded")
+    );
+
     assert_eq!(s.last().unwrap(), "chain-completed Sorry.");
     let t = transcript(&mock.requests()[1]);
-    assert_eq!(t.len(), 2 + 1 + 6);
+    assert_eq!(t.len(), 2 + 1 + 9);
     assert!(t[3].starts_with("tool c1: unknown tool"), "{t:?}");
     assert!(
         t[7].starts_with("tool c5: the tool did not answer"),
         "{t:?}"
     );
-    // Neither the unknown tool nor the unparsable call reached a tool server.
-    let called: Vec<String> = tools
-        .bodies
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(p, _)| p.clone())
-        .collect();
-    assert_eq!(called.len(), 3, "{called:?}");
+    assert!(t[9].starts_with("tool c7: {"), "{t:?}");
+    // Neither the unknown tool nor the unparsable call reached a tool server, and the redirect
+    // was not followed to /weather.
+    let mut called = tools.paths();
+    called.sort();
+    assert_eq!(
+        called,
+        [
+            "/big",
+            "/bigfail",
+            "/bigfail",
+            "/fail",
+            "/hang",
+            "/redirect"
+        ]
+    );
     server.stop().await;
 }
 
@@ -563,10 +604,11 @@ async fn mixed_server_and_client_tools_with_missing_and_unknown_ids() {
 async fn retries_on_429_and_503_before_the_first_token() {
     let mock = MockServer::start(
         Script::new()
+            // Retry-After 400 ms: far longer than the test's backoff (20 to 100 ms).
             .turn(Turn::http_error(
                 429,
                 r#"{"error":{"message":"slow down"}}"#,
-                Some(Duration::from_millis(60)),
+                Some(Duration::from_millis(400)),
             ))
             .turn(Turn::http_error(
                 503,
@@ -602,10 +644,10 @@ async fn retries_on_429_and_503_before_the_first_token() {
         .iter()
         .find(|e| e["type"] == "provider-completed")
         .unwrap();
-    assert!(
-        completed["data"]["latency_ms"].as_u64().unwrap() >= 60,
-        "Retry-After honoured"
-    );
+    // A lower bound only (a loaded machine makes calls slower, never faster): the first retry
+    // waited the 400 ms asked for, where the backoff alone would have waited at most 100 ms.
+    let latency = completed["data"]["latency_ms"].as_u64().unwrap();
+    assert!(latency >= 400, "Retry-After honoured: {latency} ms");
     server.stop().await;
 }
 
@@ -643,9 +685,10 @@ async fn rate_limited_beyond_the_retries() {
 
 #[tokio::test]
 async fn a_stall_mid_stream_ends_with_provider_error_without_hanging() {
+    // The stall outlasts the test: only the idle timeout can end the call.
     let mock = MockServer::start(Script::new().turn(Turn::new(vec![
         Step::Text("Hel".into()),
-        Step::Stall(Duration::from_secs(30)),
+        Step::Stall(Duration::from_secs(600)),
     ])))
     .await
     .unwrap();
@@ -657,8 +700,10 @@ async fn a_stall_mid_stream_ends_with_provider_error_without_hanging() {
         .await;
     let evs = sse.rest().await;
     check_log(&evs);
+    // Generous: the idle timeout is 300 ms, the stall 600 s (and the reader gives up after
+    // 20 s without an event). The kind below says what ended the call.
     assert!(
-        t0.elapsed() < Duration::from_secs(3),
+        t0.elapsed() < Duration::from_secs(15),
         "took {:?}",
         t0.elapsed()
     );
@@ -686,7 +731,7 @@ async fn a_stall_mid_stream_ends_with_provider_error_without_hanging() {
         "never retried after the first token"
     );
     assert!(
-        mock.wait_for_disconnects(1, Duration::from_secs(2)).await,
+        mock.wait_for_disconnects(1, Duration::from_secs(10)).await,
         "the stalled request is closed"
     );
     server.stop().await;
@@ -811,7 +856,7 @@ async fn cancelling_while_streaming_closes_the_upstream_request() {
     assert_eq!(s[6..], lines(&["chain-cancelled"]));
     assert_eq!(evs.last().unwrap()["data"]["reason"], "user left");
     assert!(
-        mock.wait_for_disconnects(1, Duration::from_secs(2)).await,
+        mock.wait_for_disconnects(1, Duration::from_secs(10)).await,
         "the model request was closed"
     );
     assert_eq!(mock.completed_streams(), 0);
@@ -955,5 +1000,221 @@ async fn anthropic_provider_with_reasoning_and_a_tool() {
     let last = requests[1].messages().last().unwrap().clone();
     assert_eq!(last["content"][0]["type"], "tool_result");
     assert_eq!(last["content"][0]["tool_use_id"], "toolu_1");
+    server.stop().await;
+}
+
+/// A `MakeWriter` collecting log output.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+// One thread (the default for tokio tests): the server, the engine and the provider all log to
+// this test's subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn the_provider_address_and_credentials_never_reach_clients_or_logs() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(capture.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let base_url = format!("http://sluice-user:hunter2-secret@127.0.0.1:{port}/internal-path/v1");
+    let config =
+        sluice_llm::ProviderConfig::new("upstream", sluice_llm::ProviderKind::OpenAi, base_url)
+            .with_retry(sluice_llm::RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(20),
+                max_retry_after: Duration::from_secs(1),
+            });
+    let provider = sluice_llm::Provider::new(config).unwrap();
+    let server = Server::start(vec![assistant(AgentOptions::new(provider, MODEL))]).await;
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Hi"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    assert_eq!(
+        summary(&evs),
+        lines(&[
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started upstream/test-model",
+            "chain-error provider_error",
+        ])
+    );
+    let error = &evs.last().unwrap()["data"]["error"];
+    let message = error["message"].as_str().unwrap();
+    // Still says what happened…
+    assert!(
+        message.contains("provider upstream: cannot connect to the provider"),
+        "{message}"
+    );
+    assert!(message.contains("Connection refused"), "{message}");
+    assert_eq!(error["details"]["details"]["kind"], "Connect");
+    // …but not where.
+    for hidden in [
+        format!("127.0.0.1:{port}"),
+        format!(":{port}"),
+        "internal-path".to_owned(),
+        "chat/completions".to_owned(),
+        "for url".to_owned(),
+    ] {
+        assert!(!message.contains(&hidden), "{hidden:?} in {message}");
+    }
+    let (_, rec) = server.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(rec["error"]["message"], message);
+    let log_text = serde_json::to_string(&server.log(&id).await).unwrap();
+    let record_text = rec.to_string();
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("retrying"),
+        "the subscriber saw the provider's logs: {logs}"
+    );
+    for (what, text) in [
+        ("events", &log_text),
+        ("record", &record_text),
+        ("logs", &logs),
+    ] {
+        for secret in ["hunter2", "sluice-user"] {
+            assert!(!text.contains(secret), "{secret} in the {what}: {text}");
+        }
+    }
+    for (what, text) in [("events", &log_text), ("record", &record_text)] {
+        assert!(
+            !text.contains(&format!(":{port}")),
+            "the port in the {what}: {text}"
+        );
+        assert!(
+            !text.contains("internal-path"),
+            "the path in the {what}: {text}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_tools_concurrency_limit_is_shared_by_all_runs() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .at_step(0, Turn::tool_call("call_g", "gated", "{}"))
+            .at_step(1, Turn::text("Done.")),
+    )
+    .await
+    .unwrap();
+    let gated = tools
+        .tool("gated", "/gate")
+        .with_max_concurrent_calls(1)
+        .with_timeout(Duration::from_secs(30));
+    let server = Server::start(vec![assistant(options(&mock).with_tool(gated))]).await;
+    let (first, mut first_sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "One"}}))
+        .await;
+    let (second, mut second_sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Two"}}))
+        .await;
+    first_sse.until("tools-started").await;
+    second_sse.until("tools-started").await;
+    // Both runs are calling the tool; one call holds its only slot at the tool server…
+    tools.calls.wait_for(1).await;
+    // …and the other waits for it. (Without the limit it would arrive within milliseconds.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tools.calls.now(), 1);
+    assert_eq!(tools.paths(), ["/gate"]);
+
+    tools.open_gate();
+    for (id, sse) in [(&first, &mut first_sse), (&second, &mut second_sse)] {
+        let rest = sse.rest().await;
+        assert_eq!(
+            summary(&rest),
+            lines(&[
+                r#"tool-completed call_g:gated ok {"passed":true}"#,
+                "step-completed tools",
+                "step-started model",
+                "provider-started mock/test-model",
+                "text-delta Done.",
+                "provider-completed stop 10+5",
+                "step-completed model",
+                "chain-completed Done.",
+            ]),
+            "{id}"
+        );
+    }
+    assert_eq!(tools.paths(), ["/gate", "/gate"]);
+    assert_eq!(tools.calls.max(), 1, "never two calls at once");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn waiting_for_a_tool_slot_counts_against_the_timeout() {
+    let tools = ToolServer::start().await;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::ParallelToolCalls(vec![
+                    ToolCallSpec::new("c1", "gated", "{}"),
+                    ToolCallSpec::new("c2", "gated", "{}"),
+                ]),
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("Too slow.")),
+    )
+    .await
+    .unwrap();
+    // The gate never opens: the call holding the slot times out after 1 s, and only then does
+    // the other get the slot.
+    let gated = tools
+        .tool("gated", "/gate")
+        .with_max_concurrent_calls(1)
+        .with_timeout(Duration::from_secs(1));
+    let server = Server::start(vec![assistant(options(&mock).with_tool(gated))]).await;
+    let (_, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    let evs = sse.rest().await;
+    check_log(&evs);
+    let completed: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "tool-completed")
+        .collect();
+    assert_eq!(completed.len(), 2);
+    for e in completed {
+        assert_eq!(e["data"]["is_error"], true, "{e}");
+        assert_eq!(
+            e["data"]["output"],
+            "the tool did not answer within 1000 ms"
+        );
+        // The waiting call's clock started when it asked for a slot, not when it got one
+        // (at >= 1 s): had the wait not counted, it would have ended after >= 2 s.
+        let took = e["data"]["duration_ms"].as_u64().unwrap();
+        assert!((1000..2000).contains(&took), "{e}");
+    }
+    assert_eq!(tools.calls.max(), 1);
+    assert_eq!(summary(&evs).last().unwrap(), "chain-completed Too slow.");
     server.stop().await;
 }

@@ -129,11 +129,15 @@ pub struct ProviderConfig {
     pub api_key: Option<ApiKey>,
     /// The most calls in flight at once; more wait for a slot. Default 64.
     pub max_concurrent_requests: usize,
-    /// The limit on establishing a connection. Default 10 s.
+    /// The limit on establishing a connection (DNS, TCP and TLS). Default 10 s. A connection
+    /// that cannot be made within it is an [`Error::Connect`](crate::Error::Connect), which is
+    /// retried.
     pub connect_timeout: Duration,
-    /// The longest silence allowed: waiting for the response head, and between two reads of the
-    /// body. Not a limit on the whole response, which may stream for as long as bytes keep
-    /// coming. Default 60 s.
+    /// The longest silence allowed: waiting for the response head once the connection is up,
+    /// and between two reads of the body. Not a limit on the whole response, which may stream
+    /// for as long as bytes keep coming. Default 60 s. (The wait for the response head is
+    /// bounded by `connect_timeout + idle_timeout` from the send, so a slow connect always ends
+    /// as a connect error, never as a timeout.)
     pub idle_timeout: Duration,
     /// Retries before the first chunk.
     pub retry: RetryPolicy,
@@ -149,7 +153,7 @@ impl std::fmt::Debug for ProviderConfig {
         f.debug_struct("ProviderConfig")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("base_url", &self.base_url)
+            .field("base_url", &without_userinfo(&self.base_url))
             .field("api_key", &self.api_key)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("connect_timeout", &self.connect_timeout)
@@ -157,6 +161,19 @@ impl std::fmt::Debug for ProviderConfig {
             .field("retry", &self.retry)
             .field("headers", &headers)
             .finish()
+    }
+}
+
+/// `url` with the `user:pass@` of its authority replaced by `***@`, for showing it.
+pub(crate) fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = url.find("://") else {
+        return url.into();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]).into(),
+        None => url.into(),
     }
 }
 
@@ -237,6 +254,25 @@ mod tests {
         let draws: std::collections::HashSet<_> =
             (0..20).map(|_| policy.backoff(3, None)).collect();
         assert!(draws.len() > 1, "no jitter");
+    }
+
+    #[test]
+    fn userinfo_is_hidden() {
+        for (url, shown) in [
+            ("http://u:p@h:1/v1", "http://***@h:1/v1"),
+            ("http://u@h/v1?x=a@b", "http://***@h/v1?x=a@b"),
+            ("http://h:1/v1/a@b", "http://h:1/v1/a@b"),
+            ("https://a@b:c@h", "https://***@h"),
+            ("not a url @", "not a url @"),
+        ] {
+            assert_eq!(without_userinfo(url), shown, "{url}");
+        }
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, "http://user:hunter2@h:1/v1");
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("user"),
+            "{shown}"
+        );
     }
 
     #[test]

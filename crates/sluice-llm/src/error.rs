@@ -8,7 +8,9 @@ use sluice_protocol::payload::ErrorCode;
 ///
 /// Upstream failures keep the HTTP status, an excerpt of the body and the provider's request id.
 /// No variant ever holds the API key: bodies and messages from the provider are scrubbed of it
-/// before they are stored. Match on [`Error::kind`] rather than on the text.
+/// before they are stored. Nor does any hold the provider's URL: connection and transport
+/// errors drop it, so neither their text nor that of their sources names the endpoint (or
+/// credentials in its `user:pass@`). Match on [`Error::kind`] rather than on the text.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The provider answered with a non-success status (other than 429).
@@ -33,7 +35,8 @@ pub enum Error {
         /// The provider's request id, when sent.
         request_id: Option<String>,
     },
-    /// No response head arrived within the idle timeout.
+    /// No response head arrived in time: within `connect_timeout + idle_timeout` of the send
+    /// (a connect that takes too long is an [`Error::Connect`] instead).
     #[error("no response from the provider within {after:?}")]
     Timeout {
         /// The timeout that elapsed.
@@ -161,7 +164,12 @@ impl Error {
 }
 
 /// Maps a reqwest failure to [`Error::Timeout`], [`Error::Connect`] or [`Error::Transport`].
+///
+/// The URL is dropped from the error first: reqwest's text would otherwise end in
+/// " for url (…)", showing the provider's internal address (and the path) to whoever reads
+/// the error, e.g. a client reading a run's `chain-error`.
 pub(crate) fn from_reqwest(err: reqwest::Error, timeout: Duration) -> Error {
+    let err = err.without_url();
     if err.is_connect() {
         Error::Connect(err)
     } else if err.is_timeout() {

@@ -12,6 +12,7 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::assemble::Assembler;
+use crate::config::without_userinfo;
 use crate::error::{BODY_EXCERPT_LIMIT, from_reqwest};
 use crate::providers::{Flow, Parser, anthropic, excerpt, openai};
 use crate::sse::SseDecoder;
@@ -69,8 +70,9 @@ impl Provider {
     ///
     /// # Errors
     /// [`Error::Config`] for a base URL that does not parse or is not `http`/`https` (`https`
-    /// needs the `tls` feature), a zero concurrency limit or attempt count, a zero idle timeout,
-    /// or an API key or header that cannot be sent as a header value.
+    /// needs the `tls` feature), a zero concurrency limit or attempt count, a zero idle or
+    /// connect timeout, or an API key or header that cannot be sent as a header value. (A
+    /// `user:pass@` in the base URL is never shown in these messages.)
     pub fn new(config: ProviderConfig) -> Result<Self> {
         if config.max_concurrent_requests == 0
             || config.max_concurrent_requests > Semaphore::MAX_PERMITS
@@ -93,6 +95,12 @@ impl Provider {
                 config.name
             )));
         }
+        if config.connect_timeout.is_zero() {
+            return Err(Error::Config(format!(
+                "provider {}: connect_timeout must be more than zero",
+                config.name
+            )));
+        }
         let path = match config.kind {
             ProviderKind::OpenAi => openai::PATH,
             ProviderKind::Anthropic => anthropic::PATH,
@@ -101,7 +109,8 @@ impl Provider {
         let url = reqwest::Url::parse(&raw_url).map_err(|e| {
             Error::Config(format!(
                 "provider {}: invalid base_url {:?}: {e}",
-                config.name, config.base_url
+                config.name,
+                without_userinfo(&config.base_url)
             ))
         })?;
         match url.scheme() {
@@ -457,17 +466,30 @@ impl Call {
     }
 }
 
+/// How long one attempt may wait for the response head, counted from the send: the connect
+/// (bounded by the client's own `connect_timeout`), then the idle timeout.
+///
+/// Both parts are needed: a bound of `idle_timeout` alone could end the attempt while the
+/// connection is still being made, turning a connect failure (retried) into a
+/// [`Error::Timeout`] (not retried) whenever `idle_timeout <= connect_timeout`. With the sum,
+/// the client's connect timeout always fires first, so a connect failure is always an
+/// [`Error::Connect`].
+fn head_timeout(config: &ProviderConfig) -> Duration {
+    config.connect_timeout.saturating_add(config.idle_timeout)
+}
+
 /// One attempt: the request, and the response head.
 async fn send(inner: &Inner, body: Bytes) -> Result<reqwest::Response> {
     let idle = inner.config.idle_timeout;
+    let head = head_timeout(&inner.config);
     let request = inner
         .client
         .post(inner.url.clone())
         .headers(inner.headers.clone())
         .body(body);
-    let response = match tokio::time::timeout(idle, request.send()).await {
-        Err(_) => return Err(Error::Timeout { after: idle }),
-        Ok(Err(e)) => return Err(from_reqwest(e, idle)),
+    let response = match tokio::time::timeout(head, request.send()).await {
+        Err(_) => return Err(Error::Timeout { after: head }),
+        Ok(Err(e)) => return Err(from_reqwest(e, head)),
         Ok(Ok(response)) => response,
     };
     let status = response.status();
@@ -643,6 +665,34 @@ mod tests {
         });
         assert!(!format!("{error} {error:?}").contains("sk-secret"));
         assert!(!format!("{provider:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn the_head_wait_outlasts_the_connect_timeout() {
+        for (connect, idle) in [(10_000, 60_000), (10_000, 5_000), (300, 300), (1, 1)] {
+            let config = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1")
+                .with_connect_timeout(Duration::from_millis(connect))
+                .with_idle_timeout(Duration::from_millis(idle));
+            let head = head_timeout(&config);
+            assert!(head > config.connect_timeout, "{connect}/{idle}");
+            assert!(head >= config.idle_timeout, "{connect}/{idle}");
+        }
+        let max = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1")
+            .with_connect_timeout(Duration::MAX)
+            .with_idle_timeout(Duration::MAX);
+        assert_eq!(head_timeout(&max), Duration::MAX);
+    }
+
+    #[test]
+    fn errors_never_show_credentials_of_the_base_url() {
+        let bad = ProviderConfig::new("p", ProviderKind::OpenAi, "http://user:hunter2@exa mple/v1");
+        let err = Provider::new(bad).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+        let zero = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1")
+            .with_connect_timeout(Duration::ZERO);
+        assert!(
+            matches!(Provider::new(zero), Err(Error::Config(m)) if m.contains("connect_timeout"))
+        );
     }
 
     fn assert_send<T: Send>(_: &T) {}

@@ -508,12 +508,16 @@ async fn no_response_head_within_the_idle_timeout_is_a_timeout() {
     let mock = MockServer::start(Script::new().fallback(turn))
         .await
         .unwrap();
+    // The head may take connect_timeout + idle_timeout from the send.
     let provider = Provider::new(
-        config(&mock, ProviderKind::OpenAi).with_idle_timeout(Duration::from_millis(200)),
+        config(&mock, ProviderKind::OpenAi)
+            .with_connect_timeout(Duration::from_millis(200))
+            .with_idle_timeout(Duration::from_millis(200)),
     )
     .unwrap();
     let error = provider.chat(&request()).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error:?}");
+    assert!(error.to_string().contains("400ms"), "{error}");
     assert_eq!(mock.request_count(), 1, "timeouts are not retried");
 }
 
@@ -569,6 +573,84 @@ async fn connection_refused_is_a_connect_error_after_retries() {
     assert_eq!(error.kind(), ErrorKind::Connect, "{error:?}");
     assert!(error.is_retryable());
     assert!(!format!("{error} {error:?}").contains(KEY));
+    // Nothing in the error's text, sources included, names the endpoint.
+    let text = chain(&error);
+    assert!(text.contains("Connection refused"), "{text}");
+    for hidden in [
+        format!(":{port}"),
+        "/v1".into(),
+        "chat/completions".into(),
+        "url".into(),
+    ] {
+        assert!(!text.contains(&hidden), "{hidden} in {text}");
+    }
+}
+
+/// An error and its sources, as one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A listener that completes no handshake: its accept queue (backlog 0) is filled by one
+/// connection nobody accepts, so the kernel drops every further SYN and a connect hangs.
+async fn black_hole() -> (tokio::net::TcpListener, std::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let filler = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    // The precondition of the test: a further connect does hang.
+    let probe = tokio::time::timeout(
+        Duration::from_millis(300),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await;
+    assert!(probe.is_err(), "the backlog did not fill: {probe:?}");
+    (listener, filler)
+}
+
+#[tokio::test]
+async fn a_hanging_connect_is_a_retried_connect_error_even_with_a_shorter_idle_timeout() {
+    let (listener, _filler) = black_hole().await;
+    let port = listener.local_addr().unwrap().port();
+    // idle < connect: a head timeout of idle alone would fire first and end the call with a
+    // Timeout, which is not retried.
+    let config = ProviderConfig::new(
+        "hole",
+        ProviderKind::OpenAi,
+        format!("http://127.0.0.1:{port}/v1"),
+    )
+    .with_connect_timeout(Duration::from_millis(400))
+    .with_idle_timeout(Duration::from_millis(100))
+    .with_retry(RetryPolicy {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(10),
+        ..RetryPolicy::default()
+    });
+    let t0 = Instant::now();
+    let error = Provider::new(config)
+        .unwrap()
+        .chat(&request())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Connect, "{error:?}");
+    assert!(error.is_retryable());
+    // Two attempts, each waiting out the whole connect timeout (a lower bound: cannot flake).
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
+    let text = chain(&error);
+    assert!(!text.contains(&port.to_string()), "{text}");
 }
 
 #[tokio::test]

@@ -90,6 +90,15 @@ pub struct ServerOptions {
     /// How often the retention sweeper runs.
     #[serde(deserialize_with = "duration")]
     pub sweep_interval: Duration,
+    /// A request head (request line and headers) must arrive in full within this, counted
+    /// from the accept for a connection's first request and from the first byte for later
+    /// ones; else the connection is closed (slow clients holding connections: slowloris).
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection idle between requests for this long is closed. Never cuts a
+    /// response in progress (an event stream) nor a WebSocket.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -109,6 +118,8 @@ impl Default for ServerOptions {
             retention: Duration::from_secs(7 * 86_400),
             max_finished_runs: 0,
             sweep_interval: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -127,10 +138,50 @@ pub struct ProviderOptions {
     /// Concurrent requests to this provider.
     #[serde(default = "default_provider_concurrency")]
     pub max_concurrent_requests: usize,
-    /// Connect and idle-read timeout.
+    /// The older name of `idle_timeout`, kept as its alias: the idle timeout when
+    /// `idle_timeout` is not given (default 60s). It no longer limits the connect.
     #[serde(default = "default_provider_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Limit on establishing a connection (DNS, TCP, TLS); a connection that cannot be made in
+    /// time fails the attempt, which is retried. Default 10s.
+    #[serde(
+        default = "default_provider_connect_timeout",
+        deserialize_with = "duration"
+    )]
+    pub connect_timeout: Duration,
+    /// Longest silence allowed once connected: waiting for the response head, and between two
+    /// reads of the stream (not a limit on the whole answer). Default: `timeout`. Read it with
+    /// [`ProviderOptions::effective_idle_timeout`].
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Retries of a failed call before its first token (429, 408, 5xx, connection failures);
+    /// 0 = none. Default 2 (3 attempts in all).
+    #[serde(default = "default_provider_max_retries")]
+    pub max_retries: u32,
+    /// Backoff before the first retry; it doubles each retry, with jitter, and never waits less
+    /// than the provider's `Retry-After`. Default 500ms.
+    #[serde(
+        default = "default_provider_retry_initial_backoff",
+        deserialize_with = "duration"
+    )]
+    pub retry_initial_backoff: Duration,
+    /// Cap of the backoff. Default 8s.
+    #[serde(
+        default = "default_provider_retry_max_backoff",
+        deserialize_with = "duration"
+    )]
+    pub retry_max_backoff: Duration,
 }
+
+impl ProviderOptions {
+    /// The idle timeout in force: `idle_timeout`, else `timeout`.
+    pub fn effective_idle_timeout(&self) -> Duration {
+        self.idle_timeout.unwrap_or(self.timeout)
+    }
+}
+
+/// The most retries a provider may be configured with.
+pub const MAX_PROVIDER_RETRIES: u32 = 100;
 
 fn default_provider_concurrency() -> usize {
     64
@@ -138,6 +189,22 @@ fn default_provider_concurrency() -> usize {
 
 fn default_provider_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+fn default_provider_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_provider_max_retries() -> u32 {
+    2
+}
+
+fn default_provider_retry_initial_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn default_provider_retry_max_backoff() -> Duration {
+    Duration::from_secs(8)
 }
 
 /// `[workflows.NAME]`.
@@ -207,6 +274,9 @@ pub enum ToolKind {
         timeout: Duration,
         /// Largest response body (`max_response_bytes`, default 1MiB).
         max_response_bytes: usize,
+        /// Calls in flight at once across all runs of the agent (`max_concurrent_calls`,
+        /// default 64); more wait for a slot, and the wait counts against `timeout`.
+        max_concurrent_calls: usize,
     },
     /// `kind = "client"`: the run pauses until the client sends the result.
     Client,
@@ -228,7 +298,12 @@ struct RawTool {
     timeout: Option<Duration>,
     #[serde(default, deserialize_with = "opt_size")]
     max_response_bytes: Option<usize>,
+    #[serde(default)]
+    max_concurrent_calls: Option<usize>,
 }
+
+/// The most calls in flight an HTTP tool may be configured with.
+pub const MAX_TOOL_CONCURRENCY: usize = 1 << 20;
 
 /// Whether `name` is a valid tool name: `^[a-zA-Z0-9_-]{1,64}$`.
 fn valid_tool_name(name: &str) -> bool {
@@ -252,7 +327,8 @@ fn http_url(url: &str) -> bool {
 
 impl WorkflowOptions {
     /// The agent's tools, typed and checked: each table has a valid, unique `name`, and `kind`
-    /// `http` (with an `http(s)` `url`, optional `timeout` and `max_response_bytes`) or
+    /// `http` (with an `http(s)` `url`, optional `timeout`, `max_response_bytes` and
+    /// `max_concurrent_calls`) or
     /// `client`; `description` and `parameters` (an inline table, JSON Schema) are optional.
     ///
     /// # Errors
@@ -305,20 +381,29 @@ impl WorkflowOptions {
                     if max_response_bytes == 0 {
                         return Err(invalid(key(".max_response_bytes"), "must be at least 1"));
                     }
+                    let max_concurrent_calls = raw.max_concurrent_calls.unwrap_or(64);
+                    if !(1..=MAX_TOOL_CONCURRENCY).contains(&max_concurrent_calls) {
+                        return Err(invalid(
+                            key(".max_concurrent_calls"),
+                            format!("must be from 1 to {MAX_TOOL_CONCURRENCY}"),
+                        ));
+                    }
                     ToolKind::Http {
                         url,
                         timeout,
                         max_response_bytes,
+                        max_concurrent_calls,
                     }
                 }
                 "client" => {
                     if raw.url.is_some()
                         || raw.timeout.is_some()
                         || raw.max_response_bytes.is_some()
+                        || raw.max_concurrent_calls.is_some()
                     {
                         return Err(invalid(
                             key(".kind"),
-                            "url, timeout and max_response_bytes belong to kind \"http\"",
+                            "url, timeout, max_response_bytes and max_concurrent_calls belong to kind \"http\"",
                         ));
                     }
                     ToolKind::Client
@@ -448,6 +533,12 @@ impl Config {
         {
             return Err(invalid("server.shutdown_grace", "must be from 100ms to 1h"));
         }
+        if s.header_timeout < Duration::from_millis(100) {
+            return Err(invalid("server.header_timeout", "must be at least 100ms"));
+        }
+        if s.idle_timeout < Duration::from_millis(100) {
+            return Err(invalid("server.idle_timeout", "must be at least 100ms"));
+        }
         for (name, p) in &self.providers {
             let key = |k: &str| format!("providers.{name}.{k}");
             if !matches!(p.kind.as_str(), "openai" | "anthropic") {
@@ -470,6 +561,30 @@ impl Config {
             }
             if p.timeout.is_zero() {
                 return Err(invalid(key("timeout"), "must be more than zero"));
+            }
+            if p.idle_timeout.is_some_and(|d| d.is_zero()) {
+                return Err(invalid(key("idle_timeout"), "must be more than zero"));
+            }
+            if p.connect_timeout.is_zero() {
+                return Err(invalid(key("connect_timeout"), "must be more than zero"));
+            }
+            if p.max_retries > MAX_PROVIDER_RETRIES {
+                return Err(invalid(
+                    key("max_retries"),
+                    format!("must be at most {MAX_PROVIDER_RETRIES}"),
+                ));
+            }
+            if p.retry_initial_backoff.is_zero() {
+                return Err(invalid(
+                    key("retry_initial_backoff"),
+                    "must be more than zero",
+                ));
+            }
+            if p.retry_max_backoff < p.retry_initial_backoff {
+                return Err(invalid(
+                    key("retry_max_backoff"),
+                    "must be at least retry_initial_backoff",
+                ));
             }
             if p.api_key_env.as_deref().is_some_and(str::is_empty) {
                 return Err(invalid(
@@ -707,6 +822,7 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
                 url: "http://127.0.0.1:9000/weather".into(),
                 timeout: Duration::from_secs(30),
                 max_response_bytes: 1 << 20,
+                max_concurrent_calls: 64,
             }
         );
         assert_eq!(
@@ -793,6 +909,119 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
             &|t| format!("{t}\n[workflows.t]\nkind = \"ticker\"\nmodel = \"x\"\n"),
             "workflows.t.kind",
         );
+        let provider_key = |extra: &str| -> Box<dyn Fn(&str) -> String> {
+            let extra = extra.to_owned();
+            Box::new(move |t: &str| t.replace("timeout = \"60s\"", &extra))
+        };
+        for (extra, key) in [
+            ("timeout = \"0s\"", "providers.local.timeout"),
+            ("idle_timeout = \"0s\"", "providers.local.idle_timeout"),
+            (
+                "connect_timeout = \"0s\"",
+                "providers.local.connect_timeout",
+            ),
+            ("connect_timeout = \"soon\"", "connect_timeout"),
+            ("max_retries = 101", "providers.local.max_retries"),
+            ("max_retries = -1", "max_retries"),
+            (
+                "retry_initial_backoff = \"0s\"",
+                "providers.local.retry_initial_backoff",
+            ),
+            (
+                "retry_initial_backoff = \"2s\"\nretry_max_backoff = \"1s\"",
+                "providers.local.retry_max_backoff",
+            ),
+            (
+                "retry_max_backoff = \"100ms\"",
+                "providers.local.retry_max_backoff",
+            ),
+            ("read_timeout = \"1s\"", "read_timeout"),
+        ] {
+            check(&*provider_key(extra), key);
+        }
+        check(
+            &|t| {
+                t.replace(
+                    "kind = \"http\"",
+                    "kind = \"http\"\nmax_concurrent_calls = 0",
+                )
+            },
+            "workflows.assistant.tools[0].max_concurrent_calls",
+        );
+        check(
+            &|t| {
+                t.replace(
+                    "kind = \"client\"",
+                    "kind = \"client\"\nmax_concurrent_calls = 2",
+                )
+            },
+            "workflows.assistant.tools[1].kind",
+        );
+    }
+
+    #[test]
+    fn the_documented_example_validates() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + doc[start..].find("```").unwrap();
+        let c = Config::from_toml(&doc[start..end]).unwrap();
+        c.validate().unwrap();
+        let p = &c.providers["local"];
+        assert_eq!(p.connect_timeout, Duration::from_secs(10));
+        assert_eq!(p.effective_idle_timeout(), Duration::from_secs(60));
+        assert_eq!(p.max_retries, 2);
+        let tools = c.workflows["assistant"].agent_tools("assistant").unwrap();
+        assert!(matches!(
+            tools[0].kind,
+            ToolKind::Http {
+                max_concurrent_calls: 64,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn provider_timeouts_and_retries() {
+        let c = Config::from_toml(AGENT_EXAMPLE).unwrap();
+        let p = &c.providers["local"];
+        assert_eq!(p.connect_timeout, Duration::from_secs(10));
+        assert_eq!(p.idle_timeout, None);
+        assert_eq!(
+            p.effective_idle_timeout(),
+            Duration::from_secs(60),
+            "timeout"
+        );
+        assert_eq!(p.max_retries, 2);
+        assert_eq!(p.retry_initial_backoff, Duration::from_millis(500));
+        assert_eq!(p.retry_max_backoff, Duration::from_secs(8));
+
+        let text = AGENT_EXAMPLE.replace(
+            "timeout = \"60s\"",
+            "timeout = \"30s\"\nidle_timeout = \"45s\"\nconnect_timeout = \"2s\"\nmax_retries = 0\nretry_initial_backoff = \"100ms\"\nretry_max_backoff = \"1s\"",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        let p = &c.providers["local"];
+        assert_eq!(p.effective_idle_timeout(), Duration::from_secs(45));
+        assert_eq!(p.connect_timeout, Duration::from_secs(2));
+        assert_eq!(p.max_retries, 0);
+        assert_eq!(p.retry_initial_backoff, Duration::from_millis(100));
+        assert_eq!(p.retry_max_backoff, Duration::from_secs(1));
+
+        let text = AGENT_EXAMPLE.replace(
+            "url = \"http://127.0.0.1:9000/weather\"",
+            "url = \"http://127.0.0.1:9000/weather\"\nmax_concurrent_calls = 4",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        let tools = c.workflows["assistant"].agent_tools("assistant").unwrap();
+        assert!(matches!(
+            tools[0].kind,
+            ToolKind::Http {
+                max_concurrent_calls: 4,
+                ..
+            }
+        ));
     }
 
     #[test]

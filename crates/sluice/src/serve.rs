@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use sluice_agent::{AgentOptions, Tool};
 use sluice_engine::{Engine, Limits, Workflow, builtin};
-use sluice_llm::{ApiKey, Provider, ProviderConfig, ProviderKind};
+use sluice_llm::{ApiKey, Provider, ProviderConfig, ProviderKind, RetryPolicy};
 use sluice_server::config::{Config, ToolKind, WorkflowOptions};
 use sluice_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +54,7 @@ fn process_env(name: &str) -> Option<String> {
 const DEFAULT_ASSISTANT_MODEL: &str = "gpt-4o-mini";
 
 /// Builds every `[providers.NAME]`, with its API key read from the variable `api_key_env`
-/// names.
+/// names, its timeouts (`idle_timeout`, or its older name `timeout`) and its retry policy.
 fn providers(config: &Config, env: Env<'_>) -> anyhow::Result<BTreeMap<String, Provider>> {
     let mut out = BTreeMap::new();
     for (name, p) in &config.providers {
@@ -64,8 +64,14 @@ fn providers(config: &Config, env: Env<'_>) -> anyhow::Result<BTreeMap<String, P
         };
         let mut provider = ProviderConfig::new(name.clone(), kind, p.base_url.clone())
             .with_max_concurrent_requests(p.max_concurrent_requests)
-            .with_connect_timeout(p.timeout)
-            .with_idle_timeout(p.timeout);
+            .with_connect_timeout(p.connect_timeout)
+            .with_idle_timeout(p.effective_idle_timeout())
+            .with_retry(RetryPolicy {
+                max_attempts: p.max_retries.saturating_add(1),
+                initial_backoff: p.retry_initial_backoff,
+                max_backoff: p.retry_max_backoff,
+                ..RetryPolicy::default()
+            });
         if let Some(var) = &p.api_key_env {
             match env(var) {
                 Some(key) => provider = provider.with_api_key(ApiKey::new(key)),
@@ -105,6 +111,7 @@ fn agent_workflow(
                 url,
                 timeout,
                 max_response_bytes,
+                max_concurrent_calls,
             } => Tool::Http {
                 name: t.name,
                 description: t.description,
@@ -112,6 +119,7 @@ fn agent_workflow(
                 url,
                 timeout,
                 max_response_bytes,
+                max_concurrent_calls,
             },
             ToolKind::Client => Tool::Client {
                 name: t.name,
@@ -268,6 +276,7 @@ async fn wait_for_signal() {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::Duration;
 
     fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |name| {
@@ -327,5 +336,48 @@ kind = "ticker"
         let w = workflows(&config, true, &env_of(&[("LOCAL_KEY", "sk-1")])).unwrap();
         assert_eq!(names(&w), [("helper", "agent"), ("tick", "ticker")]);
         assert_eq!(w[0].max_concurrent_runs(), 3);
+    }
+
+    fn provider_of(extra: &str) -> Provider {
+        let text = format!(
+            "[providers.p]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n{extra}\n"
+        );
+        let config = Config::from_toml(&text).unwrap();
+        config.validate().unwrap();
+        providers(&config, &env_of(&[]))
+            .unwrap()
+            .remove("p")
+            .unwrap()
+    }
+
+    #[test]
+    fn provider_timeouts_and_retries_from_the_config() {
+        // The defaults are the provider crate's.
+        let p = provider_of("");
+        let defaults = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1/v1");
+        assert_eq!(p.config().connect_timeout, defaults.connect_timeout);
+        assert_eq!(p.config().idle_timeout, defaults.idle_timeout);
+        assert_eq!(p.config().retry, RetryPolicy::default());
+
+        // `timeout` is the older name of `idle_timeout`; it no longer sets the connect limit.
+        let p = provider_of("timeout = \"5s\"");
+        assert_eq!(p.config().idle_timeout, Duration::from_secs(5));
+        assert_eq!(p.config().connect_timeout, Duration::from_secs(10));
+        let p = provider_of("timeout = \"5s\"\nidle_timeout = \"7s\"");
+        assert_eq!(p.config().idle_timeout, Duration::from_secs(7));
+
+        let p = provider_of(
+            "connect_timeout = \"2s\"\nmax_retries = 0\nretry_initial_backoff = \"50ms\"\nretry_max_backoff = \"1s\"",
+        );
+        assert_eq!(p.config().connect_timeout, Duration::from_secs(2));
+        assert_eq!(
+            p.config().retry,
+            RetryPolicy {
+                max_attempts: 1,
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+                ..RetryPolicy::default()
+            }
+        );
     }
 }

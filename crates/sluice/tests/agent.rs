@@ -1,10 +1,12 @@
 //! The real binary deploys agents: from `[providers]` and `kind = "agent"` in a config file, and
-//! `assistant` from the `OPENAI_*` variables without one.
+//! `assistant` from the `OPENAI_*` variables without one; a `kill -9` mid-stream re-runs the
+//! model step after the restart.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_mock_llm::{MockServer, Script, Turn};
@@ -42,6 +44,13 @@ impl Server {
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+}
+
+impl Server {
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
     }
 }
 
@@ -184,4 +193,174 @@ async fn assistant_only_with_an_openai_provider() {
     let rec = ask(&c, &with, "assistant", "Hi").await;
     assert_eq!(rec["result"]["message"]["content"], "At your service.");
     assert_eq!(mock.requests()[0].model(), Some("mini"));
+}
+
+async fn record(c: &reqwest::Client, s: &Server, id: &str) -> Value {
+    c.get(s.url(&format!("/v1/runs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The whole log of a run, read to its terminal event.
+async fn log(c: &reqwest::Client, s: &Server, id: &str) -> Vec<Value> {
+    let r = c
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
+        .await
+        .expect("the run never ended")
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// One line per event, text deltas in a row joined.
+fn summary(evs: &[Value]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut previous = "";
+    for e in evs {
+        let ty = e["type"].as_str().unwrap();
+        let d = &e["data"];
+        let line = match ty {
+            "text-delta" if previous == "text-delta" => {
+                if let Some(last) = out.last_mut() {
+                    last.push_str(d["text"].as_str().unwrap());
+                }
+                continue;
+            }
+            "text-delta" => format!("{ty} {}", d["text"].as_str().unwrap()),
+            "step-started" | "step-completed" => format!("{ty} {}", d["name"].as_str().unwrap()),
+            "chain-completed" => format!(
+                "{ty} {}",
+                d["result"]["message"]["content"].as_str().unwrap()
+            ),
+            _ => ty.to_owned(),
+        };
+        previous = ty;
+        out.push(line);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_step_cut_by_kill_9_is_asked_again_after_the_restart() {
+    // The first answer streams for 50 s (20 deltas a second), so the kill lands mid-stream;
+    // the model's second answer is the one the run completes with.
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::paced_text(1000, 20.0, "old "))
+            .turn(Turn::text("Fresh answer.")),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[providers.local]
+kind = "openai"
+base_url = "{}"
+
+[workflows.helper]
+kind = "agent"
+provider = "local"
+model = "tiny"
+"#,
+            mock.base_url()
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let c = reqwest::Client::new();
+    let first = Server::start(&args, &[]);
+    let r = c
+        .post(first.url("/v1/workflows/helper/runs"))
+        .json(&json!({"input": {"message": "Talk"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // chain-started, step-started, step-completed, step-started, provider-started, then
+    // three deltas: committed to the log.
+    let mut streamed = false;
+    for _ in 0..2000 {
+        if record(&c, &first, &id).await["last_seq"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 8
+        {
+            streamed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(streamed, "the model never streamed");
+    assert_eq!(mock.completed_streams(), 0, "still streaming");
+    first.kill9();
+
+    let second = Server::start(&args, &[]);
+    let evs = log(&c, &second, &id).await;
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(e["seq"], i as u64 + 1, "contiguous from 1: {e}");
+    }
+    let s = summary(&evs);
+    assert!(s[5].starts_with("text-delta old old old "), "{s:#?}");
+    assert_eq!(
+        s,
+        [
+            "chain-started",
+            "step-started start",
+            "step-completed start",
+            "step-started model",
+            "provider-started",
+            // The first attempt's partial answer: no provider-completed, no step-completed.
+            s[5].as_str(),
+            "chain-resumed",
+            // The step again, from its checkpoint: the model is asked again.
+            "step-started model",
+            "provider-started",
+            "text-delta Fresh answer.",
+            "provider-completed",
+            "step-completed model",
+            "chain-completed Fresh answer.",
+        ]
+    );
+    // The cut step started after the checkpoint the run resumed from.
+    let cut_step = evs[3]["step"].as_u64().unwrap();
+    let resumed = evs.iter().find(|e| e["type"] == "chain-resumed").unwrap();
+    assert!(
+        resumed["data"]["from_step"].as_u64().unwrap() < cut_step,
+        "{resumed}"
+    );
+    let rec = record(&c, &second, &id).await;
+    assert_eq!(rec["status"], "completed");
+    assert_eq!(rec["last_seq"], evs.len() as u64);
+    // Asked again from the checkpoint: the same conversation, the partial answer not in it.
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[1].messages(), requests[0].messages());
 }

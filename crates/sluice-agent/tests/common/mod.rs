@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -407,12 +408,59 @@ pub fn transcript(request: &sluice_mock_llm::RecordedRequest) -> Vec<String> {
         .collect()
 }
 
-/// A tiny tool server: `/weather` (echoes the city, 21 °C), `/sleep` (sleeps `ms`), `/fail`
-/// (500 after 50 ms), `/big` (100 bytes after 150 ms), `/hang` (10 s). Records every body.
+/// A tiny tool server: `/weather` (echoes the city, 21 °C), `/sleep` (sleeps `ms`; with
+/// `together: n`, first waits until `n` calls are in flight, for at most 5 s), `/fail` (500
+/// after 50 ms), `/big` (100 bytes after 150 ms), `/bigfail` (503 with 5,000 bytes),
+/// `/redirect` (302 to `/weather`), `/gate` (answers once [`ToolServer::open_gate`] is called),
+/// `/hang` (10 s). Records every body, and how many calls are in flight.
 pub struct ToolServer {
     pub base: String,
     pub bodies: Arc<Mutex<Vec<(String, Value)>>>,
+    pub calls: Arc<InFlight>,
+    gate: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Calls in flight at the tool server: now, and the most at once.
+#[derive(Default)]
+pub struct InFlight {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn now(&self) -> usize {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most 20 s) until `n` calls are in flight.
+    pub async fn wait_for(&self, n: usize) {
+        for _ in 0..4000 {
+            if self.now() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("never {n} calls in flight");
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for ToolServer {
@@ -424,17 +472,33 @@ impl Drop for ToolServer {
 impl ToolServer {
     pub async fn start() -> Self {
         let bodies: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-        let record = |path: &'static str, bodies: Arc<Mutex<Vec<(String, Value)>>>| {
+        let calls: Arc<InFlight> = Arc::default();
+        let (gate, gate_rx) = tokio::sync::watch::channel(false);
+        let record = |path: &'static str| {
+            let bodies = bodies.clone();
+            let calls = calls.clone();
+            let gate = gate_rx.clone();
             move |headers: axum::http::HeaderMap, Json(body): Json<Value>| {
                 let bodies = bodies.clone();
+                let calls = calls.clone();
+                let mut gate = gate.clone();
                 async move {
                     assert_eq!(headers["content-type"], "application/json");
                     bodies.lock().unwrap().push((path.to_owned(), body.clone()));
+                    let _in_flight = calls.enter();
                     match path {
                         "/weather" => {
                             Json(json!({"city": body["city"], "temp_c": 21})).into_response()
                         }
                         "/sleep" => {
+                            if let Some(n) = body["together"].as_u64() {
+                                for _ in 0..1000 {
+                                    if calls.now() >= n as usize {
+                                        break;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(5)).await;
+                                }
+                            }
                             let ms = body["ms"].as_u64().unwrap_or(0);
                             tokio::time::sleep(Duration::from_millis(ms)).await;
                             Json(json!({"slept": ms})).into_response()
@@ -447,6 +511,18 @@ impl ToolServer {
                             tokio::time::sleep(Duration::from_millis(150)).await;
                             "x".repeat(100).into_response()
                         }
+                        "/bigfail" => (StatusCode::SERVICE_UNAVAILABLE, "overloaded ".repeat(500))
+                            .into_response(),
+                        "/redirect" => (
+                            StatusCode::FOUND,
+                            [(axum::http::header::LOCATION, "/weather")],
+                            "moved",
+                        )
+                            .into_response(),
+                        "/gate" => {
+                            let _ = gate.wait_for(|open| *open).await;
+                            Json(json!({"passed": true})).into_response()
+                        }
                         _ => {
                             tokio::time::sleep(Duration::from_secs(10)).await;
                             "late".into_response()
@@ -455,12 +531,19 @@ impl ToolServer {
                 }
             }
         };
-        let app = axum::Router::new()
-            .route("/weather", post(record("/weather", bodies.clone())))
-            .route("/sleep", post(record("/sleep", bodies.clone())))
-            .route("/fail", post(record("/fail", bodies.clone())))
-            .route("/big", post(record("/big", bodies.clone())))
-            .route("/hang", post(record("/hang", bodies.clone())));
+        let mut app = axum::Router::new();
+        for path in [
+            "/weather",
+            "/sleep",
+            "/fail",
+            "/big",
+            "/bigfail",
+            "/redirect",
+            "/gate",
+            "/hang",
+        ] {
+            app = app.route(path, post(record(path)));
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -469,6 +552,8 @@ impl ToolServer {
         Self {
             base: format!("http://{addr}"),
             bodies,
+            calls,
+            gate,
             task,
         }
     }
@@ -477,5 +562,20 @@ impl ToolServer {
         Tool::http(name, format!("{}{path}", self.base))
             .with_description(format!("{name} for tests"))
             .with_parameters(json!({"type": "object"}))
+    }
+
+    /// Lets every call of `/gate`, waiting or to come, answer.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// The paths called so far, in order of arrival.
+    pub fn paths(&self) -> Vec<String> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
     }
 }
