@@ -6,6 +6,14 @@
 //! in the kernel's listen backlog (as in mini-redis), instead of costing the server a task and
 //! a socket each. Event streams have their own, lower limit (`server.max_streams`, a 503), so
 //! a server full of streams still answers API calls.
+//!
+//! Each connection also gets its own [`HeadTimer`], hyper's timer for the header read timeout,
+//! which tells the two waits for a request head apart: the first request of a connection must
+//! arrive in full within `server.header_timeout` of the accept; after a response, the
+//! connection may stay idle for `server.idle_timeout`, and once the first byte of the next
+//! request arrives, its head must be complete within `server.header_timeout`. hyper waits for a
+//! head only between requests, so neither timeout ever cuts a response in progress (an event
+//! stream) nor an upgraded WebSocket.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,6 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -112,6 +121,8 @@ pub(crate) struct LimitedIo {
     id: u64,
     wakers: Arc<Wakers>,
     connections: Arc<Connections>,
+    /// Reads that returned data, for the connection's [`HeadTimer`].
+    reads: Arc<AtomicU64>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -130,7 +141,18 @@ impl LimitedIo {
             id,
             wakers,
             connections,
+            reads: Arc::default(),
             _permit: permit,
+        }
+    }
+
+    /// The timer of hyper's header read timeout for this connection (see the module docs).
+    pub(crate) fn head_timer(&self, header_timeout: Duration, idle_timeout: Duration) -> HeadTimer {
+        HeadTimer {
+            header_timeout,
+            idle_timeout,
+            reads: self.reads.clone(),
+            first_head: AtomicBool::new(true),
         }
     }
 
@@ -190,8 +212,13 @@ impl AsyncRead for LimitedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.get_mut()
-            .guard(cx, false, |io, cx| io.poll_read(cx, buf))
+        let before = buf.filled().len();
+        let this = self.get_mut();
+        let polled = this.guard(cx, false, |io, cx| io.poll_read(cx, buf));
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
     }
 }
 
@@ -226,3 +253,80 @@ impl AsyncWrite for LimitedIo {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+/// hyper's timer for one connection, used only for its header read timeout: hyper starts a
+/// sleep each time it begins to wait for a request head, and ends the connection if the sleep
+/// finishes before the head is complete.
+///
+/// The first wait keeps hyper's deadline (`header_timeout` after the accept). Every later one
+/// comes right after a response, on an idle keep-alive connection: it lasts `idle_timeout`
+/// while nothing arrives, and becomes `header_timeout` from the first byte read.
+pub(crate) struct HeadTimer {
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    reads: Arc<AtomicU64>,
+    first_head: AtomicBool,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadWait::fixed(tokio::time::sleep(duration)))
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        if self.first_head.swap(false, Ordering::Relaxed) {
+            let deadline = tokio::time::Instant::from_std(deadline);
+            return Box::pin(HeadWait::fixed(tokio::time::sleep_until(deadline)));
+        }
+        Box::pin(HeadWait {
+            sleep: Box::pin(tokio::time::sleep(self.idle_timeout)),
+            idle: Some(Idle {
+                reads_at_start: self.reads.load(Ordering::Relaxed),
+                reads: self.reads.clone(),
+                header_timeout: self.header_timeout,
+            }),
+        })
+    }
+}
+
+/// One wait for a request head.
+struct HeadWait {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// While the connection is idle: what turns the wait into the header timeout.
+    idle: Option<Idle>,
+}
+
+struct Idle {
+    reads_at_start: u64,
+    reads: Arc<AtomicU64>,
+    header_timeout: Duration,
+}
+
+impl HeadWait {
+    fn fixed(sleep: tokio::time::Sleep) -> Self {
+        Self {
+            sleep: Box::pin(sleep),
+            idle: None,
+        }
+    }
+}
+
+impl Future for HeadWait {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        // hyper polls this after every read that leaves the head incomplete, so the first byte
+        // is seen as it arrives.
+        if let Some(idle) = &this.idle
+            && idle.reads.load(Ordering::Relaxed) != idle.reads_at_start
+        {
+            let deadline = tokio::time::Instant::now() + idle.header_timeout;
+            this.idle = None;
+            this.sleep.as_mut().reset(deadline);
+        }
+        this.sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadWait {}

@@ -14,7 +14,8 @@
 //! - `routes.rs`: the handlers, and the router built from `openapi.rs`'s route table.
 //! - `ws.rs`: the WebSocket transport.
 //! - `idempotency.rs`: `Idempotency-Key`s; `locks.rs`: per-session locks.
-//! - `conn.rs`: the TCP connection limit.
+//! - `conn.rs`: the TCP connection limit, and the timers of the header read and idle
+//!   timeouts.
 //! - `metrics.rs`, `openapi.rs` (the document, generated from the route table and the body
 //!   types).
 //!
@@ -48,6 +49,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::serve::Listener as _;
 use sluice_engine::Engine;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -147,10 +149,12 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// returns.
 ///
 /// At most `server.max_connections` TCP connections are open at once; beyond, new ones wait
-/// in the listen backlog.
+/// in the listen backlog. A request head must arrive within `server.header_timeout`, and a
+/// keep-alive connection idle for `server.idle_timeout` between requests is closed.
 ///
 /// # Errors
-/// I/O errors of the listener.
+/// None today (accept errors are retried after a pause); the `Result` is kept for I/O errors
+/// of the listener.
 pub async fn serve(
     listener: TcpListener,
     app: App,
@@ -179,10 +183,16 @@ pub async fn serve(
         state.options.max_connections,
         state.connections.clone(),
     );
-    let server = axum::serve(listener, router).with_graceful_shutdown(drain);
+    let timeouts = Timeouts {
+        header: state.options.header_timeout,
+        idle: state.options.idle_timeout,
+    };
+    let connections = TaskTracker::new();
+    let hard_close = CancellationToken::new();
+    let server = accept(listener, router, timeouts, drain, &connections, &hard_close);
     let draining = state.draining.clone();
-    let result = tokio::select! {
-        r = server => r,
+    tokio::select! {
+        () = server => {}
         () = async move {
             // One deadline for everything: the grace counts from the start of the drain.
             draining.cancelled().await;
@@ -192,15 +202,95 @@ pub async fn serve(
                 open = state.connections.open(),
                 "connections still open at the end of the grace period; closing them"
             );
+            // Upgraded WebSockets (served by their own tasks) see their socket fail; the
+            // connection tasks drop theirs.
             state.connections.close_all();
-            Ok(())
+            hard_close.cancel();
         }
-    };
+    }
+    connections.close();
+    connections.wait().await;
     // (Already cancelled, unless the server ended on its own: the sweeper stops either way.)
     state.draining.cancel();
     tasks.close();
     tasks.wait().await;
-    result
+    Ok(())
+}
+
+/// The timeouts of a connection waiting for a request head (see `conn.rs`).
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: std::time::Duration,
+    idle: std::time::Duration,
+}
+
+/// Accepts connections until `drain` has finished, each served by a task of `connections`;
+/// then closes the listener, asks every connection to finish gracefully (idle ones close at
+/// once, busy ones after their response) and waits for them.
+async fn accept(
+    mut listener: conn::LimitedListener,
+    router: Router,
+    timeouts: Timeouts,
+    drain: impl Future<Output = ()>,
+    connections: &TaskTracker,
+    hard_close: &CancellationToken,
+) {
+    let graceful = CancellationToken::new();
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let io = tokio::select! {
+            (io, _addr) = listener.accept() => io,
+            () = &mut drain => break,
+        };
+        connections.spawn(serve_connection(
+            io,
+            router.clone(),
+            timeouts,
+            graceful.clone(),
+            hard_close.clone(),
+        ));
+    }
+    drop(listener);
+    graceful.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one connection with hyper's HTTP/1 server (upgrades included) until it closes; on
+/// `graceful`, lets it finish its request in progress; on `hard_close`, drops it.
+async fn serve_connection(
+    io: conn::LimitedIo,
+    router: Router,
+    timeouts: Timeouts,
+    graceful: CancellationToken,
+    hard_close: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(io.head_timer(timeouts.header, timeouts.idle))
+        .header_read_timeout(timeouts.header);
+    let conn = http
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(router),
+        )
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut finishing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+                return;
+            }
+            () = graceful.cancelled(), if !finishing => {
+                finishing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = hard_close.cancelled() => return,
+        }
+    }
 }
 
 /// Removes finished runs beyond the retention policy every `sweep_interval`, until shutdown
