@@ -98,6 +98,11 @@ impl MockServer {
             .route("/messages", post(anthropic))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
+            // Tokens go out as they are produced, as a real model server streams them (no
+            // Nagle delay on a small write while the previous one is unacknowledged).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             // The accept loop only ends on a listener failure; the handle's drop aborts it.
             let _ = axum::serve(listener, app).await;
         });

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use sluice_protocol::RawEvent;
 
-/// A run's tail keeps at most this many events…
+/// A run's tail keeps at most this many events (besides the whole last append)…
 const TAIL_EVENTS: usize = 64;
 
 /// …and at most about this many bytes of envelopes (at least the newest event). A follower
@@ -67,33 +67,30 @@ impl Entry {
             return;
         }
         self.state = state;
-        // Of a long append, only the newest fit (when they are all in `events` already).
-        let skip = if applied_upto >= state.last_seq {
-            appended.len().saturating_sub(TAIL_EVENTS)
-        } else {
-            0
-        };
-        if skip > 0 {
-            self.tail.clear();
-            self.tail_bytes = 0;
-        }
-        for e in appended.into_iter().skip(skip) {
+        // The whole last append stays, however long: a follower woken by this commit finds all
+        // of it here (a run writing big batches is read from memory batch after batch).
+        let keep_from = appended.first().map_or(u64::MAX, RawEvent::seq);
+        for e in appended {
             self.tail_bytes += e.json().len();
             self.tail.push_back(e);
         }
         while self.tail.len() > TAIL_EVENTS || (self.tail_bytes > TAIL_BYTES && self.tail.len() > 1)
         {
-            // Events only in the journal stay, whatever the bounds say.
+            // Events of the last append, and events only in the journal, stay.
             if self
                 .tail
                 .front()
-                .is_none_or(|old| old.seq() > self.applied_upto)
+                .is_none_or(|old| old.seq() >= keep_from || old.seq() > self.applied_upto)
             {
                 break;
             }
             if let Some(old) = self.tail.pop_front() {
                 self.tail_bytes -= old.json().len();
             }
+        }
+        if self.tail.capacity() > 4 * TAIL_EVENTS && self.tail.len() < self.tail.capacity() / 4 {
+            self.tail
+                .shrink_to(2 * self.tail.len().max(TAIL_EVENTS / 2));
         }
     }
 }
@@ -263,15 +260,23 @@ mod tests {
     fn bounds_bytes_and_forgets_closed_and_jumping_runs() {
         let cache = RunCache::default();
         let big = TAIL_BYTES / 2;
+        // One append keeps all its events, whatever their size.
         cache.apply([Change {
             run_id: "r",
             state: open(4),
             appended: (1..=4).map(|s| ev(s, big)).collect(),
             applied_upto: 4,
         }]);
-        // Only the newest one or two fit in the byte budget.
-        assert_eq!(cache.read("r", 1, 10), None);
-        assert_eq!(seqs(cache.read("r", 3, 10)), Some(vec![4]));
+        assert_eq!(seqs(cache.read("r", 0, 10)), Some(vec![1, 2, 3, 4]));
+        // The next one trims the older ones to the byte budget: the newest one or two stay.
+        cache.apply([Change {
+            run_id: "r",
+            state: open(5),
+            appended: vec![ev(5, big)],
+            applied_upto: 5,
+        }]);
+        assert_eq!(cache.read("r", 2, 10), None);
+        assert_eq!(seqs(cache.read("r", 4, 10)), Some(vec![5]));
         // A state that moved without the events (loaded from elsewhere) empties the tail.
         cache.apply([Change {
             run_id: "r",
