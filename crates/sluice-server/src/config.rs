@@ -99,6 +99,15 @@ pub struct ServerOptions {
     /// response in progress (an event stream) nor a WebSocket.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// The SQLite store's `synchronous`: `normal` (default: a commit survives a crash of the
+    /// process; an OS crash or power loss may lose the last commits), `full` (every commit is
+    /// fsynced: it survives power loss, at the cost of one fsync per group commit) or `off`
+    /// (scratch data only). See the README's durability section.
+    pub sqlite_synchronous: String,
+    /// The longest the SQLite writer keeps gathering queued writes into one group commit
+    /// (0 to 100 ms; default 2 ms). It never waits on an empty queue.
+    #[serde(deserialize_with = "duration")]
+    pub sqlite_commit_window: Duration,
 }
 
 impl Default for ServerOptions {
@@ -120,6 +129,8 @@ impl Default for ServerOptions {
             sweep_interval: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            sqlite_synchronous: "normal".into(),
+            sqlite_commit_window: Duration::from_millis(2),
         }
     }
 }
@@ -538,6 +549,21 @@ impl Config {
         }
         if s.idle_timeout < Duration::from_millis(100) {
             return Err(invalid("server.idle_timeout", "must be at least 100ms"));
+        }
+        if !matches!(s.sqlite_synchronous.as_str(), "normal" | "full" | "off") {
+            return Err(invalid(
+                "server.sqlite_synchronous",
+                format!(
+                    "{:?}: expected \"normal\", \"full\" or \"off\"",
+                    s.sqlite_synchronous
+                ),
+            ));
+        }
+        if s.sqlite_commit_window > Duration::from_millis(100) {
+            return Err(invalid(
+                "server.sqlite_commit_window",
+                "must be at most 100ms",
+            ));
         }
         for (name, p) in &self.providers {
             let key = |k: &str| format!("providers.{name}.{k}");
@@ -1052,6 +1078,14 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
             ("shutdown_grace = \"2h\"", "server.shutdown_grace"),
             ("max_streams = 0", "server.max_streams"),
             ("max_connections = 0", "server.max_connections"),
+            (
+                "sqlite_synchronous = \"sometimes\"",
+                "server.sqlite_synchronous",
+            ),
+            (
+                "sqlite_commit_window = \"1s\"",
+                "server.sqlite_commit_window",
+            ),
         ] {
             let c = Config::from_toml(&format!("[server]\n{text}\n")).unwrap();
             let e = c.validate().unwrap_err().to_string();

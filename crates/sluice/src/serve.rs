@@ -196,12 +196,19 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match config.server.store.as_str() {
         "memory" => Arc::new(sluice_store_memory::MemoryStore::new()),
         _ => {
+            use sluice_store_sqlite::{SqliteOptions, Synchronous};
             let path = config.server.data_dir.join("sluice.db");
-            let store = sluice_store_sqlite::SqliteStore::open(
-                &path,
-                sluice_store_sqlite::SqliteOptions::default(),
-            )
-            .with_context(|| format!("cannot open the store at {}", path.display()))?;
+            let options = SqliteOptions {
+                synchronous: match config.server.sqlite_synchronous.as_str() {
+                    "full" => Synchronous::Full,
+                    "off" => Synchronous::Off,
+                    _ => Synchronous::Normal,
+                },
+                commit_window: config.server.sqlite_commit_window,
+                ..SqliteOptions::default()
+            };
+            let store = sluice_store_sqlite::SqliteStore::open(&path, options)
+                .with_context(|| format!("cannot open the store at {}", path.display()))?;
             Arc::new(store)
         }
     })
