@@ -171,7 +171,7 @@ impl RawEvent {
 ///
 /// Chunks start at [`MIN_CHUNK`](EnvelopeWriter::MIN_CHUNK) bytes and double with each new one
 /// up to [`CHUNK`](EnvelopeWriter::CHUNK): a run that writes a few events holds a small buffer
-/// (thousands of runs stream at once), one that writes many allocates rarely.
+/// (thousands of runs stream at once), one that writes many allocates once per ~70 events.
 #[derive(Debug)]
 pub struct EnvelopeWriter {
     run_id_json: Vec<u8>,
@@ -180,8 +180,9 @@ pub struct EnvelopeWriter {
 }
 
 impl EnvelopeWriter {
-    /// The largest chunk allocated at a time.
-    pub const CHUNK: usize = 64 * 1024;
+    /// The largest chunk allocated at a time (a run's newest events, which the store keeps in
+    /// memory for live readers, pin at most about two of them).
+    pub const CHUNK: usize = 16 * 1024;
 
     /// The first chunk's size.
     pub const MIN_CHUNK: usize = 1024;

@@ -4,13 +4,14 @@
 //! cargo run --release -p sluice-store-sqlite --example append_throughput [DIR]
 //! ```
 //!
-//! Two workloads on fresh databases (in `DIR`, default a temporary directory), each 1,000,000
+//! Three workloads on fresh databases (in `DIR`, default a temporary directory), each 1,000,000
 //! small `text-delta` events (a 16-byte text payload) built with `RawEvent::encode` beforehand:
 //! - one run, appended in batches of 256, each append awaited before the next;
-//! - 1,000 runs appended concurrently by 1,000 Tokio tasks, in batches of 16.
+//! - 1,000 runs appended concurrently by 1,000 Tokio tasks, in batches of 16;
+//! - 1,000 runs appended concurrently one event at a time (how model tokens arrive).
 //!
-//! Set `SLUICE_BENCH_ONLY=single` or `=many` to run one of them. After the single run it prints
-//! the sizes of the WAL and database files.
+//! Set `SLUICE_BENCH_ONLY=single`, `=many` or `=tokens` to run one of them. After the single run
+//! it prints the sizes of the WAL and database files.
 
 use std::error::Error;
 use std::path::Path;
@@ -76,16 +77,16 @@ async fn single_run(dir: &Path) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-async fn many_runs(dir: &Path) -> Result<(), Box<dyn Error>> {
+async fn many_runs(dir: &Path, batch: u64) -> Result<(), Box<dyn Error>> {
     const RUNS: u64 = 1_000;
-    let store = open(dir, "many.db").await?;
+    let store = open(dir, &format!("many-{batch}.db")).await?;
     let mut work = Vec::new();
     for r in 0..RUNS {
         let run = format!("run_{r:032}");
         store
             .create_run(&RunRecord::new(&run, "bench", json!(null)))
             .await?;
-        let b = batches(&run, TOTAL / RUNS, 16);
+        let b = batches(&run, TOTAL / RUNS, batch);
         work.push((run, b));
     }
     let started = Instant::now();
@@ -104,11 +105,12 @@ async fn many_runs(dir: &Path) -> Result<(), Box<dyn Error>> {
     for task in tasks {
         task.await??;
     }
-    report(
-        "1,000 runs concurrently, batches of 16",
-        TOTAL,
-        started.elapsed(),
-    );
+    let label = if batch == 1 {
+        "1,000 runs concurrently, one event per append".to_owned()
+    } else {
+        format!("1,000 runs concurrently, batches of {batch}")
+    };
+    report(&label, TOTAL, started.elapsed());
     Ok(())
 }
 
@@ -123,8 +125,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
     if only != "many" {
         single_run(&dir).await?;
     }
-    if only != "single" {
-        many_runs(&dir).await?;
+    if only.is_empty() || only == "many" {
+        many_runs(&dir, 16).await?;
+    }
+    if only.is_empty() || only == "tokens" {
+        many_runs(&dir, 1).await?;
     }
     Ok(())
 }
