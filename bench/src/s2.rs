@@ -218,13 +218,21 @@ impl S2Result {
     /// Table rows.
     pub fn rows(&self, p: &S2Params) -> Vec<Row> {
         let sc = format!("S2 C={}, {} ev/s", thousands(p.runs), p.rate);
+        // The targets: p99 ≤ 5 ms at C = 1,000 (the HTTP server's issue), ≤ 10 ms and ≤ 32 KiB
+        // of RSS per active run at C = 10,000 (DESIGN.md).
+        let big = p.runs >= 10_000;
+        let (p99_ms, p99_label) = if big {
+            (10, "p99 ≤ 10 ms")
+        } else {
+            (5, "p99 ≤ 5 ms")
+        };
         let mut rows = vec![
             Row::target(
                 &sc,
                 "added latency p50 / p99 / max",
                 self.latency.show(),
-                "p99 ≤ 10 ms",
-                self.latency.n > 0 && self.latency.p99 <= 10_000_000,
+                p99_label,
+                self.latency.n > 0 && self.latency.p99 <= p99_ms * 1_000_000,
             ),
             Row::info(
                 &sc,
@@ -238,22 +246,29 @@ impl S2Result {
                 "all; 0/0/0",
                 self.totals.clean == p.runs && self.errors.is_empty() && !self.timed_out,
             ),
-            Row::info(
+            Row::target(
                 &sc,
                 "peak concurrent streams",
                 thousands(self.peak_concurrent),
+                "= C",
+                self.peak_concurrent == p.runs,
             ),
         ];
         if let Some(u) = &self.usage {
             let per_run = u.rss_peak_kib.saturating_sub(u.rss_before_kib) as f64
                 / self.peak_concurrent.max(1) as f64;
-            rows.push(Row::target(
-                &sc,
-                "server RSS peak (growth per active run)",
-                format!("{} ({per_run:.1} KiB/run)", kib(u.rss_peak_kib)),
-                "≤ 32 KiB/run",
-                per_run <= 32.0,
-            ));
+            let value = format!("{} ({per_run:.1} KiB/run)", kib(u.rss_peak_kib));
+            rows.push(if big {
+                Row::target(
+                    &sc,
+                    "server RSS peak (growth per active run)",
+                    value,
+                    "≤ 32 KiB/run",
+                    per_run <= 32.0,
+                )
+            } else {
+                Row::info(&sc, "server RSS peak (growth per active run)", value)
+            });
             rows.push(Row::info(
                 &sc,
                 "server CPU seconds",
