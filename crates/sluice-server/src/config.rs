@@ -2,7 +2,7 @@
 //!
 //! Layers, later wins: defaults → file → `SLUICE_<SECTION>__<KEY>` environment variables →
 //! command-line flags. The library never reads the environment itself: the binary passes the
-//! variables to [`Config::apply_env`]. [`Config::validate`] checks everything once and names the
+//! variables to [`Config::from_toml_and_env`]. [`Config::validate`] checks everything once and names the
 //! offending key.
 
 use std::collections::BTreeMap;
