@@ -19,6 +19,7 @@ use crate::client::{Common, FollowOpts, Reader, connect_gate, open_stream, start
 use crate::http::{Target, unix_nanos};
 use crate::procfs::{self, Usage};
 use crate::report::Row;
+use crate::s2::{self, short};
 use crate::stats::{Summary, dur, kib, thousands};
 
 /// Parameters of the agents scenario.
@@ -159,22 +160,10 @@ pub async fn run(
         (Some(m), Some(before)) => procfs::sample(m).ok().map(|s| s.cpu_s - before),
         _ => None,
     };
-    let all_open = spans.iter().map(|s| s.0).max().unwrap_or(0);
-    let mut steady: Vec<i64> = latencies
-        .iter()
-        .filter(|(t, _)| *t >= all_open)
-        .map(|l| l.1)
-        .collect();
-    res.steady = Summary::of(&mut steady);
-    let mut all: Vec<i64> = latencies.iter().map(|l| l.1).collect();
-    res.latency = Summary::of(&mut all);
+    (res.latency, res.steady) = s2::summarize(&latencies, &spans);
     res.ttft = Summary::of(&mut ttft);
-    res.peak_concurrent = crate::s2::peak(&spans);
+    res.peak_concurrent = s2::peak(&spans);
     Ok(res)
-}
-
-fn short(e: &anyhow::Error) -> String {
-    format!("{e:#}").chars().take(160).collect()
 }
 
 impl AgentsResult {

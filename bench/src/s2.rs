@@ -135,26 +135,32 @@ pub async fn run(
     res.wall_ns = unix_nanos() - t0;
     res.client_cpu_s = procfs::sample("self")?.cpu_s - client0;
     res.usage = procfs::maybe_finish(watch).await;
-    let all_open = spans.iter().map(|s| s.0).max().unwrap_or(0);
-    let mut steady: Vec<i64> = latencies
-        .iter()
-        .filter(|(t, _)| *t >= all_open)
-        .map(|l| l.1)
-        .collect();
-    res.steady = Summary::of(&mut steady);
-    let mut all: Vec<i64> = latencies.iter().map(|l| l.1).collect();
+    (res.latency, res.steady) = summarize(&latencies, &spans);
     drop(latencies);
-    res.latency = Summary::of(&mut all);
     res.peak_concurrent = peak(&spans);
+    let all_open = spans.iter().map(|s| s.0).max().unwrap_or(0);
     if let Some(first) = spans.iter().map(|s| s.0).min() {
         res.open_spread_ns = all_open - first;
     }
     Ok(res)
 }
 
-fn short(e: &anyhow::Error) -> String {
-    let s = format!("{e:#}");
-    s.chars().take(160).collect()
+/// The latency summaries of many streams: over every `(created, latency)` sample, and over
+/// those created once every stream (`spans`: open and end times) was open.
+pub fn summarize(latencies: &[(u64, i64)], spans: &[(u64, u64)]) -> (Summary, Summary) {
+    let all_open = spans.iter().map(|s| s.0).max().unwrap_or(0);
+    let mut steady: Vec<i64> = latencies
+        .iter()
+        .filter(|(t, _)| *t >= all_open)
+        .map(|l| l.1)
+        .collect();
+    let mut all: Vec<i64> = latencies.iter().map(|l| l.1).collect();
+    (Summary::of(&mut all), Summary::of(&mut steady))
+}
+
+/// A reader's error, cut for the report.
+pub fn short(e: &anyhow::Error) -> String {
+    format!("{e:#}").chars().take(160).collect()
 }
 
 /// The most intervals overlapping at once.
