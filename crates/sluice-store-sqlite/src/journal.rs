@@ -41,12 +41,23 @@ pub(crate) const WINDOW: i64 = 131_072;
 pub(crate) const TRUNCATE_STEP: i64 = 4096;
 
 /// One run's journaled events that are not in `events` yet.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Pending {
     events: Vec<RawEvent>,
     bytes: usize,
     /// The journal position of the first of them.
     oldest_pos: i64,
+}
+
+/// How to restore one run's pending events when a group rolls back.
+#[derive(Debug)]
+enum Undo {
+    /// It had none.
+    Absent,
+    /// It had these first `len` events (later ones came with the group), `bytes` of them.
+    Prefix { len: usize, bytes: usize },
+    /// The group took them: these are they (cut back to what it had before the group).
+    Taken(Pending),
 }
 
 /// Where an append goes.
@@ -67,8 +78,9 @@ pub(crate) struct Journal {
     next_pos: i64,
     /// Every row below this position has been deleted.
     truncated_below: i64,
-    /// What the open group changed, to roll it back: each run's pending state before the group.
-    undo: HashMap<String, Option<Pending>>,
+    /// What the open group changed, to roll it back: how each run's pending state was before
+    /// the group (without copying the events).
+    undo: HashMap<String, Undo>,
     /// `next_pos` and `truncated_below` when the group began.
     at_begin: (i64, i64),
 }
@@ -104,11 +116,21 @@ impl Journal {
 
     /// The group failed: back to how things were when it began.
     pub(crate) fn rollback_group(&mut self) {
-        for (run, before) in self.undo.drain() {
-            if let Some(now) = self.pending.remove(&run) {
+        for (run, undo) in self.undo.drain() {
+            let now = self.pending.remove(&run);
+            if let Some(now) = &now {
                 self.by_oldest.remove(&now.oldest_pos);
             }
-            if let Some(before) = before {
+            let before = match undo {
+                Undo::Absent => None,
+                Undo::Taken(before) => Some(before),
+                Undo::Prefix { len, bytes } => now.map(|mut p| {
+                    p.events.truncate(len);
+                    p.bytes = bytes;
+                    p
+                }),
+            };
+            if let Some(before) = before.filter(|p| !p.events.is_empty()) {
                 self.by_oldest.insert(before.oldest_pos, run.clone());
                 self.pending.insert(run, before);
             }
@@ -116,10 +138,17 @@ impl Journal {
         (self.next_pos, self.truncated_below) = self.at_begin;
     }
 
+    /// Notes how the run's pending events stand before the group first changes them.
     fn save(&mut self, run_id: &str) {
         if !self.undo.contains_key(run_id) {
-            let before = self.pending.get(run_id).cloned();
-            self.undo.insert(run_id.to_owned(), before);
+            let undo = match self.pending.get(run_id) {
+                Some(p) => Undo::Prefix {
+                    len: p.events.len(),
+                    bytes: p.bytes,
+                },
+                None => Undo::Absent,
+            };
+            self.undo.insert(run_id.to_owned(), undo);
         }
     }
 
@@ -168,13 +197,21 @@ impl Journal {
             return Vec::new();
         }
         self.save(run_id);
-        match self.pending.remove(run_id) {
-            Some(p) => {
-                self.by_oldest.remove(&p.oldest_pos);
-                p.events
-            }
-            None => Vec::new(),
+        let Some(p) = self.pending.remove(run_id) else {
+            return Vec::new();
+        };
+        self.by_oldest.remove(&p.oldest_pos);
+        // A rollback must give back what the run had before the group: keep that part.
+        let out = p.events.clone();
+        if let Some(undo) = self.undo.get_mut(run_id)
+            && let Undo::Prefix { len, bytes } = *undo
+        {
+            let mut before = p;
+            before.events.truncate(len);
+            before.bytes = bytes;
+            *undo = Undo::Taken(before);
         }
+        out
     }
 
     /// Runs whose oldest pending event is more than [`WINDOW`] rows behind.
