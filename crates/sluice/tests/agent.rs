@@ -4,62 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_mock_llm::{MockServer, Script, Turn};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.arg("serve")
-            .args(args)
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("OPENAI_BASE_URL")
-            .env_remove("OPENAI_MODEL")
-            .env("SLUICE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn sluice");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected: {line:?}"))
-            .to_owned();
-        Self { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Server {
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Server, ndjson, record};
 
 async fn workflows(c: &reqwest::Client, s: &Server) -> Vec<(String, String)> {
     let list: Value = c
@@ -195,35 +147,6 @@ async fn assistant_only_with_an_openai_provider() {
     assert_eq!(mock.requests()[0].model(), Some("mini"));
 }
 
-async fn record(c: &reqwest::Client, s: &Server, id: &str) -> Value {
-    c.get(s.url(&format!("/v1/runs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// The whole log of a run, read to its terminal event.
-async fn log(c: &reqwest::Client, s: &Server, id: &str) -> Vec<Value> {
-    let r = c
-        .get(s.url(&format!("/v1/runs/{id}/events")))
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
-        .await
-        .expect("the run never ended")
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// One line per event, text deltas in a row joined.
 fn summary(evs: &[Value]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -323,7 +246,7 @@ model = "tiny"
     first.kill9();
 
     let second = Server::start(&args, &[]);
-    let evs = log(&c, &second, &id).await;
+    let (_, evs) = ndjson(&c, &second, &id).await;
     for (i, e) in evs.iter().enumerate() {
         assert_eq!(e["seq"], i as u64 + 1, "contiguous from 1: {e}");
     }

@@ -3,89 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data_dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("SLUICE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sluice");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected: {line:?}"))
-            .to_owned();
-        Self { child, base }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Server, ndjson, record};
 
 async fn post(c: &reqwest::Client, url: String, body: Value) -> Value {
     let r = c.post(url).json(&body).send().await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     r.json().await.unwrap()
-}
-
-async fn record(c: &reqwest::Client, s: &Server, id: &str) -> Value {
-    c.get(s.url(&format!("/v1/runs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn ndjson(c: &reqwest::Client, s: &Server, id: &str) -> (String, Vec<Value>) {
-    let r = c
-        .get(s.url(&format!("/v1/runs/{id}/events")))
-        .header("accept", "application/x-ndjson")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
-        .await
-        .expect("stream ended")
-        .unwrap();
-    let evs = text
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (text, evs)
 }
 
 fn assert_contiguous(evs: &[Value]) {
@@ -111,7 +40,7 @@ async fn until(c: &reqwest::Client, s: &Server, id: &str, pred: impl Fn(&Value) 
 async fn kill_9_keeps_finished_logs_resumes_running_runs_and_waiting_runs_wait() {
     let dir = tempfile::tempdir().unwrap();
     let c = reqwest::Client::new();
-    let first = Server::start(dir.path());
+    let first = Server::on_data_dir(dir.path());
 
     let done = post(
         &c,
@@ -146,7 +75,7 @@ async fn kill_9_keeps_finished_logs_resumes_running_runs_and_waiting_runs_wait()
     .await;
 
     first.kill9();
-    let second = Server::start(dir.path());
+    let second = Server::on_data_dir(dir.path());
 
     // The finished run: byte for byte the same log, same record.
     let (log_after, _) = ndjson(&c, &second, &done_id).await;
@@ -185,7 +114,7 @@ async fn kill_9_keeps_finished_logs_resumes_running_runs_and_waiting_runs_wait()
 async fn kill_9_during_heavy_appends_leaves_every_log_contiguous() {
     let dir = tempfile::tempdir().unwrap();
     let c = reqwest::Client::new();
-    let first = Server::start(dir.path());
+    let first = Server::on_data_dir(dir.path());
     let mut ids = Vec::new();
     for _ in 0..8 {
         let r = post(
@@ -201,7 +130,7 @@ async fn kill_9_during_heavy_appends_leaves_every_log_contiguous() {
     })
     .await;
     first.kill9();
-    let second = Server::start(dir.path());
+    let second = Server::on_data_dir(dir.path());
     for id in &ids {
         let (_, evs) = ndjson(&c, &second, id).await;
         assert_contiguous(&evs);
