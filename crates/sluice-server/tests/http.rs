@@ -395,15 +395,7 @@ async fn burst_beyond_capacity_gets_429_with_retry_after_and_accepted_runs_compl
     }
     assert_eq!(accepted.len(), 10);
     assert_eq!(rejected, 90);
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains("sluice_rejections_total{reason=\"queue_full\"} 90"),
         "{metrics}"
@@ -838,15 +830,7 @@ async fn metrics_histogram_and_waiting_runs() {
         s.wait_status(&id, "waiting").await;
     }
     s.start_run("ticker", json!({"n": 1})).await;
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     assert!(
         text.contains("sluice_runs_waiting{workflow=\"ask-human\"} 2"),
         "{text}"
@@ -1215,15 +1199,7 @@ async fn operations_endpoints() {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
     }
     s.start_run("ticker", json!({"n": 2})).await;
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     for name in [
         "sluice_runs_running{workflow=\"ticker\"}",
         "sluice_events_appended_total",

@@ -122,18 +122,23 @@ impl TestServer {
             .expect("server did not stop");
     }
 
-    /// The value of a metric line (`name{labels}` exactly as rendered).
-    pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = self
-            .client
+    /// The whole `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        self.client
             .get(self.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
+            .unwrap()
+    }
+
+    /// The value of a metric line (`name{labels}` exactly as rendered).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics_text()
+            .await
+            .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 }
