@@ -1,5 +1,5 @@
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ pub struct StartRun {
     pub run_id: Option<String>,
     /// Stay `queued` until this run has ended (runs of one session, one after the other).
     pub after_run: Option<String>,
+    /// The `Idempotency-Key` the server created the run for, kept in its record.
+    pub idempotency: Option<sluice_protocol::IdempotencyKey>,
 }
 
 /// Admission state of one workflow.
@@ -48,6 +50,8 @@ pub(crate) struct Slot {
     pub wf: Workflow,
     pub semaphore: Arc<Semaphore>,
     queued: AtomicUsize,
+    /// Runs in status `waiting`, each counted by one [`WaitingRun`].
+    waiting: AtomicUsize,
     /// Moving average of run durations in ms (for `Retry-After`).
     avg_ms: AtomicU64,
 }
@@ -67,12 +71,60 @@ impl Slot {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_sub(1));
     }
 
+    fn leave_waiting(&self) {
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+    }
+
     fn retry_after(&self) -> Duration {
         let avg = self.avg_ms.load(Ordering::Relaxed).max(100);
         let queued = self.queued.load(Ordering::Relaxed) as u64 + 1;
         let per_slot = self.wf.max_concurrent_runs().max(1) as u64;
         let ms = avg.saturating_mul(queued) / per_slot;
         Duration::from_secs(ms.div_ceil(1000).clamp(1, 60))
+    }
+}
+
+/// One run counted in its workflow's [`WorkflowStats::waiting`]. Dropping it uncounts the run,
+/// so every way a run leaves `waiting` (its input arrives, it is cancelled, it fails, its driver
+/// errs or panics) takes it out of the count without a line of its own.
+///
+/// A waiting run has no driver: when its driver exits with the run still `waiting`, it
+/// [`keep`](WaitingRun::keep)s the count, and the driver that wakes the run
+/// [`adopt`](WaitingRun::adopt)s it again (only a `waiting` run is ever woken, once at a time).
+/// Runs already waiting when the engine starts are counted by [`Engine::recover`].
+pub(crate) struct WaitingRun {
+    slot: Option<Arc<Slot>>,
+}
+
+impl WaitingRun {
+    /// The run enters `waiting`: counts it.
+    pub(crate) fn enter(slot: &Arc<Slot>) -> Self {
+        slot.waiting.fetch_add(1, Ordering::AcqRel);
+        Self {
+            slot: Some(slot.clone()),
+        }
+    }
+
+    /// A woken run, counted while it slept.
+    pub(crate) fn adopt(slot: &Arc<Slot>) -> Self {
+        Self {
+            slot: Some(slot.clone()),
+        }
+    }
+
+    /// The run goes on waiting without a driver: it stays counted.
+    pub(crate) fn keep(mut self) {
+        self.slot = None;
+    }
+}
+
+impl Drop for WaitingRun {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.leave_waiting();
+        }
     }
 }
 
@@ -85,6 +137,9 @@ pub struct WorkflowStats {
     pub running: usize,
     /// Runs waiting for a slot.
     pub queued: usize,
+    /// Runs in status `waiting` (paused for input or client tools; they hold no slot): those
+    /// this engine paused, and those found waiting by [`Engine::recover`].
+    pub waiting: usize,
 }
 
 pub(crate) struct EngineInner {
@@ -99,6 +154,8 @@ pub(crate) struct EngineInner {
     abandoned: Mutex<HashMap<String, String>>,
     /// Wakes [`RunHandle::wait`] callers when a run is abandoned.
     abandon_notify: Notify,
+    /// Whether [`Engine::recover`] has counted the runs found `waiting`.
+    waiting_counted: AtomicBool,
 }
 
 impl EngineInner {
@@ -212,6 +269,7 @@ impl Engine {
                 semaphore: Arc::new(Semaphore::new(wf.max_concurrent_runs())),
                 wf,
                 queued: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
                 avg_ms: AtomicU64::new(0),
             };
             if slots.insert(name.clone(), Arc::new(slot)).is_some() {
@@ -236,6 +294,7 @@ impl Engine {
             events: AtomicU64::new(0),
             abandoned: Mutex::default(),
             abandon_notify: Notify::new(),
+            waiting_counted: AtomicBool::new(false),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -306,6 +365,7 @@ impl Engine {
         record.session_id = req.session_id;
         record.metadata = req.metadata;
         record.owner = req.owner;
+        record.idempotency = req.idempotency;
         if let Err(e) = self.inner.store.create_run(&record).await {
             if permit.is_none() {
                 slot.leave_queue();
@@ -439,7 +499,8 @@ impl Engine {
     /// Continues after a restart: runs found `running` resume from their last checkpoint with
     /// `chain-resumed` (or end with `chain-error` `interrupted` when that is impossible, e.g. the
     /// workflow is no longer deployed); runs found `queued` queue again. `waiting` runs stay
-    /// waiting and resume when their input arrives. Call once, before serving.
+    /// waiting and resume when their input arrives; they are counted in
+    /// [`WorkflowStats::waiting`] (by the first call only). Call once, before serving.
     ///
     /// One bad run does not stop the others: a store error is logged, counted in
     /// [`Recovered::errors`], and the run (or the rest of the listing, when a page cannot be read
@@ -450,9 +511,14 @@ impl Engine {
     pub async fn recover(&self) -> Result<Recovered> {
         let mut out = Recovered::default();
         let mut cursor = None;
+        let count_waiting = !self.inner.waiting_counted.swap(true, Ordering::AcqRel);
+        let mut statuses = vec![RunStatus::Running, RunStatus::Queued];
+        if count_waiting {
+            statuses.push(RunStatus::Waiting);
+        }
         loop {
             let filter = RunFilter {
-                statuses: vec![RunStatus::Running, RunStatus::Queued],
+                statuses: statuses.clone(),
                 limit: 1000,
                 cursor: cursor.take(),
                 ..RunFilter::default()
@@ -462,6 +528,14 @@ impl Engine {
             };
             for record in page.runs {
                 if self.inner.active().contains_key(&record.id) {
+                    continue;
+                }
+                if record.status == RunStatus::Waiting {
+                    // It waits with no driver, as if this engine had paused it: counted until
+                    // the driver that wakes it lets go of the count.
+                    if let Some(slot) = self.inner.slots.get(&record.workflow) {
+                        WaitingRun::enter(slot).keep();
+                    }
                     continue;
                 }
                 self.inner.abandoned_map().remove(&record.id);
@@ -581,7 +655,8 @@ impl Engine {
         self.inner.active().len()
     }
 
-    /// Per-workflow admission counters.
+    /// Per-workflow counters: runs holding a slot, queued, and waiting. O(workflows): no store
+    /// access.
     pub fn stats(&self) -> Vec<WorkflowStats> {
         let mut out: Vec<WorkflowStats> = self
             .inner
@@ -594,6 +669,7 @@ impl Engine {
                     .max_concurrent_runs()
                     .saturating_sub(s.semaphore.available_permits()),
                 queued: s.queued.load(Ordering::Relaxed),
+                waiting: s.waiting.load(Ordering::Relaxed),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

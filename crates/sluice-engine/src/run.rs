@@ -20,7 +20,7 @@ use tokio::task::{JoinError, JoinSet};
 
 use crate::checkpoint::{CHECKPOINT_VERSION, Checkpoint, CollectBuf, Delivery, Wait};
 use crate::context::{Context, Failure, Msg, RunShared, StepGate};
-use crate::engine::{EngineInner, Slot};
+use crate::engine::{EngineInner, Slot, WaitingRun};
 use crate::event::{AnyEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
 use crate::step::{Emit, Step};
 use crate::workflow::Workflow;
@@ -106,6 +106,9 @@ pub(crate) struct Driver {
     started: Instant,
     boundary: bool,
     acks: Vec<oneshot::Sender<Result<()>>>,
+    /// Set while the run's record is `waiting`: it counts the run in the workflow's gauge, and
+    /// uncounts it when the run leaves `waiting` or the driver ends without keeping it.
+    waiting: Option<WaitingRun>,
     /// A run that must end before this one starts.
     pub(crate) after_run: Option<String>,
 }
@@ -156,6 +159,7 @@ impl Driver {
             started: Instant::now(),
             boundary: false,
             acks: Vec::new(),
+            waiting: None,
             after_run: None,
         }
     }
@@ -164,6 +168,10 @@ impl Driver {
     /// failed) ends the run with `chain-error`; when even that cannot be written, the run is left
     /// for recovery at the next start and the engine's waiters get the error.
     pub(crate) async fn run(mut self, mode: Mode) {
+        if let Mode::Wake = mode {
+            // Only a `waiting` run is woken, and it was counted when it went waiting.
+            self.waiting = Some(WaitingRun::adopt(&self.slot));
+        }
         if let Err(e) = self.drive(mode).await {
             self.on_driver_error(e).await;
         }
@@ -213,6 +221,7 @@ impl Driver {
                 match self.wake().await? {
                     Some(Outcome::Sleep) => {
                         if self.try_release() {
+                            self.keep_waiting();
                             return Ok(());
                         }
                         continue;
@@ -226,6 +235,7 @@ impl Driver {
                 Outcome::Sleep => {
                     self.sleep().await?;
                     if self.try_release() {
+                        self.keep_waiting();
                         return Ok(());
                     }
                     waking = true;
@@ -462,6 +472,9 @@ impl Driver {
     /// Continues after a pause or a restart: `chain-resumed`, status `running`.
     async fn resume(&mut self) -> Result<()> {
         self.record.status = RunStatus::Running;
+        // Out of the waiting count before the record says `running` (whoever reads the new
+        // status sees the new count); should the write fail, the run ends anyway.
+        self.waiting = None;
         if self.record.started_at.is_none() {
             self.record.started_at = Some(Timestamp::now());
         }
@@ -952,9 +965,21 @@ impl Driver {
         self.record.status = RunStatus::Waiting;
         self.record.last_seq = self.next_seq - 1;
         self.record.usage = self.usage();
+        // Counted before the record says `waiting`; should the write fail, the run ends and
+        // the count goes with it.
+        if self.waiting.is_none() {
+            self.waiting = Some(WaitingRun::enter(&self.slot));
+        }
         self.engine.store.put_run(&self.record).await?;
         self.permit = None;
         Ok(())
+    }
+
+    /// The driver exits while the run stays `waiting` in the store: it stays counted.
+    fn keep_waiting(&mut self) {
+        if let Some(w) = self.waiting.take() {
+            w.keep();
+        }
     }
 
     /// Gives up the run's slot in the engine's registry unless control messages are queued.
@@ -980,6 +1005,9 @@ impl Driver {
         self.stop_steps().await;
         if let Outcome::Shutdown = outcome {
             self.checkpoint().await?;
+            // A woken run that had not resumed is still `waiting` in the store, and stays so
+            // across the restart: it stays counted.
+            self.keep_waiting();
             self.engine.release(&self.record.id);
             return Ok(());
         }
@@ -1034,6 +1062,8 @@ impl Driver {
         };
         let terminal =
             RawEvent::encode(self.next_seq, &self.record.id, event_type, now, None, &data);
+        // A run cancelled (or failed) while waiting leaves the count before its end is visible.
+        self.waiting = None;
         self.record.usage = usage;
         self.record.finished_at = Some(now);
         self.record.last_seq = self.next_seq;

@@ -714,6 +714,118 @@ async fn waiting_run_survives_an_engine_restart() {
     assert_eq!(rec.result, Some(json!({"answer": "yes"})));
 }
 
+/// `WorkflowStats::waiting` of the only workflow.
+fn waiting(engine: &Engine) -> usize {
+    engine.stats()[0].waiting
+}
+
+async fn until_status(engine: &Engine, id: &str, status: RunStatus) {
+    for _ in 0..1000 {
+        if engine.handle(id).record().await.unwrap().status == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("run {id} never reached {status:?}");
+}
+
+/// Until no driver is left: every run sleeps (or has ended) with no task.
+async fn until_idle(engine: &Engine) {
+    for _ in 0..1000 {
+        if engine.active_runs() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("drivers still active: {}", engine.active_runs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waiting_count_follows_pauses_wakes_cancels_and_restarts() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let first = Engine::new(store.clone(), [builtin::ask_human()]).unwrap();
+    assert_eq!(waiting(&first), 0);
+    let a = first.start("ask-human", input(Value::Null)).await.unwrap();
+    let b = first.start("ask-human", input(Value::Null)).await.unwrap();
+    until_status(&first, a.id(), RunStatus::Waiting).await;
+    until_status(&first, b.id(), RunStatus::Waiting).await;
+    until_idle(&first).await;
+    assert_eq!(waiting(&first), 2, "two paused runs, no driver holds them");
+
+    // A delivery it does not wait for wakes a run, is refused, and the run sleeps again:
+    // still counted once.
+    assert!(matches!(
+        a.send("tool-results", json!({"results": []})).await,
+        Err(Error::NotWaiting { .. })
+    ));
+    until_idle(&first).await;
+    assert_eq!(waiting(&first), 2);
+
+    // Cancelled while waiting.
+    b.cancel().await.unwrap();
+    assert_eq!(b.wait().await.unwrap().status, RunStatus::Cancelled);
+    assert_eq!(waiting(&first), 1);
+
+    // A waiting run outlives the engine, and the next one counts it.
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+    assert_eq!(waiting(&first), 1, "shutdown does not end a waiting run");
+    let second = Engine::new(store.clone(), [builtin::ask_human()]).unwrap();
+    assert_eq!(waiting(&second), 0);
+    second.recover().await.unwrap();
+    assert_eq!(waiting(&second), 1);
+    second.recover().await.unwrap();
+    assert_eq!(waiting(&second), 1, "counted by the first recovery only");
+
+    // Its input arrives: it leaves `waiting` before the send is acknowledged.
+    second.send(a.id(), "input", json!("yes")).await.unwrap();
+    assert_eq!(waiting(&second), 0);
+    let rec = second.handle(a.id()).wait().await.unwrap();
+    assert_eq!(rec.result, Some(json!({"answer": "yes"})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_pauses_twice_is_counted_while_it_waits_each_time() {
+    let wf = Workflow::builder("twice")
+        .step(
+            Step::new("ask", |_c: Context, _s: StartEvent| async move {
+                Ok(Emit::none().request_input(Default::default()))
+            })
+            .requests_input(),
+        )
+        .step(
+            Step::new("answer", |_c: Context, input: InputEvent| async move {
+                if input.0 == json!("again") {
+                    Ok(Emit::none().request_input(Default::default()))
+                } else {
+                    Ok(Emit::stop(input.0))
+                }
+            })
+            .requests_input()
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let run = engine.start("twice", input(Value::Null)).await.unwrap();
+    until_status(&engine, run.id(), RunStatus::Waiting).await;
+    assert_eq!(waiting(&engine), 1);
+    // Resumed (uncounted), then paused again by the answer step (counted again), quickly
+    // enough that the count may already be back at 1 when the send returns.
+    run.send("input", json!("again")).await.unwrap();
+    for _ in 0..1000 {
+        let rec = run.record().await.unwrap();
+        if rec.status == RunStatus::Waiting && rec.last_seq > 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    until_idle(&engine).await;
+    assert_eq!(waiting(&engine), 1, "counted once, not once per pause");
+    run.send("input", json!("done")).await.unwrap();
+    assert_eq!(run.wait().await.unwrap().result, Some(json!("done")));
+    assert_eq!(waiting(&engine), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_run_resumes_after_restart_from_its_checkpoint() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());

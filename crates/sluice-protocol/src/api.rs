@@ -23,9 +23,9 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Machine-readable code: `invalid_request` (400), `unauthorized` (401), `run_not_found`,
     /// `workflow_not_found`, `session_not_found`, `not_found` (404), `method_not_allowed`
-    /// (405), `conflict` (409), `too_large` (413), `unsupported_media_type` (415),
-    /// `invalid_input`, `idempotency_key_reused` (422), `queue_full` (429), `shutting_down`,
-    /// `overloaded` (503), `internal` (500).
+    /// (405), `request_timeout` (408), `conflict` (409), `too_large` (413),
+    /// `unsupported_media_type` (415), `invalid_input`, `idempotency_key_reused` (422),
+    /// `queue_full` (429), `shutting_down`, `overloaded` (503), `internal` (500).
     pub code: String,
     /// Human-readable message; for 422, it names the field path.
     pub message: String,

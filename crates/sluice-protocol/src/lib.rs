@@ -31,5 +31,5 @@ pub mod record;
 mod time;
 
 pub use event::{EnvelopeWriter, Event, EventNameError, RawEvent, validate_custom_name};
-pub use record::{RunRecord, RunStatus, SessionRecord, Usage};
+pub use record::{IdempotencyKey, RunRecord, RunStatus, SessionRecord, Usage};
 pub use time::{Timestamp, TimestampError};

@@ -133,6 +133,22 @@ pub struct RunRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub owner: Option<String>,
+    /// The `Idempotency-Key` the run was created with, so the key still answers this run after
+    /// a restart. Never sent to clients, so not in the published schema. Records written
+    /// before this field existed read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// The `Idempotency-Key` of a create request and the fingerprint of its body (the server's
+/// stable hash of the body as canonical JSON), kept in the run's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyKey {
+    /// The header's value.
+    pub key: String,
+    /// The fingerprint of the request body: the same key with another body is refused.
+    pub fingerprint: u64,
 }
 
 impl RunRecord {
@@ -153,6 +169,7 @@ impl RunRecord {
             input,
             metadata: None,
             owner: None,
+            idempotency: None,
         }
     }
 }
@@ -248,6 +265,25 @@ mod tests {
             ErrorCode::ToolError => ErrorCodeSchema::ToolError,
             ErrorCode::MaxSteps => ErrorCodeSchema::MaxSteps,
         }
+    }
+
+    #[test]
+    fn the_idempotency_key_is_kept_and_optional() {
+        let mut rec = RunRecord::new("run_1", "wf", Value::Null);
+        let plain = serde_json::to_value(&rec).unwrap();
+        assert!(plain.get("idempotency").is_none(), "{plain}");
+        // A record written before the field existed.
+        let old: RunRecord = serde_json::from_value(plain).unwrap();
+        assert_eq!(old.idempotency, None);
+        rec.idempotency = Some(IdempotencyKey {
+            key: "k".into(),
+            fingerprint: u64::MAX,
+        });
+        let text = serde_json::to_string(&rec).unwrap();
+        let back: RunRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, rec);
+        let schema = serde_json::to_value(schemars::schema_for!(RunRecord)).unwrap();
+        assert!(schema["properties"].get("idempotency").is_none());
     }
 
     #[test]

@@ -95,6 +95,12 @@ pub struct ServerOptions {
     /// ones; else the connection is closed (slow clients holding connections: slowloris).
     #[serde(deserialize_with = "duration")]
     pub header_timeout: Duration,
+    /// A request body must arrive in full within this, counted from the end of its head; else
+    /// the server answers `408 request_timeout` and closes the connection (clients that send a
+    /// head, then trickle the body or stop). Only the request body: never a response (an event
+    /// stream) nor a WebSocket after its upgrade.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
     /// A keep-alive connection idle between requests for this long is closed. Never cuts a
     /// response in progress (an event stream) nor a WebSocket.
     #[serde(deserialize_with = "duration")]
@@ -128,6 +134,7 @@ impl Default for ServerOptions {
             max_finished_runs: 0,
             sweep_interval: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             sqlite_synchronous: "normal".into(),
             sqlite_commit_window: Duration::from_millis(2),
@@ -546,6 +553,9 @@ impl Config {
         }
         if s.header_timeout < Duration::from_millis(100) {
             return Err(invalid("server.header_timeout", "must be at least 100ms"));
+        }
+        if s.body_timeout < Duration::from_millis(100) {
+            return Err(invalid("server.body_timeout", "must be at least 100ms"));
         }
         if s.idle_timeout < Duration::from_millis(100) {
             return Err(invalid("server.idle_timeout", "must be at least 100ms"));
@@ -1078,6 +1088,7 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
             ("shutdown_grace = \"2h\"", "server.shutdown_grace"),
             ("max_streams = 0", "server.max_streams"),
             ("max_connections = 0", "server.max_connections"),
+            ("body_timeout = \"50ms\"", "server.body_timeout"),
             (
                 "sqlite_synchronous = \"sometimes\"",
                 "server.sqlite_synchronous",

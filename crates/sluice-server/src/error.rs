@@ -25,6 +25,10 @@ pub enum ApiError {
     /// 405: the route exists with other methods.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    /// 408: the request body did not arrive in full within `server.body_timeout`; the
+    /// connection is closed after this answer.
+    #[error("the request body did not arrive in full within {0:?} (server.body_timeout)")]
+    RequestTimeout(Duration),
     /// 409: the resource's state forbids the request.
     #[error("{0}")]
     Conflict(String),
@@ -80,6 +84,7 @@ impl ApiError {
             } => (StatusCode::NOT_FOUND, "session_not_found"),
             Self::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::UnsupportedMediaType => {
@@ -141,6 +146,11 @@ impl IntoResponse for ApiError {
             && let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let Self::RequestTimeout(_) = self {
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

@@ -1,6 +1,14 @@
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+//! Extractors answering in the protocol's error shape, and the request body's deadline.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -28,20 +36,101 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 Err(ApiError::BadRequest(clean(&e.body_text())))
             }
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
-            Err(JsonRejection::BytesRejection(e)) => {
-                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    Err(ApiError::TooLarge(limit))
-                } else {
-                    Err(ApiError::BadRequest(format!(
-                        "could not read the body: {}",
-                        e.body_text()
-                    )))
-                }
-            }
+            Err(JsonRejection::BytesRejection(e)) => Err(unread_body(&e, limit)),
             Err(other) => Err(ApiError::BadRequest(other.body_text())),
         }
     }
 }
+
+/// Why a body could not be read: over the size limit (413), past its deadline (408), or
+/// broken (400).
+fn unread_body(e: &BytesRejection, limit: usize) -> ApiError {
+    if let Some(BodyTimedOut(after)) = find_source(e) {
+        return ApiError::RequestTimeout(*after);
+    }
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::TooLarge(limit);
+    }
+    ApiError::BadRequest(format!("could not read the body: {}", e.body_text()))
+}
+
+/// The first error of type `T` in `e`'s source chain.
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// A request body that fails with [`BodyTimedOut`] when it has not ended by its deadline
+/// (`server.body_timeout`, counted from when the request head was handed to the router).
+/// The extractors answer that failure with `408 request_timeout`.
+///
+/// Only reads of the body are timed: a handler that does not read it (a WebSocket upgrade, a
+/// `GET`) never meets the deadline, and responses are not affected.
+pub(crate) struct TimedBody {
+    inner: Body,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl TimedBody {
+    /// Puts `req`'s body under a deadline of `timeout` from now; a body that is already
+    /// complete (none, or `Content-Length: 0`) is left as it is.
+    pub(crate) fn wrap(req: Request, timeout: Duration) -> Request {
+        if req.body().is_end_stream() {
+            return req;
+        }
+        req.map(|inner| {
+            Body::new(Self {
+                inner,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                timeout,
+            })
+        })
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        // What has arrived is taken first; the deadline counts once the body has to wait.
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut(this.timeout)))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body did not end within `server.body_timeout` (the configured value).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub(crate) struct BodyTimedOut(Duration);
 
 /// The configured body limit, put in request extensions so 413 messages can name it.
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +168,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
 /// The raw body, with a too-large body answered as 413 in the protocol's shape.
 #[derive(Debug)]
-pub struct ApiBytes(pub axum::body::Bytes);
+pub struct ApiBytes(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for ApiBytes {
     type Rejection = ApiError;
@@ -89,15 +178,9 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
             .extensions()
             .get::<BodyLimit>()
             .map_or(usize::MAX, |l| l.0);
-        match axum::body::Bytes::from_request(req, state).await {
+        match Bytes::from_request(req, state).await {
             Ok(b) => Ok(Self(b)),
-            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::TooLarge(limit))
-            }
-            Err(e) => Err(ApiError::BadRequest(format!(
-                "could not read the body: {}",
-                e.body_text()
-            ))),
+            Err(e) => Err(unread_body(&e, limit)),
         }
     }
 }

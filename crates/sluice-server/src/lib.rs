@@ -8,7 +8,8 @@
 //! Layout:
 //! - `config.rs`: `sluice.toml` and its layers.
 //! - `error.rs`: [`ApiError`], the one error shape.
-//! - `extract.rs`: JSON and query extractors answering in that shape.
+//! - `extract.rs`: JSON and query extractors answering in that shape, and the request body's
+//!   deadline (`server.body_timeout`).
 //! - `auth.rs`: keys, principals, visibility; `hash.rs`: the stable hash of key labels.
 //! - `stream.rs`: the SSE / NDJSON encoders over the log.
 //! - `routes.rs`: the handlers, and the router built from `openapi.rs`'s route table.
@@ -72,7 +73,8 @@ pub(crate) struct AppInner {
     pub(crate) keys: auth::Keys,
     pub(crate) metrics: Metrics,
     pub(crate) draining: CancellationToken,
-    /// (owner, workflow, Idempotency-Key) → the run created first.
+    /// (owner, workflow, Idempotency-Key) → the run created first; rebuilt from the store when
+    /// [`serve`] starts.
     pub(crate) idempotency: idempotency::Idempotency,
     /// Serialises changes of one session (one active run per session).
     pub(crate) sessions: locks::SessionLocks,
@@ -148,8 +150,13 @@ async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Respo
 /// requests may finish; at the deadline, connections still open are closed and the call
 /// returns.
 ///
+/// Before the first request is accepted, the `Idempotency-Key`s of the runs created within the
+/// last 24 h are read back from the store, so a retried create still answers its first run
+/// after a restart.
+///
 /// At most `server.max_connections` TCP connections are open at once; beyond, new ones wait
-/// in the listen backlog. A request head must arrive within `server.header_timeout`, and a
+/// in the listen backlog. A request head must arrive within `server.header_timeout`, its body
+/// within `server.body_timeout` after the head (else `408`, and the connection closes), and a
 /// keep-alive connection idle for `server.idle_timeout` between requests is closed.
 ///
 /// # Errors
@@ -162,6 +169,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let state = app.state.clone();
     let router = app.router();
+    restore_idempotency(&state).await;
     let tasks = TaskTracker::new();
     spawn_sweeper(&state, &tasks);
     let grace = state.options.shutdown_grace;
@@ -290,6 +298,35 @@ async fn serve_connection(
             }
             () = hard_close.cancelled() => return,
         }
+    }
+}
+
+/// Remembers the `Idempotency-Key`s recorded in recent runs again (see `idempotency.rs`). A
+/// store error is logged: the server then serves without the keys it could not read.
+async fn restore_idempotency(state: &AppState) {
+    let store = state.engine.store().clone();
+    match state
+        .idempotency
+        .restore(store.as_ref(), idempotency::RESTORE_SCAN_LIMIT)
+        .await
+    {
+        Ok(r) if r.truncated => tracing::warn!(
+            keys = r.keys,
+            scanned = r.scanned,
+            "restoring idempotency keys stopped at the scan limit; keys of older runs are forgotten"
+        ),
+        Ok(r) if r.keys > 0 => {
+            tracing::info!(
+                keys = r.keys,
+                scanned = r.scanned,
+                "idempotency keys restored"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not restore idempotency keys from the store; those not restored are forgotten"
+        ),
     }
 }
 

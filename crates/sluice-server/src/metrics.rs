@@ -68,9 +68,9 @@ impl Metrics {
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// The exposition text. `waiting` has the waiting runs of each workflow that could be
-    /// counted; `connections` is the number of open TCP connections.
-    pub fn render(&self, engine: &Engine, waiting: &[(String, u64)], connections: u64) -> String {
+    /// The exposition text; `connections` is the number of open TCP connections. The run
+    /// gauges come from the engine's counters (no store access).
+    pub fn render(&self, engine: &Engine, connections: u64) -> String {
         let mut out = String::with_capacity(4096);
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let _ = writeln!(
@@ -100,8 +100,12 @@ impl Metrics {
             out,
             "# HELP sluice_runs_waiting Runs paused for input or client tools.\n# TYPE sluice_runs_waiting gauge"
         );
-        for (name, n) in waiting {
-            let _ = writeln!(out, "sluice_runs_waiting{{workflow=\"{name}\"}} {n}");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "sluice_runs_waiting{{workflow=\"{}\"}} {}",
+                s.name, s.waiting
+            );
         }
         let _ = writeln!(
             out,

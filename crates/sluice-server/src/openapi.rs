@@ -184,6 +184,7 @@ fn errors(s: &mut Schemas, statuses: &[&str], extra: &[(&str, &str)]) -> Vec<(St
                     "401" => "Missing or unknown API key (`unauthorized`); only when keys are configured",
                     "404" => "No such resource, or not visible to this key (`run_not_found`, `workflow_not_found`, `session_not_found`)",
                     "405" => "Method not allowed on this path (`method_not_allowed`)",
+                    "408" => "The request body did not arrive in full within `server.body_timeout` (`request_timeout`); the connection is closed",
                     "409" => "The resource's state forbids the request (`conflict`)",
                     "413" => "Body over `server.max_body` (`too_large`)",
                     "415" => "A body that is not `application/json` (`unsupported_media_type`)",
@@ -229,7 +230,7 @@ fn describe(op: Op, s: &mut Schemas) -> Value {
             let event = s.res::<EventEnvelope>();
             (
                 "Start a run",
-                "Starts a run of the workflow and answers `202` with its record. With `Accept: text/event-stream` or `application/x-ndjson`, the same call answers with the run's event stream (`200`); with `?wait=true`, it waits for the end and answers the finished record (`200`). An `Idempotency-Key` seen before (same key owner, workflow and key, within 24 h, on this server process) answers `200` with the run first created and starts nothing; the same key with a different body is a `422 idempotency_key_reused`.",
+                "Starts a run of the workflow and answers `202` with its record. With `Accept: text/event-stream` or `application/x-ndjson`, the same call answers with the run's event stream (`200`); with `?wait=true`, it waits for the end and answers the finished record (`200`). An `Idempotency-Key` seen before (same key owner, workflow and key, within 24 h, across restarts on a persistent store) answers `200` with the run first created and starts nothing; the same key with a different body is a `422 idempotency_key_reused`.",
                 vec![
                     path_param("name", "The workflow's name"),
                     query(
@@ -438,21 +439,24 @@ fn describe(op: Op, s: &mut Schemas) -> Value {
     let statuses: Vec<&str> = match op {
         Op::ListWorkflows => api.to_vec(),
         Op::CreateRun => [
-            "400", "401", "404", "405", "409", "413", "415", "422", "429", "500", "503",
+            "400", "401", "404", "405", "408", "409", "413", "415", "422", "429", "500", "503",
         ]
         .to_vec(),
         Op::ListRuns => ["400", "401", "405", "500", "503"].to_vec(),
         Op::GetRun | Op::GetSession => ["400", "401", "404", "405", "500", "503"].to_vec(),
         Op::RunEvents => ["400", "401", "404", "405", "500", "503"].to_vec(),
         Op::SendEvent => [
-            "400", "401", "404", "405", "409", "413", "415", "422", "500", "503",
+            "400", "401", "404", "405", "408", "409", "413", "415", "422", "500", "503",
         ]
         .to_vec(),
         Op::CancelRun => [
-            "400", "401", "404", "405", "409", "413", "415", "422", "500", "503",
+            "400", "401", "404", "405", "408", "409", "413", "415", "422", "500", "503",
         ]
         .to_vec(),
-        Op::CreateSession => ["400", "401", "405", "413", "415", "422", "500", "503"].to_vec(),
+        Op::CreateSession => [
+            "400", "401", "405", "408", "413", "415", "422", "500", "503",
+        ]
+        .to_vec(),
         Op::DeleteSession => ["400", "401", "404", "405", "409", "500", "503"].to_vec(),
         Op::Readyz => ["405", "503"].to_vec(),
         Op::OpenApi => ["405", "503"].to_vec(),

@@ -15,7 +15,7 @@ use sluice_engine::StartRun;
 use sluice_protocol::api::{
     Accepted, CancelRun, CreateRun, CreateSession, Health, RunList, SendEvent, WorkflowInfo,
 };
-use sluice_protocol::{RunRecord, RunStatus};
+use sluice_protocol::{IdempotencyKey, RunRecord, RunStatus};
 use sluice_store::RunFilter;
 
 use crate::auth::Principal;
@@ -54,7 +54,7 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body))
-        .layer(axum::middleware::from_fn_with_state(state, body_limit_ext))
+        .layer(axum::middleware::from_fn_with_state(state, request_body))
 }
 
 /// The handler of one operation, for its method.
@@ -78,22 +78,26 @@ fn handler(o: &Operation) -> MethodRouter<AppState> {
     }
 }
 
-async fn body_limit_ext(
+/// Every request's body: its size limit (for 413 messages) and its deadline,
+/// `server.body_timeout` from now (the head has just been read).
+async fn request_body(
     State(state): State<AppState>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     req.extensions_mut()
         .insert(crate::extract::BodyLimit(state.options.max_body));
+    let req = crate::extract::TimedBody::wrap(req, state.options.body_timeout);
     next.run(req).await
 }
 
-/// The record as clients see it: live `last_seq`, no owner label.
+/// The record as clients see it: live `last_seq`, no owner label, no idempotency key.
 async fn public(state: &AppState, mut rec: RunRecord) -> ApiResult<RunRecord> {
     if !rec.status.is_terminal() {
         rec.last_seq = state.engine.store().last_seq(&rec.id).await?;
     }
     rec.owner = None;
+    rec.idempotency = None;
     Ok(rec)
 }
 
@@ -212,17 +216,20 @@ async fn create_run(
         Some(format) => Some((format, StreamGuard::new(&state)?)),
         None => None,
     };
-    let claim = match key {
+    let (claim, recorded_key) = match key {
         Some(k) => {
             let print = fingerprint(&serde_json::to_value(&req).unwrap_or(Value::Null));
-            Some(
-                state
-                    .idempotency
-                    .claim((who.owner.clone(), name.clone(), k), print)
-                    .await?,
-            )
+            let recorded = IdempotencyKey {
+                key: k.clone(),
+                fingerprint: print,
+            };
+            let claim = state
+                .idempotency
+                .claim((who.owner.clone(), name.clone(), k), print)
+                .await?;
+            (Some(claim), Some(recorded))
         }
-        None => None,
+        None => (None, None),
     };
     let (handle, replayed) = match claim {
         Some(Claim::Existing(id)) => (state.engine.handle(&id), true),
@@ -241,6 +248,8 @@ async fn create_run(
                 owner: who.owner.clone(),
                 run_id: reservation.as_ref().map(|r| r.run_id().to_owned()),
                 after_run: None,
+                // In the record, the key outlives a restart (see `idempotency.rs`).
+                idempotency: recorded_key,
             };
             let handle = start_in_session(&state, &who, &name, start, enqueue).await?;
             if let Some(r) = reservation {
@@ -681,44 +690,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
-/// Counts the waiting runs of `workflow` by paging through the store. (The engine keeps no
-/// count of waiting runs; a counter it maintained would make this O(1).)
-async fn count_waiting(state: &AppState, workflow: &str) -> sluice_store::Result<u64> {
-    let mut n = 0u64;
-    let mut cursor = None;
-    loop {
-        let filter = RunFilter {
-            workflow: Some(workflow.to_owned()),
-            statuses: vec![RunStatus::Waiting],
-            limit: 1000,
-            cursor: cursor.take(),
-            ..RunFilter::default()
-        };
-        let page = state.engine.store().list_runs(&filter).await?;
-        n += page.runs.len() as u64;
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => return Ok(n),
-        }
-    }
-}
-
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut waiting = Vec::new();
-    for wf in state.engine.workflows() {
-        match count_waiting(&state, wf.name()).await {
-            Ok(n) => waiting.push((wf.name().to_owned(), n)),
-            // No sample rather than a wrong one (a 0 would look like "nobody waits").
-            Err(e) => tracing::warn!(
-                workflow = wf.name(),
-                error = %e,
-                "metrics: cannot count waiting runs; sample left out"
-            ),
-        }
-    }
     let text = state
         .metrics
-        .render(&state.engine, &waiting, state.connections.open());
+        .render(&state.engine, state.connections.open());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

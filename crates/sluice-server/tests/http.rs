@@ -858,6 +858,58 @@ async fn metrics_histogram_and_waiting_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waiting_gauge_follows_a_run_into_waiting_and_out_by_input_or_cancel() {
+    let s = TestServer::start().await;
+    let gauge = "sluice_runs_waiting{workflow=\"ask-human\"}";
+    assert_eq!(s.metric(gauge).await, Some(0.0));
+
+    // Waits, then gets its input.
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    assert_eq!(s.metric(gauge).await, Some(1.0));
+    let send = |data: Value| {
+        s.client
+            .post(s.url(&format!("/v1/runs/{id}/events")))
+            .json(&data)
+            .send()
+    };
+    // An event it does not wait for is refused; the run goes on waiting, counted once.
+    let r = send(json!({"type": "tool-results", "data": {"results": []}}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(s.metric(gauge).await, Some(1.0));
+    let r = send(json!({"type": "input", "data": "yes"})).await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        s.metric(gauge).await,
+        Some(0.0),
+        "the accepted input resumed it"
+    );
+    s.wait_status(&id, "completed").await;
+    assert_eq!(s.metric(gauge).await, Some(0.0));
+
+    // Waits, then is cancelled.
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    assert_eq!(s.metric(gauge).await, Some(1.0));
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    s.wait_status(&id, "cancelled").await;
+    assert_eq!(s.metric(gauge).await, Some(0.0));
+    assert_eq!(
+        s.metric("sluice_runs_waiting{workflow=\"ticker\"}").await,
+        Some(0.0)
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_client_frames_are_sent_events() {
     let s = TestServer::with(ServerOptions::default(), vec![builtin::ask_human()]).await;
     let id = s.start_run("ask-human", json!(null)).await;

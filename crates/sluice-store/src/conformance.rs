@@ -18,7 +18,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
-use sluice_protocol::{RawEvent, RunRecord, RunStatus, SessionRecord, Timestamp, kind};
+use sluice_protocol::{
+    IdempotencyKey, RawEvent, RunRecord, RunStatus, SessionRecord, Timestamp, kind,
+};
 
 use crate::{Error, RunFilter, Store, follow};
 
@@ -102,6 +104,16 @@ pub async fn run_records(store: Arc<dyn Store>) {
     rec.metadata = Some(json!({"k": "v"}));
     store.put_run(&rec).await.unwrap();
     assert_eq!(store.get_run("run_a").await.unwrap(), Some(rec.clone()));
+    // Every field survives, the server's own ones too, in reads and listings alike.
+    rec.owner = Some("k_1234".into());
+    rec.idempotency = Some(IdempotencyKey {
+        key: "order-17".into(),
+        fingerprint: u64::MAX,
+    });
+    store.put_run(&rec).await.unwrap();
+    assert_eq!(store.get_run("run_a").await.unwrap(), Some(rec.clone()));
+    let listed = store.list_runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(listed.runs, [rec.clone()]);
     let missing = RunRecord::new("run_missing", "wf", json!(null));
     assert!(matches!(
         store.put_run(&missing).await,

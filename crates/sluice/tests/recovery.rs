@@ -144,3 +144,102 @@ async fn kill_9_during_heavy_appends_leaves_every_log_contiguous() {
         }
     }
 }
+
+/// `POST /v1/workflows/{workflow}/runs` with an `Idempotency-Key`: the status and the body.
+async fn create_keyed(
+    c: &reqwest::Client,
+    s: &Server,
+    workflow: &str,
+    key: &str,
+    body: &str,
+) -> (u16, Value) {
+    let r = c
+        .post(s.url(&format!("/v1/workflows/{workflow}/runs")))
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// The ids of every run of `workflow`.
+async fn run_ids(c: &reqwest::Client, s: &Server, workflow: &str) -> Vec<String> {
+    let page: Value = c
+        .get(s.url(&format!("/v1/runs?workflow={workflow}&limit=1000")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_answers_its_first_run_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let first = Server::on_data_dir(dir.path());
+    let body = r#"{"input": {"n": 3, "text_len": 4}, "metadata": {"order": 17}}"#;
+    let (status, created) = create_keyed(&c, &first, "ticker", "order-17", body).await;
+    assert_eq!(status, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(created.get("idempotency").is_none(), "not shown: {created}");
+    // A waiting run's key comes back too.
+    let (status, asked) = create_keyed(&c, &first, "ask-human", "ask-1", "").await;
+    assert_eq!(status, 202, "{asked}");
+    let asked_id = asked["id"].as_str().unwrap().to_owned();
+    until(&c, &first, &id, |r| r["status"] == "completed").await;
+    until(&c, &first, &asked_id, |r| r["status"] == "waiting").await;
+    first.kill9();
+
+    let second = Server::on_data_dir(dir.path());
+    // The same key and body (its object keys in another order): the first run, nothing new.
+    let same = r#"{"metadata": {"order": 17}, "input": {"text_len": 4, "n": 3}}"#;
+    let (status, again) = create_keyed(&c, &second, "ticker", "order-17", same).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(again["status"], "completed");
+    assert_eq!(again["result"], json!({"count": 3}));
+    assert!(again.get("idempotency").is_none(), "not shown: {again}");
+    assert_eq!(run_ids(&c, &second, "ticker").await, [id.as_str()]);
+    let (status, again) = create_keyed(&c, &second, "ask-human", "ask-1", "").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], asked_id.as_str());
+    assert_eq!(again["status"], "waiting");
+    // The same key with another body is refused, and starts nothing either.
+    let other = r#"{"input": {"n": 4, "text_len": 4}, "metadata": {"order": 17}}"#;
+    let (status, refused) = create_keyed(&c, &second, "ticker", "order-17", other).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["code"], "idempotency_key_reused");
+    assert_eq!(run_ids(&c, &second, "ticker").await, [id.as_str()]);
+    // A new key starts a new run, and that key too survives the next restart (a graceful
+    // one this time).
+    let (status, fresh) = create_keyed(&c, &second, "ticker", "order-18", other).await;
+    assert_eq!(status, 202, "{fresh}");
+    let fresh_id = fresh["id"].as_str().unwrap().to_owned();
+    assert_ne!(fresh_id, id);
+    until(&c, &second, &fresh_id, |r| r["status"] == "completed").await;
+    second.stop();
+
+    let third = Server::on_data_dir(dir.path());
+    let (status, again) = create_keyed(&c, &third, "ticker", "order-18", other).await;
+    assert_eq!(
+        (status, again["id"].as_str()),
+        (200, Some(fresh_id.as_str()))
+    );
+    let (status, again) = create_keyed(&c, &third, "ticker", "order-17", same).await;
+    assert_eq!((status, again["id"].as_str()), (200, Some(id.as_str())));
+    let mut ids = run_ids(&c, &third, "ticker").await;
+    ids.sort();
+    let mut expected = vec![id, fresh_id];
+    expected.sort();
+    assert_eq!(ids, expected);
+}

@@ -54,6 +54,25 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// `kill -TERM`, and waits (at most a minute) for the graceful shutdown to end the
+    /// process with status 0.
+    pub fn stop(mut self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "sluice serve ended with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("sluice serve did not stop within a minute of SIGTERM");
+    }
+
     /// `kill -9`.
     pub fn kill9(mut self) {
         self.child.kill().unwrap(); // SIGKILL
