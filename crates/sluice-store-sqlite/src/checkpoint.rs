@@ -27,6 +27,7 @@ use rusqlite::Connection;
 use sluice_store::{Error, Result};
 
 use crate::Synchronous;
+use crate::journal_file::Unsynced;
 use crate::schema::open_checkpointer;
 
 /// Bytes committed between two background checkpoints.
@@ -51,25 +52,35 @@ pub(crate) struct Checkpointer {
     /// Tells the waiting thread the writer has finished (so their checkpoints never overlap).
     finished: Option<SyncSender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// The journal's segments to sync before a checkpoint syncs the WAL (`synchronous =
+    /// NORMAL`): the database must never hold events that follow journaled ones lost to a
+    /// power cut.
+    unsynced: Option<Arc<Unsynced>>,
 }
 
 impl Checkpointer {
     /// Opens the thread's connection and starts it.
-    pub(crate) fn spawn(path: &Path, synchronous: Synchronous) -> Result<Self> {
+    pub(crate) fn spawn(
+        path: &Path,
+        synchronous: Synchronous,
+        unsynced: Option<Arc<Unsynced>>,
+    ) -> Result<Self> {
         let conn = open_checkpointer(path, synchronous)?;
+        let journal = unsynced.clone();
         let (nudge, nudges) = mpsc::sync_channel(1);
         let (finished, finishes) = mpsc::sync_channel(1);
         let reset_wanted = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&reset_wanted);
         let thread = std::thread::Builder::new()
             .name("sluice-sqlite-checkpoint".into())
-            .spawn(move || run(&conn, &nudges, &flag, &finishes))
+            .spawn(move || run(&conn, journal.as_deref(), &nudges, &flag, &finishes))
             .map_err(|e| Error::backend("starting the SQLite checkpoint thread", e))?;
         Ok(Self {
             nudge: Some(nudge),
             reset_wanted,
             finished: Some(finished),
             thread: Some(thread),
+            unsynced,
         })
     }
 
@@ -86,6 +97,9 @@ impl Checkpointer {
     /// writer's connection) and lets the thread go on.
     pub(crate) fn finish_if_asked(&self, finish: impl FnOnce()) {
         if self.reset_wanted.swap(false, Ordering::Acquire) {
+            if let Some(u) = &self.unsynced {
+                u.sync();
+            }
             finish();
             if let Some(tx) = &self.finished {
                 let _ = tx.try_send(());
@@ -130,19 +144,26 @@ pub(crate) fn passive(conn: &Connection) -> Option<i64> {
 /// passes catch up with the writer before it is asked to finish (so it has little left to copy).
 fn run(
     conn: &Connection,
+    journal: Option<&Unsynced>,
     nudges: &Receiver<()>,
     reset_wanted: &AtomicBool,
     finishes: &Receiver<()>,
 ) {
+    let checkpoint = || {
+        if let Some(j) = journal {
+            j.sync();
+        }
+        passive(conn)
+    };
     while nudges.recv().is_ok() {
-        let Some(mut frames) = passive(conn) else {
+        let Some(mut frames) = checkpoint() else {
             continue;
         };
         if frames < RESET_FRAMES {
             continue;
         }
         for _ in 0..MAX_CATCH_UP_PASSES {
-            let Some(now) = passive(conn) else { break };
+            let Some(now) = checkpoint() else { break };
             let behind = now - frames;
             frames = now;
             if behind < CAUGHT_UP_FRAMES {

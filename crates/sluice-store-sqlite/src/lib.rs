@@ -20,6 +20,8 @@
 //! - `schema.rs`: the tables, the ordered migrations (tracked in `PRAGMA user_version`, see
 //!   [`SCHEMA_VERSION`]) and how connections are set up.
 //! - `writer.rs`: the writer thread and its group commit.
+//! - `journal.rs`, `journal_file.rs`: where small appends are made durable first (the
+//!   bookkeeping, and the segment files `<db>-events/*.log`).
 //! - `checkpoint.rs`: the checkpoint thread, which keeps WAL checkpoints off the writer.
 //! - `reader.rs`: the pool of read-only connections and the read queries.
 //! - `cache.rs`: the committed `run_id → (last_seq, closed)` of open logs, and each one's
@@ -30,9 +32,11 @@
 //! and receives every write (appends, `finish`, records, checkpoints, inbox, sessions) over a
 //! bounded channel; the caller awaits a reply. The thread **group-commits**: it takes the first
 //! queued command, adds whatever else is already queued (until the queue is empty, the group holds
-//! [`SqliteOptions::max_batch`] events, or [`SqliteOptions::commit_window`] has passed), runs the
-//! group in one transaction, commits, replies to every caller, then wakes the followers of every
-//! run that got events (through a [`Notifier`]; nobody polls). It never sleeps waiting for company:
+//! [`SqliteOptions::max_batch`] events, or [`SqliteOptions::commit_window`] has passed), and
+//! commits the group in two parts: the small appends go to the journal file with one `write`
+//! (see below), and are acknowledged; the rest runs in one SQLite transaction. Then it replies
+//! to every caller and wakes the followers of every run that got events (through a
+//! [`Notifier`]; nobody polls). It never sleeps waiting for company:
 //! a lone append commits at once, and groups grow by themselves while a commit is in progress.
 //! (After a group it stays awake for about 50 µs before it sleeps, so a caller that appends again
 //! right after its reply finds it awake.)
@@ -50,14 +54,19 @@
 //! reads a few adjacent pages. Writing there one event at a time would dirty one page per run
 //! per commit: with a thousand runs each streaming a token at a time, every commit would write
 //! hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small append goes
-//! to the `journal` table first, whose rows only ever go at its end, and the writer moves a run's
-//! journaled events into `events` with one insert once about a page of them (4 KiB, or 48
-//! events) has piled up, when the run's log closes, or when the run has gone quiet for a while
-//! (131,072 newer journal rows). A batch of 4 KiB or more goes to `events` directly. The journal
-//! is cut off from the front, never row by row, and when the store opens whatever it still holds
-//! is moved into `events` first. Both tables are written in the same transactions, so the
-//! durability rules below hold for every event wherever it sits; readers never read the journal
-//! (a run's journaled events are always in the in-memory tail described below).
+//! to the *journal* first: append-only segment files next to the database (`<db>-events/`),
+//! one record per event, written with one `write` per group and no SQLite transaction at all.
+//! Once about a page of a run's events (4 KiB, or 48 events) has piled up there the run is
+//! *due*, and the writer moves its journaled events into `events` with one insert — a few due
+//! runs per group, after that group's appends were acknowledged, so that a thousand runs
+//! filling their page at the same moment do not stall one commit. A run is also moved when its
+//! log closes (the terminal event goes in with them), when it has 16 KiB pending (the writer
+//! is behind), or when it has gone quiet for a while (131,072 newer journal records). A batch
+//! of 4 KiB or more goes to `events` directly. Segments are deleted once every record in them
+//! is in `events`, and when the store opens whatever the journal still holds is moved into
+//! `events` first (a record torn by a crash in the middle of a write is left out: it was never
+//! acknowledged). Readers never read the journal (a run's journaled events are always in the
+//! in-memory tail described below).
 //!
 //! [`finish`](Store::finish) writes the final record and the terminal event in the same
 //! transaction, so a reader that sees the terminal event sees the final record.
@@ -77,21 +86,25 @@
 //! followers there are.
 //!
 //! # What survives a crash
-//! A write is acknowledged only after its transaction has committed, so an acknowledged write
-//! is visible to every later read, and a write whose call has not returned may or may not be
-//! there (a group commits or fails as a whole, and each command within it is atomic).
+//! A write is acknowledged only after it is durable — its transaction committed, or (a small
+//! append) its records written to the journal — so an acknowledged write is visible to every
+//! later read, and a write whose call has not returned may or may not be there (each part of
+//! a group commits or fails as a whole, and each command within it is atomic).
 //!
 //! - **The process dies** (`kill -9`, panic, OOM kill) — with any [`Synchronous`] level: every
-//!   acknowledged write survives. A commit has been written to the WAL file (into the OS page
-//!   cache) before the reply, and the OS keeps it when the process dies.
+//!   acknowledged write survives. A commit has been written to the WAL file, and a journaled
+//!   append to its segment (both into the OS page cache) before the reply, and the OS keeps
+//!   them when the process dies.
 //! - **The OS crashes or the power fails** — this depends on [`SqliteOptions::synchronous`]:
 //!   - [`Synchronous::Full`]: every acknowledged write survives (the WAL is fsynced at every
-//!     group commit).
+//!     group commit, the journal at every write).
 //!   - [`Synchronous::Normal`] (the default): the database stays consistent, but the most recent
 //!     acknowledged commits may be lost — those made since the WAL was last fsynced, which
 //!     happens at each checkpoint: about every 4 MiB of committed data, more if the checkpoint
-//!     thread falls behind (the OS may also have written them back on its own by then). What is
-//!     lost is a suffix of whole transactions: every run's log is still contiguous from seq 1,
+//!     thread falls behind (the OS may also have written them back on its own by then). The
+//!     checkpoint thread syncs the journal's segments before each checkpoint, so the database
+//!     never holds events that follow journaled ones the OS lost. What is lost is a suffix of
+//!     whole transactions and journal writes: every run's log is still contiguous from seq 1,
 //!     and a finished run is either finished with its terminal event or not finished at all.
 //!   - [`Synchronous::Off`]: recent commits may be lost and the database file may be corrupted.
 //!
@@ -109,6 +122,7 @@
 mod cache;
 mod checkpoint;
 mod journal;
+mod journal_file;
 mod options;
 mod reader;
 mod schema;
@@ -126,6 +140,7 @@ use sluice_store::{Error, InboxEntry, Notifier, Result, RunFilter, RunPage, Stor
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::RunCache;
+use crate::journal_file::JournalFile;
 use crate::reader::ReadPool;
 use crate::writer::{Command, Reply, RunRow, Writer};
 
@@ -170,13 +185,22 @@ impl SqliteStore {
                 .map_err(|e| Error::backend(format!("creating {}", parent.display()), e))?;
         }
         let conn = schema::open_writer(&path, options.synchronous)?;
+        let unsynced = (options.synchronous == Synchronous::Normal)
+            .then(|| Arc::new(journal_file::Unsynced::default()));
+        let file = JournalFile::create(
+            &journal_file::dir_of(&path),
+            1,
+            options.synchronous == Synchronous::Full,
+            unsynced.clone(),
+        )?;
         let readers = Arc::new(ReadPool::open(path.clone(), options.read_connections)?);
         let cache = Arc::new(RunCache::default());
         let notifier = Arc::new(Notifier::new());
         let (commands, rx) = mpsc::channel(WRITE_QUEUE);
-        let checkpointer = checkpoint::Checkpointer::spawn(&path, options.synchronous)?;
+        let checkpointer = checkpoint::Checkpointer::spawn(&path, options.synchronous, unsynced)?;
         let writer = Writer::new(
             conn,
+            file,
             cache.clone(),
             notifier.clone(),
             &options,

@@ -56,7 +56,8 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL            -- the SessionRecord as JSON
     );
     ",
-    // 2: the journal of small appends (see `journal.rs`): rows in append order, no other index.
+    // 2: the journal of small appends, rows in append order. No longer written (the journal is
+    // in segment files now, see `journal_file.rs`); what an older build left is moved at open.
     "
     CREATE TABLE journal (
         pos    INTEGER PRIMARY KEY,
@@ -114,11 +115,13 @@ pub(crate) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
     .map_err(|e| Error::backend("configuring the writer connection", e))?;
     migrate(&conn)?;
     replay_journal(&conn)?;
+    crate::journal_file::replay(&conn, &crate::journal_file::dir_of(path))?;
     Ok(conn)
 }
 
-/// Moves whatever the journal holds into `events` (rows of runs that still exist and are not
-/// there yet) and empties it: the writer starts with nothing pending.
+/// Moves whatever the `journal` table holds into `events` (rows of runs that still exist and
+/// are not there yet) and empties it. (Stores before the journal moved to segment files kept
+/// it there; the writer no longer writes it.)
 fn replay_journal(conn: &Connection) -> Result<()> {
     let what = "replaying the journal";
     let tx = conn

@@ -1,6 +1,12 @@
 //! The writer thread: owns the read-write connection and group-commits every write command.
+//!
+//! A group runs in two parts. First the small appends (those the journal takes, of runs no
+//! earlier command of the group touches): their records are written to the journal file with
+//! one `write`, and they are acknowledged and their followers woken, with no SQLite transaction.
+//! Then everything else runs in one transaction, together with the end-of-group journal work
+//! (moving due runs' pending events into `events`, within a budget).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +19,16 @@ use tokio::sync::{mpsc, oneshot};
 use crate::SqliteOptions;
 use crate::cache::{Change, RunCache, RunState};
 use crate::checkpoint::{self, Checkpointer};
-use crate::journal::{Journal, Route};
+use crate::journal::{APPLY_BYTES, Journal, Route};
+use crate::journal_file::JournalFile;
+
+/// Bytes of pending events the end of a group moves into `events` at least (when runs are
+/// due), besides twice what the group journaled: the moving keeps ahead of the journaling
+/// while its work is spread over many groups.
+const MIN_MOVE_BUDGET: usize = 4 * APPLY_BYTES;
+
+/// …and when the writer has nothing else to do.
+const IDLE_MOVE_BUDGET: usize = 64 * APPLY_BYTES;
 
 /// Row counts of the prepared multi-row inserts: an append of n events uses n's binary
 /// decomposition (capped at 64 rows a statement).
@@ -125,6 +140,23 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// The run the command is about, if any.
+    fn run_id(&self) -> Option<&str> {
+        match self {
+            Self::CreateRun { row, .. } | Self::PutRun { row, .. } | Self::Finish { row, .. } => {
+                Some(&row.id)
+            }
+            Self::DeleteRun { id, .. } => Some(id),
+            Self::Append { run_id, .. }
+            | Self::PutCheckpoint { run_id, .. }
+            | Self::InboxPush { run_id, .. }
+            | Self::InboxAck { run_id, .. } => Some(run_id),
+            Self::CreateSession { .. } | Self::PutSession { .. } | Self::DeleteSession { .. } => {
+                None
+            }
+        }
+    }
+
     /// What the command counts for against `max_batch`.
     fn weight(&self) -> usize {
         match self {
@@ -233,10 +265,12 @@ pub(crate) struct Writer {
     interrupted: Option<Fatal>,
     /// The `INSERT INTO events` statements, by how many rows each inserts (largest first).
     inserts: Vec<(usize, String)>,
-    /// The `INSERT INTO journal` statements, likewise.
-    journal_inserts: Vec<(usize, String)>,
     /// Which runs have events in the journal only (see `journal.rs`).
     journal: Journal,
+    /// The journal's segment files.
+    file: JournalFile,
+    /// Bytes journaled by the group being committed (sets the budget of its moves).
+    journaled: usize,
     commit_window: Duration,
     max_batch: usize,
     /// Takes checkpoints off this thread; `None` in unit tests.
@@ -360,6 +394,7 @@ fn next_command(rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
 impl Writer {
     pub(crate) fn new(
         conn: Connection,
+        file: JournalFile,
         cache: Arc<RunCache>,
         notifier: Arc<Notifier>,
         options: &SqliteOptions,
@@ -384,19 +419,7 @@ impl Writer {
             "INSERT OR FAIL INTO events (run_id, seq, type, json)",
             "(?, ?, ?, ?)",
         );
-        let journal_inserts = multi_row(
-            "INSERT OR FAIL INTO journal (pos, run_id, seq, type, json)",
-            "(?, ?, ?, ?, ?)",
-        );
-        // The store replays the journal into `events` when it opens; whatever is left (a
-        // writer made on an unopened file, in tests) just continues after it.
-        let (next_pos, lowest) = conn
-            .query_row(
-                "SELECT COALESCE(MAX(pos), 0) + 1, COALESCE(MIN(pos), MAX(pos) + 1, 1) FROM journal",
-                [],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
-            )
-            .unwrap_or((1, 1));
+        let next_pos = file.next_pos();
         Self {
             conn,
             cache,
@@ -404,8 +427,9 @@ impl Writer {
             touched: HashMap::new(),
             interrupted: None,
             inserts,
-            journal_inserts,
-            journal: Journal::new(next_pos, lowest),
+            journal: Journal::new(next_pos, next_pos),
+            file,
+            journaled: 0,
             commit_window: options.commit_window,
             max_batch: options.max_batch.max(1),
             checkpointer,
@@ -421,7 +445,19 @@ impl Writer {
     /// load groups grow while the previous one commits.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut group = Vec::new();
-        while let Some(first) = next_command(&mut rx) {
+        loop {
+            let first = match rx.try_recv() {
+                Ok(cmd) => cmd,
+                Err(mpsc::error::TryRecvError::Empty) if self.journal.has_work() => {
+                    // Nothing queued: a good moment to move due runs into `events`.
+                    self.transaction(Vec::new(), IDLE_MOVE_BUDGET);
+                    continue;
+                }
+                Err(_) => match next_command(&mut rx) {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+            };
             let started = Instant::now();
             let mut weight = first.weight();
             group.push(first);
@@ -434,19 +470,163 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(group.drain(..));
+            self.commit_group(std::mem::take(&mut group));
+        }
+        // A clean close leaves every event in `events`: the next open has nothing to replay.
+        self.journal.make_all_due();
+        while self.journal.has_work() {
+            self.transaction(Vec::new(), IDLE_MOVE_BUDGET);
         }
         // Stop the checkpoint thread before the connection closes (closing the last connection
         // checkpoints the rest of the WAL).
         drop(self.checkpointer.take());
     }
 
-    /// Runs `group` in one transaction, commits, replies, then wakes followers.
-    fn commit_group(&mut self, group: impl ExactSizeIterator<Item = Command>) {
+    /// Commits `group`: its small appends through the journal file, the rest in one
+    /// transaction; replies, then wakes followers.
+    fn commit_group(&mut self, group: Vec<Command>) {
+        self.journaled = 0;
+        let rest = self.journal_appends(group);
+        if !rest.is_empty() || self.journal.has_work() {
+            let budget = (2 * self.journaled).max(MIN_MOVE_BUDGET);
+            self.transaction(rest, budget);
+        }
+        if let Some(checkpointer) = &self.checkpointer {
+            if self.since_checkpoint >= checkpoint::NUDGE_BYTES {
+                checkpointer.nudge();
+                self.since_checkpoint = 0;
+            }
+            checkpointer.finish_if_asked(|| {
+                checkpoint::passive(&self.conn);
+            });
+        }
+    }
+
+    /// The first part of a group: journals the small appends of runs that no earlier command
+    /// of the group touches, with one write, then replies to them and wakes their followers.
+    /// Returns the other commands, in their order.
+    fn journal_appends(&mut self, group: Vec<Command>) -> Vec<Command> {
+        let mut rest = Vec::new();
+        // Runs with a command in `rest`: their later commands must follow it there.
+        let mut held: HashSet<String> = HashSet::new();
+        let mut done = Vec::new();
+        self.journal.begin_group();
+        self.file.begin_group();
+        for cmd in group {
+            match cmd {
+                Command::Append {
+                    run_id,
+                    events,
+                    reply,
+                } if !held.contains(&run_id)
+                    && self.journal.journals(
+                        &run_id,
+                        &events,
+                        events.last().is_some_and(RawEvent::is_terminal),
+                    ) =>
+                {
+                    let outcome = self.journal_append(&run_id, &events);
+                    done.push(Done::Unit(reply, outcome));
+                }
+                cmd => {
+                    if let Some(id) = cmd.run_id() {
+                        held.insert(id.to_owned());
+                    }
+                    rest.push(cmd);
+                }
+            }
+        }
+        if done.is_empty() {
+            return rest;
+        }
+        let mut wake = Vec::new();
+        match self.file.write() {
+            Ok(()) => {
+                self.journal.commit_group();
+                if let Err(e) = self.file.commit_group() {
+                    tracing::error!(error = %e, "cannot begin a new journal segment");
+                }
+                wake = self.publish_commit();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, appends = done.len(), "writing to the journal failed");
+                let e: Fatal = Arc::new(e);
+                self.journal.rollback_group();
+                self.touched.clear();
+                for d in &mut done {
+                    d.undo(|| Error::backend("writing to the journal", Arc::clone(&e)));
+                }
+            }
+        }
+        for d in done {
+            d.send();
+        }
+        for (id, seq) in wake {
+            self.notifier.publish(&id, seq);
+        }
+        rest
+    }
+
+    /// Journals one small append (checked to continue the run's log).
+    fn journal_append(&mut self, run_id: &str, events: &[RawEvent]) -> Result<()> {
+        let after = check_continues(run_id, self.state(run_id)?, events)?;
+        match self.journal.route(run_id, events, after.closed) {
+            Route::Journal(pos) => {
+                let at = self.file.push(run_id, events);
+                debug_assert_eq!(at, pos, "the journal and its file number records alike");
+            }
+            // `journals` said it would not: never happens, but this is the right thing to do.
+            Route::Direct(all) => {
+                return Err(Error::Backend {
+                    message: format!(
+                        "internal: an append of {} events was not journaled",
+                        all.len()
+                    ),
+                    source: None,
+                });
+            }
+        }
+        self.journaled += events.iter().map(|e| e.json().len()).sum::<usize>();
+        self.set_state(run_id, Some(after), events);
+        Ok(())
+    }
+
+    /// After a commit: records what it did in the cache, and returns the followers to wake.
+    fn publish_commit(&mut self) -> Vec<(String, u64)> {
+        let mut wake = Vec::new();
+        for (id, t) in &self.touched {
+            match t.state {
+                Some(state) if !t.appended.is_empty() => {
+                    wake.push((id.clone(), state.last_seq));
+                }
+                // Deleted (or never there): followers wake, find it gone and end.
+                None => wake.push((id.clone(), u64::MAX)),
+                Some(_) => {}
+            }
+        }
+        let journal = &self.journal;
+        self.cache
+            .apply(self.touched.iter_mut().map(|(id, t)| Change {
+                run_id: id.as_str(),
+                state: t.state,
+                appended: std::mem::take(&mut t.appended),
+                applied_upto: t.state.map_or(0, |s| {
+                    s.last_seq.saturating_sub(journal.pending_len(id) as u64)
+                }),
+            }));
+        self.touched.clear();
+        wake
+    }
+
+    /// Runs `group` in one transaction with the end-of-group journal work (moving at least
+    /// `budget` bytes of due runs' pending events, when there are), commits, replies, then
+    /// wakes followers.
+    fn transaction(&mut self, group: Vec<Command>, budget: usize) {
         let mut done = Vec::with_capacity(group.len());
         let mut bytes = 0;
         let mut fatal: Option<Fatal> = None;
         self.journal.begin_group();
+        self.file.begin_group();
         if let Err(e) = self.exec("BEGIN IMMEDIATE") {
             fatal = Some(Arc::new(e));
         }
@@ -464,7 +644,14 @@ impl Writer {
             fatal = e;
         }
         if fatal.is_none()
-            && let Err(e) = self.maintain_journal()
+            && let Err(e) = self.maintain_journal(budget)
+        {
+            fatal = Some(Arc::new(e));
+        }
+        // The journal's records of this group go to disk before the commit that may depend
+        // on them.
+        if fatal.is_none()
+            && let Err(e) = self.file.write()
         {
             fatal = Some(Arc::new(e));
         }
@@ -485,32 +672,18 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 self.journal.commit_group();
-                self.since_checkpoint += bytes;
-                for (id, t) in &self.touched {
-                    match t.state {
-                        Some(state) if !t.appended.is_empty() => {
-                            wake.push((id.clone(), state.last_seq));
-                        }
-                        // Deleted (or never there): followers wake, find it gone and end.
-                        None => wake.push((id.clone(), u64::MAX)),
-                        Some(_) => {}
-                    }
+                if let Err(e) = self.file.commit_group() {
+                    tracing::error!(error = %e, "cannot begin a new journal segment");
                 }
-                let journal = &self.journal;
-                self.cache
-                    .apply(self.touched.iter_mut().map(|(id, t)| Change {
-                        run_id: id.as_str(),
-                        state: t.state,
-                        appended: std::mem::take(&mut t.appended),
-                        applied_upto: t.state.map_or(0, |s| {
-                            s.last_seq.saturating_sub(journal.pending_len(id) as u64)
-                        }),
-                    }));
-                self.touched.clear();
+                // Every record below the front is in `events` as of this commit.
+                self.file.release_below(self.journal.front());
+                self.since_checkpoint += bytes;
+                wake = self.publish_commit();
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = done.len(), "an SQLite write transaction failed");
                 self.journal.rollback_group();
+                self.file.rollback_group();
                 self.touched.clear();
                 for d in &mut done {
                     d.undo(|| Error::backend("committing a write transaction", Arc::clone(&e)));
@@ -522,15 +695,6 @@ impl Writer {
         }
         for (id, seq) in wake {
             self.notifier.publish(&id, seq);
-        }
-        if let Some(checkpointer) = &self.checkpointer {
-            if self.since_checkpoint >= checkpoint::NUDGE_BYTES {
-                checkpointer.nudge();
-                self.since_checkpoint = 0;
-            }
-            checkpointer.finish_if_asked(|| {
-                checkpoint::passive(&self.conn);
-            });
         }
     }
 
@@ -636,33 +800,6 @@ impl Writer {
         Ok(())
     }
 
-    /// Inserts `events` into the journal at consecutive positions from `first_pos`.
-    fn insert_journal(
-        &self,
-        run_id: &str,
-        first_pos: i64,
-        mut events: &[RawEvent],
-    ) -> rusqlite::Result<()> {
-        let mut pos = first_pos;
-        for (rows, sql) in &self.journal_inserts {
-            while events.len() >= *rows {
-                let (now, rest) = events.split_at(*rows);
-                let mut stmt = self.conn.prepare_cached(sql)?;
-                for (i, e) in now.iter().enumerate() {
-                    stmt.raw_bind_parameter(5 * i + 1, pos)?;
-                    stmt.raw_bind_parameter(5 * i + 2, run_id)?;
-                    stmt.raw_bind_parameter(5 * i + 3, to_sql_int(e.seq()))?;
-                    stmt.raw_bind_parameter(5 * i + 4, e.event_type())?;
-                    stmt.raw_bind_parameter(5 * i + 5, &e.json()[..])?;
-                    pos += 1;
-                }
-                stmt.raw_execute()?;
-                events = rest;
-            }
-        }
-        Ok(())
-    }
-
     /// Writes `events` (checked to continue the run's log) where the journal's rules say:
     /// into the journal, or with the run's pending events into `events`.
     fn store_events(
@@ -672,29 +809,48 @@ impl Writer {
         closes: bool,
     ) -> rusqlite::Result<()> {
         match self.journal.route(run_id, events, closes) {
-            Route::Journal(first_pos) => self.insert_journal(run_id, first_pos, events),
+            Route::Journal(first_pos) => {
+                let at = self.file.push(run_id, events);
+                debug_assert_eq!(
+                    at, first_pos,
+                    "the journal and its file number records alike"
+                );
+                self.journaled += events.iter().map(|e| e.json().len()).sum::<usize>();
+                Ok(())
+            }
             Route::Direct(all) => self.insert_events(run_id, &all),
         }
     }
 
-    /// At the end of a group: moves the pending events of runs that went quiet into `events`,
-    /// and cuts off the journal's front when it can move.
-    fn maintain_journal(&mut self) -> Result<()> {
+    /// At the end of a group: moves into `events` the pending events of runs that went quiet,
+    /// and of due runs until `budget` bytes are moved, and releases the journal's front when it
+    /// can move.
+    fn maintain_journal(&mut self, budget: usize) -> Result<()> {
         for run_id in self.journal.stragglers() {
-            // Touch the run so its cache entry learns that the events are in `events` now.
-            self.state(&run_id)?;
-            let events = self.journal.take(&run_id);
-            self.insert_events(&run_id, &events)
-                .map_err(db("moving journaled events"))?;
+            self.move_pending(&run_id)?;
+        }
+        let mut moved = 0;
+        while moved < budget {
+            let Some(run_id) = self.journal.next_due() else {
+                break;
+            };
+            moved += self.journal.pending_bytes(&run_id);
+            self.move_pending(&run_id)?;
         }
         if let Some(below) = self.journal.truncation() {
-            self.conn
-                .prepare_cached("DELETE FROM journal WHERE pos < ?1")
-                .and_then(|mut stmt| stmt.execute([below]))
-                .map_err(db("truncating the journal"))?;
+            // The segments themselves go once the group has committed.
             self.journal.truncated(below);
         }
         Ok(())
+    }
+
+    /// Moves a run's pending events into `events`.
+    fn move_pending(&mut self, run_id: &str) -> Result<()> {
+        // Touch the run so its cache entry learns that the events are in `events` now.
+        self.state(run_id)?;
+        let events = self.journal.take(run_id);
+        self.insert_events(run_id, &events)
+            .map_err(db("moving journaled events"))
     }
 
     /// The state of a run's log as of the open transaction: what it did, else the committed
@@ -784,7 +940,7 @@ impl Writer {
                 .map_err(db("deleting a run"))?;
             stmt.execute([id]).map_err(db("deleting a run"))?;
         }
-        // Its journal rows go with the journal's front (and are skipped if the store reopens
+        // Its journal records go with the journal's front (and are skipped if the store reopens
         // before that: the journal is replayed for existing runs only).
         self.journal.take(id);
         self.set_state(id, None, &[]);
@@ -938,9 +1094,12 @@ mod tests {
 
     fn writer() -> (tempfile::TempDir, Writer) {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_writer(&dir.path().join("w.db"), Synchronous::Normal).unwrap();
+        let db = dir.path().join("w.db");
+        let conn = open_writer(&db, Synchronous::Normal).unwrap();
+        let file = JournalFile::create(&crate::journal_file::dir_of(&db), 1, false, None).unwrap();
         let w = Writer::new(
             conn,
+            file,
             Arc::default(),
             Arc::default(),
             &SqliteOptions::default(),
@@ -975,16 +1134,20 @@ mod tests {
         w.conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
-    /// A run's events as stored: in `events`, or only in the journal.
-    fn stored(w: &Writer, run: &str) -> i64 {
+    /// A run's events in `events`.
+    fn logged(w: &Writer, run: &str) -> i64 {
         w.conn
             .query_row(
-                "SELECT count(*) FROM (SELECT seq FROM events WHERE run_id = ?1
-                                       UNION SELECT seq FROM journal WHERE run_id = ?1)",
+                "SELECT count(*) FROM events WHERE run_id = ?1",
                 [run],
                 |r| r.get(0),
             )
             .unwrap()
+    }
+
+    /// A run's events as stored: in `events`, or only in the journal.
+    fn stored(w: &Writer, run: &str) -> i64 {
+        logged(w, run) + w.journal.pending_len(run) as i64
     }
 
     #[test]
@@ -1002,7 +1165,7 @@ mod tests {
         ]
         .into_iter()
         .unzip();
-        w.commit_group(cmds.into_iter());
+        w.commit_group(cmds);
         let outcomes: Vec<_> = rxs
             .into_iter()
             .map(|mut rx| rx.try_recv().unwrap())
@@ -1057,7 +1220,7 @@ mod tests {
     fn a_compound_command_failing_midway_leaves_nothing_behind() {
         let (_dir, mut w) = writer();
         let (cmd, rx) = create("run_a");
-        w.commit_group(std::iter::once(cmd));
+        w.commit_group(vec![cmd]);
         rx.blocking_recv().unwrap().unwrap();
         // Plant a row that makes inbox_push's INSERT fail after its UPDATE has numbered it.
         w.conn
@@ -1072,7 +1235,7 @@ mod tests {
             reply,
         };
         let (ok, mut ok_rx) = append("run_a", 1..=2);
-        w.commit_group([push, ok].into_iter());
+        w.commit_group(vec![push, ok]);
         assert!(matches!(rx.try_recv().unwrap(), Err(Error::Backend { .. })));
         ok_rx.try_recv().unwrap().unwrap();
         // The savepoint undid the counter bump along with the failed insert.
@@ -1087,7 +1250,7 @@ mod tests {
     fn state_is_loaded_lazily_from_the_database() {
         let (_dir, mut w) = writer();
         let (cmd, rx) = create("run_a");
-        w.commit_group(std::iter::once(cmd));
+        w.commit_group(vec![cmd]);
         rx.blocking_recv().unwrap().unwrap();
         let term = RawEvent::encode(
             3,
@@ -1105,18 +1268,67 @@ mod tests {
         // A fresh writer on the same file knows nothing yet.
         w.cache = Arc::default();
         let (reply, mut rx) = oneshot::channel();
-        w.commit_group(std::iter::once(Command::Append {
+        w.commit_group(vec![Command::Append {
             run_id: "run_a".into(),
             events: vec![term],
             reply,
-        }));
+        }]);
         rx.try_recv().unwrap().unwrap();
         assert_eq!(w.cache.get("run_a"), None, "closed logs are not cached");
         let (again, mut rx) = append("run_a", 4..=4);
-        w.commit_group(std::iter::once(again));
+        w.commit_group(vec![again]);
         assert!(matches!(
             rx.try_recv().unwrap(),
             Err(Error::LogClosed { .. })
         ));
+    }
+
+    #[test]
+    fn due_runs_move_into_events_over_several_groups() {
+        let (_dir, mut w) = writer();
+        const RUNS: usize = 200;
+        let ids: Vec<String> = (0..RUNS).map(|i| format!("run_{i:03}")).collect();
+        let (cmds, rxs): (Vec<_>, Vec<_>) = ids.iter().map(|id| create(id)).unzip();
+        w.commit_group(cmds);
+        rxs.into_iter()
+            .for_each(|mut rx| rx.try_recv().unwrap().unwrap());
+        // Every run appends one event at a time until each has a page's worth pending: all of
+        // them become due in the same group.
+        let mut seq = 0;
+        while !ids
+            .iter()
+            .all(|id| w.journal.pending_len(id) >= 48 || logged(&w, id) > 0)
+        {
+            seq += 1;
+            let (cmds, rxs): (Vec<_>, Vec<_>) = ids.iter().map(|id| append(id, seq..=seq)).unzip();
+            w.commit_group(cmds);
+            rxs.into_iter()
+                .for_each(|mut rx| rx.try_recv().unwrap().unwrap());
+            assert!(seq < 48 + 1, "{seq}");
+        }
+        let moved = ids.iter().filter(|id| logged(&w, id) > 0).count();
+        assert!(moved < RUNS, "not all moved in one group: {moved}");
+        // The followers' view: every event readable from the cache, none lost.
+        for id in &ids {
+            assert_eq!(stored(&w, id), seq as i64, "{id}");
+            assert_eq!(
+                w.cache.read(id, 0, 1000).map(|v| v.len()),
+                Some(seq as usize)
+            );
+        }
+        // Idle time moves the rest; the journal's front moves on.
+        while w.journal.has_work() {
+            w.transaction(Vec::new(), IDLE_MOVE_BUDGET);
+        }
+        // Only runs short of a page's worth are left pending.
+        for id in &ids {
+            assert_eq!(stored(&w, id), seq as i64, "{id}");
+            assert!(logged(&w, id) > 0, "{id}");
+            assert!(
+                w.journal.pending_bytes(id) < APPLY_BYTES && w.journal.pending_len(id) < 48,
+                "{id}"
+            );
+        }
+        assert!(w.journal.next_due().is_none());
     }
 }
