@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use sluice_protocol::RawEvent;
+use sluice_store::{Error, Result};
 
 /// A run's tail keeps at most this many events (besides the whole last append)…
 const TAIL_EVENTS: usize = 64;
@@ -26,6 +27,41 @@ pub(crate) struct RunState {
     pub(crate) last_seq: u64,
     /// Whether the last event is terminal: nothing can be appended.
     pub(crate) closed: bool,
+}
+
+/// Checks that `events` continue a log standing at `state`; returns the state after them.
+pub(crate) fn check_continues(
+    run_id: &str,
+    state: Option<RunState>,
+    events: &[RawEvent],
+) -> Result<RunState> {
+    let state = state.ok_or_else(|| Error::run_not_found(run_id))?;
+    if state.closed {
+        return Err(Error::LogClosed {
+            run_id: run_id.to_owned(),
+        });
+    }
+    let mut expected = state.last_seq + 1;
+    for (i, e) in events.iter().enumerate() {
+        if e.is_terminal() && i + 1 < events.len() {
+            // Nothing may follow a terminal event: the batch is refused whole.
+            return Err(Error::LogClosed {
+                run_id: run_id.to_owned(),
+            });
+        }
+        if e.seq() != expected {
+            return Err(Error::SeqConflict {
+                run_id: run_id.to_owned(),
+                expected,
+                got: e.seq(),
+            });
+        }
+        expected += 1;
+    }
+    Ok(RunState {
+        last_seq: expected - 1,
+        closed: events.last().is_some_and(RawEvent::is_terminal),
+    })
 }
 
 /// One open log: its committed state and its newest committed events, contiguous and ending at
@@ -109,12 +145,14 @@ pub(crate) struct Change<'a> {
 
 /// `run_id -> (RunState, tail)` for runs whose log is open, as committed.
 ///
-/// Only the writer fills it, after each commit, so an entry is never ahead of the database nor
-/// older than what was acknowledged to a writer. Readers use it to answer `last_seq` and live
-/// reads without a query, and fall back to the database on a miss. Runs whose log is closed are
-/// left out: their state never changes, and their readers read the rest from the database.
-/// An open run that has events only in the journal is always here (entries leave when their
-/// log closes or the run is deleted), so a run that is not here has all its events in `events`.
+/// It is filled after each commit of the writer and after each journaled append (see
+/// `journal.rs`), so an entry is never ahead of what is durable nor older than what was
+/// acknowledged. Readers use it to answer `last_seq` and live reads without a query, and fall
+/// back to the database on a miss. Runs whose log is closed leave it once every event of theirs
+/// is in `events`: their state never changes, and their readers read the rest from the
+/// database. A run that has events only in the journal is always here (an entry leaves when
+/// its log is closed and fully moved, or the run is deleted), so a run that is not here has
+/// all its events in `events`.
 #[derive(Debug, Default)]
 pub(crate) struct RunCache {
     runs: Mutex<HashMap<String, Entry>>,
@@ -147,28 +185,45 @@ impl RunCache {
         Some(entry.tail.iter().skip(skip).take(limit).cloned().collect())
     }
 
+    /// Pending events of the run moved into `events`: every event before `first_pending` is
+    /// there now (`None`: all of them). A closed log whose every event is there leaves the
+    /// cache.
+    pub(crate) fn moved(&self, run_id: &str, first_pending: Option<u64>) {
+        let mut runs = self.lock();
+        if let Some(entry) = runs.get_mut(run_id) {
+            let upto = first_pending.map_or(entry.state.last_seq, |s| s.saturating_sub(1));
+            entry.applied_upto = entry.applied_upto.max(upto);
+            if entry.state.closed && entry.applied_upto >= entry.state.last_seq {
+                runs.remove(run_id);
+            }
+        }
+    }
+
     /// Records what a commit made of these runs.
     pub(crate) fn apply<'a>(&self, changes: impl IntoIterator<Item = Change<'a>>) {
         let mut runs = self.lock();
         for change in changes {
             match change.state {
-                Some(state) if !state.closed => match runs.get_mut(change.run_id) {
-                    Some(entry) => entry.advance(state, change.appended, change.applied_upto),
-                    None => {
-                        // A run seen for the first time this commit: its tail starts with what
-                        // the commit appended, when that ends at the committed state.
-                        let start = RunState {
-                            last_seq: change
-                                .appended
-                                .first()
-                                .map_or(state.last_seq, |e| e.seq().saturating_sub(1)),
-                            closed: false,
-                        };
-                        let mut entry = Entry::new(start);
-                        entry.advance(state, change.appended, change.applied_upto);
-                        runs.insert(change.run_id.to_owned(), entry);
+                // A closed log stays while events of it are only in the journal.
+                Some(state) if !state.closed || change.applied_upto < state.last_seq => {
+                    match runs.get_mut(change.run_id) {
+                        Some(entry) => entry.advance(state, change.appended, change.applied_upto),
+                        None => {
+                            // A run seen for the first time this commit: its tail starts with what
+                            // the commit appended, when that ends at the committed state.
+                            let start = RunState {
+                                last_seq: change
+                                    .appended
+                                    .first()
+                                    .map_or(state.last_seq, |e| e.seq().saturating_sub(1)),
+                                closed: false,
+                            };
+                            let mut entry = Entry::new(start);
+                            entry.advance(state, change.appended, change.applied_upto);
+                            runs.insert(change.run_id.to_owned(), entry);
+                        }
                     }
-                },
+                }
                 _ => {
                     runs.remove(change.run_id);
                 }

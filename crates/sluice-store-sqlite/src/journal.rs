@@ -1,5 +1,6 @@
 //! The journal: where small appends are made durable first, so that many runs each appending
-//! a token at a time do not each rewrite a page of the `events` table at every commit.
+//! a token at a time neither wait for an SQLite transaction nor each rewrite a page of the
+//! `events` table at every commit.
 //!
 //! The `events` table is clustered by `(run_id, seq)`, which keeps every run's log together for
 //! replays. But an append of one event into it dirties one page of that run, and a commit writes
@@ -7,28 +8,44 @@
 //! single-event appends writes a few hundred pages (4 KiB each for ~200 bytes of data each).
 //!
 //! So a small append goes to the journal instead: records appended to segment files
-//! (`journal_file.rs`), one `write` per group commit, in no SQLite transaction. The writer keeps
-//! each run's journaled events in memory (*pending*). Once they add up to [`APPLY_BYTES`] or
-//! [`APPLY_EVENTS`] the run is *due*: due runs are moved into `events` (one multi-row insert
-//! each) a few at a time after the appends of a group were acknowledged, with a budget that
-//! grows with what the group journaled, so a thousand runs that fill their page at the same
-//! moment are moved over the next groups instead of all in one. A run that reaches
-//! [`CAP_BYTES`] or [`CAP_EVENTS`] pending (the writer is behind) is moved at once with its
-//! append; one that sat behind [`WINDOW`] newer records (a run that went quiet) is moved at the
-//! next commit. A closing append, or a large one (a batch of [`APPLY_BYTES`] or more), skips
-//! the journal and is written to `events` directly, with the run's pending events before it.
-//! Segments are deleted once every record in them is in `events` (or belongs to a deleted run).
+//! (`journal_file.rs`). The caller's task does it itself ([`Journaled::append`]): under one
+//! short lock it checks that the events continue the run's log, writes their records with one
+//! `write`, notes them as the run's *pending* events and adds them to the cache's tail; then it
+//! wakes the run's followers. No thread hop, no transaction. (With `synchronous = FULL`, which
+//! syncs every write, the writer thread does the same for whole groups at once, so that one
+//! sync serves many appends.)
 //!
-//! Readers never read the journal: a run's pending events are also in the shared cache's tail
-//! (see `cache.rs`), which always reaches back to the last event in `events`. When the store
-//! opens, whatever the journal holds is moved into `events` before anything else runs.
+//! Pending events move into `events` on the writer thread. Once a run's add up to
+//! [`APPLY_BYTES`] or [`APPLY_EVENTS`], or its log has closed, the run is *due*; after each
+//! group the writer moves a few due runs (one multi-row insert each) within a budget, so a
+//! thousand runs that fill their page, or finish, at the same moment are moved over the next
+//! groups rather than in one. A run that went quiet with events pending (behind [`WINDOW`]
+//! newer records) is moved at the next group. An append the journal does not take — one that
+//! closes the log, a large one (a batch of [`APPLY_BYTES`] or more), one that would take the
+//! run past [`CAP_BYTES`] or [`CAP_EVENTS`] pending, an append to a run the writer is busy with
+//! or does not have in the cache — goes through the writer: into `events`, with the run's
+//! pending events before it, except that a run's terminal event alone is inserted as it is and
+//! its pending events follow later as a due run. Segments are deleted once every record in
+//! them is in `events` (or belongs to a deleted run).
 //!
-//! This module is the in-memory bookkeeping; the SQL is in `writer.rs`. Every change made while
-//! a group commit runs can be rolled back with the group.
+//! So `events` holds every run's log up to its first pending event, plus possibly the terminal
+//! event after a gap. Readers are never shown the gap: a run with pending events is always in
+//! the cache, whose tail holds every event from the first pending one on, and a read from the
+//! database stops at the first missing seq. When the store opens, whatever the journal holds
+//! is moved into `events` before anything else runs.
+//!
+//! The writer changes the bookkeeping of pending events only once its transaction has
+//! committed: while it runs, the appends it moves stay pending, and the runs its commands touch
+//! are marked *busy*, so the inline path leaves them to the writer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_protocol::RawEvent;
+use sluice_store::Error;
+
+use crate::cache::{Change, RunCache, RunState, check_continues};
+use crate::journal_file::JournalFile;
 
 /// A run is due to have its pending events moved to `events` once their envelopes add up to
 /// this many bytes (about one page of the table)…
@@ -44,211 +61,193 @@ pub(crate) const CAP_BYTES: usize = 4 * APPLY_BYTES;
 /// …likewise with this many events pending.
 pub(crate) const CAP_EVENTS: usize = 4 * APPLY_EVENTS;
 
-/// A run whose oldest pending event has this many newer journal records behind it is applied
-/// at the next commit, however few its events: it keeps the journal's front from moving.
+/// A run whose oldest pending event has this many newer journal records behind it is moved at
+/// the next group, however few its events: it keeps the journal's front from moving.
 pub(crate) const WINDOW: i64 = 131_072;
 
-/// The journal's front is released once it can move by this many records.
-pub(crate) const TRUNCATE_STEP: i64 = 4096;
+/// Segments are released once the journal's front can move by this many records.
+pub(crate) const RELEASE_STEP: i64 = 4096;
 
-/// One run's journaled events that are not in `events` yet.
-#[derive(Debug)]
+/// One run's journaled events that are not in `events` yet, with their journal positions.
+#[derive(Debug, Default)]
 struct Pending {
-    events: Vec<RawEvent>,
+    events: VecDeque<RawEvent>,
+    positions: VecDeque<i64>,
     bytes: usize,
-    /// The journal position of the first of them.
-    oldest_pos: i64,
     /// Whether the run is in the due queue.
     queued: bool,
+    /// Its log is closed (the terminal event is in `events`): due, whatever its size.
+    closed: bool,
 }
 
 impl Pending {
     fn is_due(&self) -> bool {
-        self.bytes >= APPLY_BYTES || self.events.len() >= APPLY_EVENTS
+        self.closed || self.bytes >= APPLY_BYTES || self.events.len() >= APPLY_EVENTS
     }
 }
 
-/// How to restore one run's pending events when a group rolls back.
-#[derive(Debug)]
-enum Undo {
-    /// It had none.
-    Absent,
-    /// It had these first `len` events (later ones came with the group), `bytes` of them.
-    Prefix { len: usize, bytes: usize },
-    /// The group took them: these are they (cut back to what it had before the group).
-    Taken(Pending),
+fn bytes_of<'a>(events: impl IntoIterator<Item = &'a RawEvent>) -> usize {
+    events.into_iter().map(|e| e.json().len()).sum()
 }
 
-/// Where an append goes.
-#[derive(Debug)]
-pub(crate) enum Route {
-    /// Into `events`, now: these events (the run's pending ones, then the append's).
-    Direct(Vec<RawEvent>),
-    /// Into the journal, at consecutive positions from this one.
-    Journal(i64),
-}
-
-impl Route {
-    #[cfg(test)]
-    fn is_journal(&self) -> bool {
-        matches!(self, Self::Journal(_))
-    }
-}
-
-/// Whether an append of `events` is small enough for the journal (else it goes to `events`).
-fn small(events: &[RawEvent], bytes: usize) -> bool {
-    !events.is_empty() && bytes < APPLY_BYTES && events.len() < APPLY_EVENTS
-}
-
-/// The writer's journal bookkeeping.
+/// Which runs have events in the journal only, and which of them are due.
 #[derive(Debug)]
 pub(crate) struct Journal {
     pending: HashMap<String, Pending>,
     /// Runs with pending events, by the position of their oldest one.
     by_oldest: BTreeMap<i64, String>,
-    next_pos: i64,
-    /// Every record below this position has been released.
-    truncated_below: i64,
-    /// Runs whose pending events should move to `events`, oldest first (entries may be stale:
+    /// Runs whose pending events should move, oldest first (entries may be stale:
     /// [`Journal::next_due`] skips runs that are no longer due).
     due: VecDeque<String>,
+    /// The position the next record gets.
+    next_pos: i64,
+    /// The front as of the last release of segments.
+    released: i64,
     /// Every run with pending events is due (the store is closing).
     closing: bool,
-    /// What the open group changed, to roll it back: how each run's pending state was before
-    /// the group (without copying the events).
-    undo: HashMap<String, Undo>,
-    /// `next_pos` and `truncated_below` when the group began.
-    at_begin: (i64, i64),
-}
-
-fn bytes_of(events: &[RawEvent]) -> usize {
-    events.iter().map(|e| e.json().len()).sum()
+    /// Bytes of events recorded so far.
+    recorded: u64,
 }
 
 impl Journal {
-    /// Bookkeeping for a journal whose next row goes at `next_pos` and whose rows below
-    /// `lowest` are gone (an empty journal: both the same).
-    pub(crate) fn new(next_pos: i64, lowest: i64) -> Self {
+    /// Bookkeeping for an empty journal whose next record goes at `next_pos`.
+    pub(crate) fn new(next_pos: i64) -> Self {
         Self {
             pending: HashMap::new(),
             by_oldest: BTreeMap::new(),
-            next_pos,
-            truncated_below: lowest,
             due: VecDeque::new(),
+            next_pos,
+            released: next_pos,
             closing: false,
-            undo: HashMap::new(),
-            at_begin: (next_pos, lowest),
+            recorded: 0,
         }
     }
 
-    /// A group commit begins.
-    pub(crate) fn begin_group(&mut self) {
-        self.undo.clear();
-        self.at_begin = (self.next_pos, self.truncated_below);
-    }
-
-    /// The group committed: its changes stay.
-    pub(crate) fn commit_group(&mut self) {
-        self.undo.clear();
-    }
-
-    /// The group failed: back to how things were when it began.
-    pub(crate) fn rollback_group(&mut self) {
-        for (run, undo) in self.undo.drain() {
-            let now = self.pending.remove(&run);
-            if let Some(now) = &now {
-                self.by_oldest.remove(&now.oldest_pos);
-            }
-            let before = match undo {
-                Undo::Absent => None,
-                Undo::Taken(before) => Some(before),
-                Undo::Prefix { len, bytes } => now.map(|mut p| {
-                    p.events.truncate(len);
-                    p.bytes = bytes;
-                    p
-                }),
-            };
-            if let Some(mut before) = before.filter(|p| !p.events.is_empty()) {
-                self.by_oldest.insert(before.oldest_pos, run.clone());
-                // The queue may have lost it (it was taken): queue it again if due.
-                before.queued = before.is_due();
-                if before.queued {
-                    self.due.push_back(run.clone());
-                }
-                self.pending.insert(run, before);
-            }
-        }
-        (self.next_pos, self.truncated_below) = self.at_begin;
-    }
-
-    /// Notes how the run's pending events stand before the group first changes them.
-    fn save(&mut self, run_id: &str) {
-        if !self.undo.contains_key(run_id) {
-            let undo = match self.pending.get(run_id) {
-                Some(p) => Undo::Prefix {
-                    len: p.events.len(),
-                    bytes: p.bytes,
-                },
-                None => Undo::Absent,
-            };
-            self.undo.insert(run_id.to_owned(), undo);
-        }
-    }
-
-    /// How many of the run's events are pending (in the journal only).
-    pub(crate) fn pending_len(&self, run_id: &str) -> usize {
-        self.pending.get(run_id).map_or(0, |p| p.events.len())
-    }
-
-    /// Whether [`Journal::route`] would journal this append (it is small and does not close
-    /// the log, and the run's pending events stay under the cap).
-    pub(crate) fn journals(&self, run_id: &str, events: &[RawEvent], closes: bool) -> bool {
+    /// Whether an append of `events` to `run_id` belongs in the journal: it is small, does not
+    /// close the log, and keeps the run's pending events under the cap.
+    pub(crate) fn takes(&self, run_id: &str, events: &[RawEvent]) -> bool {
         let bytes = bytes_of(events);
         let (had_bytes, had_len) = self
             .pending
             .get(run_id)
             .map_or((0, 0), |p| (p.bytes, p.events.len()));
-        !closes
-            && small(events, bytes)
+        !events.is_empty()
+            && !events.last().is_some_and(RawEvent::is_terminal)
+            && bytes < APPLY_BYTES
+            && events.len() < APPLY_EVENTS
             && had_bytes + bytes < CAP_BYTES
             && had_len + events.len() < CAP_EVENTS
     }
 
-    /// Decides where an append of `events` (already checked to continue the log) goes, and
-    /// records it. `closes`: the append ends with a terminal event.
-    pub(crate) fn route(&mut self, run_id: &str, events: &[RawEvent], closes: bool) -> Route {
-        if !self.journals(run_id, events, closes) {
-            let mut all = self.take(run_id);
-            all.extend_from_slice(events);
-            return Route::Direct(all);
+    /// Notes `events` of `run_id`, written at consecutive positions from `first_pos`, as
+    /// pending. Returns whether the writer should be woken: the due queue was empty and is
+    /// not any more, or the front may be released (every [`RELEASE_STEP`] records).
+    pub(crate) fn record(&mut self, run_id: &str, events: &[RawEvent], first_pos: i64) -> bool {
+        let queue_was_empty = self.due.is_empty();
+        let step_before = self.next_pos / RELEASE_STEP;
+        let p = self.pending.entry(run_id.to_owned()).or_default();
+        if p.events.is_empty() {
+            self.by_oldest.insert(first_pos, run_id.to_owned());
+        }
+        for (pos, e) in (first_pos..).zip(events) {
+            p.events.push_back(e.clone());
+            p.positions.push_back(pos);
         }
         let bytes = bytes_of(events);
-        self.save(run_id);
-        let first = self.next_pos;
-        self.next_pos += i64::try_from(events.len()).unwrap_or(i64::MAX);
-        let entry = self
-            .pending
-            .entry(run_id.to_owned())
-            .or_insert_with(|| Pending {
-                events: Vec::new(),
-                bytes: 0,
-                oldest_pos: first,
-                queued: false,
-            });
-        if entry.events.is_empty() {
-            entry.oldest_pos = first;
-            self.by_oldest.insert(first, run_id.to_owned());
-        }
-        entry.events.extend_from_slice(events);
-        entry.bytes += bytes;
-        if !entry.queued && entry.is_due() {
-            entry.queued = true;
+        p.bytes += bytes;
+        self.recorded += bytes as u64;
+        self.next_pos = self
+            .next_pos
+            .max(first_pos + i64::try_from(events.len()).unwrap_or(i64::MAX));
+        if !p.queued && p.is_due() {
+            p.queued = true;
             self.due.push_back(run_id.to_owned());
         }
-        Route::Journal(first)
+        (queue_was_empty && !self.due.is_empty()) || self.next_pos / RELEASE_STEP != step_before
     }
 
-    /// The next due run (whose pending events should move to `events`), oldest first.
+    /// Bytes of events recorded so far (the writer's moves keep pace with its growth).
+    pub(crate) fn recorded(&self) -> u64 {
+        self.recorded
+    }
+
+    /// How many of the run's events are pending.
+    pub(crate) fn pending_len(&self, run_id: &str) -> usize {
+        self.pending.get(run_id).map_or(0, |p| p.events.len())
+    }
+
+    /// The bytes of the run's pending events from the `skip`-th on.
+    #[cfg(test)]
+    pub(crate) fn pending_bytes(&self, run_id: &str, skip: usize) -> usize {
+        self.pending
+            .get(run_id)
+            .map_or(0, |p| bytes_of(p.events.iter().skip(skip)))
+    }
+
+    /// The run's pending events from the `skip`-th on (the first `skip` are being moved).
+    pub(crate) fn pending_from(&self, run_id: &str, skip: usize) -> Vec<RawEvent> {
+        self.pending
+            .get(run_id)
+            .map(|p| p.events.iter().skip(skip).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The highest seq up to which the run's log is in `events` without a gap, for a log
+    /// standing at `last_seq`.
+    pub(crate) fn applied_upto(&self, run_id: &str, last_seq: u64) -> u64 {
+        self.pending
+            .get(run_id)
+            .and_then(|p| p.events.front())
+            .map_or(last_seq, |e| e.seq().saturating_sub(1))
+    }
+
+    /// The first `n` pending events of the run are in `events` now.
+    pub(crate) fn moved(&mut self, run_id: &str, n: usize) {
+        let Some(p) = self.pending.get_mut(run_id) else {
+            return;
+        };
+        let n = n.min(p.events.len());
+        if n == 0 {
+            return;
+        }
+        if let Some(old) = p.positions.front() {
+            self.by_oldest.remove(old);
+        }
+        let gone: Vec<RawEvent> = p.events.drain(..n).collect();
+        p.positions.drain(..n);
+        p.bytes -= bytes_of(&gone);
+        match p.positions.front() {
+            Some(&oldest) => {
+                self.by_oldest.insert(oldest, run_id.to_owned());
+                if !p.queued && p.is_due() {
+                    p.queued = true;
+                    self.due.push_back(run_id.to_owned());
+                }
+            }
+            None => {
+                self.pending.remove(run_id);
+            }
+        }
+    }
+
+    /// The run is gone: its pending events are dropped (their records are skipped at replay).
+    pub(crate) fn forget(&mut self, run_id: &str) {
+        let n = self.pending_len(run_id);
+        self.moved(run_id, n);
+    }
+
+    /// The run's log closed: its pending events are due.
+    pub(crate) fn close(&mut self, run_id: &str) {
+        if let Some(p) = self.pending.get_mut(run_id) {
+            p.closed = true;
+            if !p.queued {
+                p.queued = true;
+                self.due.push_back(run_id.to_owned());
+            }
+        }
+    }
+
+    /// The next due run, oldest first.
     pub(crate) fn next_due(&mut self) -> Option<String> {
         while let Some(run) = self.due.pop_front() {
             if let Some(p) = self.pending.get_mut(&run) {
@@ -261,6 +260,16 @@ impl Journal {
         None
     }
 
+    /// Puts a run taken with [`Journal::next_due`] back (its move did not commit).
+    pub(crate) fn requeue(&mut self, run_id: &str) {
+        if let Some(p) = self.pending.get_mut(run_id)
+            && !p.queued
+        {
+            p.queued = true;
+            self.due.push_front(run_id.to_owned());
+        }
+    }
+
     /// Queues every run with pending events, due or not (the store is closing).
     pub(crate) fn make_all_due(&mut self) {
         self.closing = true;
@@ -271,47 +280,7 @@ impl Journal {
         }
     }
 
-    /// The bytes a run has pending.
-    pub(crate) fn pending_bytes(&self, run_id: &str) -> usize {
-        self.pending.get(run_id).map_or(0, |p| p.bytes)
-    }
-
-    /// Whether the end of a group has work to do: due runs, stragglers, or a front that can move.
-    pub(crate) fn has_work(&self) -> bool {
-        !self.due.is_empty()
-            || self
-                .by_oldest
-                .keys()
-                .next()
-                .is_some_and(|&oldest| oldest < self.next_pos - WINDOW)
-            || self.truncation().is_some()
-    }
-
-    /// Removes and returns the run's pending events (to write them to `events`, or because the
-    /// run is gone).
-    pub(crate) fn take(&mut self, run_id: &str) -> Vec<RawEvent> {
-        if !self.pending.contains_key(run_id) {
-            return Vec::new();
-        }
-        self.save(run_id);
-        let Some(p) = self.pending.remove(run_id) else {
-            return Vec::new();
-        };
-        self.by_oldest.remove(&p.oldest_pos);
-        // A rollback must give back what the run had before the group: keep that part.
-        let out = p.events.clone();
-        if let Some(undo) = self.undo.get_mut(run_id)
-            && let Undo::Prefix { len, bytes } = *undo
-        {
-            let mut before = p;
-            before.events.truncate(len);
-            before.bytes = bytes;
-            *undo = Undo::Taken(before);
-        }
-        out
-    }
-
-    /// Runs whose oldest pending event is more than [`WINDOW`] rows behind.
+    /// Runs whose oldest pending event is more than [`WINDOW`] records behind.
     pub(crate) fn stragglers(&self) -> Vec<String> {
         let limit = self.next_pos - WINDOW;
         self.by_oldest
@@ -320,34 +289,213 @@ impl Journal {
             .collect()
     }
 
-    /// Where the journal's front can be cut (every record below is in `events`, or belongs to
-    /// a deleted run), when it moved by [`TRUNCATE_STEP`] records at least.
-    pub(crate) fn truncation(&self) -> Option<i64> {
-        let low = self
-            .by_oldest
+    /// Every record below this position is in `events` (or belongs to a deleted run).
+    pub(crate) fn front(&self) -> i64 {
+        self.by_oldest
             .keys()
             .next()
             .copied()
-            .unwrap_or(self.next_pos);
-        (low - self.truncated_below >= TRUNCATE_STEP).then_some(low)
+            .unwrap_or(self.next_pos)
     }
 
-    /// Every record below this position is in `events` (or belongs to a deleted run).
-    pub(crate) fn front(&self) -> i64 {
-        self.truncated_below
+    /// Where segments can be released up to, when the front moved by [`RELEASE_STEP`]
+    /// records since the last release.
+    pub(crate) fn release(&mut self) -> Option<i64> {
+        let front = self.front();
+        (front - self.released >= RELEASE_STEP).then(|| {
+            self.released = front;
+            front
+        })
     }
 
-    /// The records below `below` were released.
-    pub(crate) fn truncated(&mut self, below: i64) {
-        self.truncated_below = below;
+    /// Whether the writer has journal work: due runs, stragglers, or segments to release.
+    pub(crate) fn has_work(&self) -> bool {
+        !self.due.is_empty() || self.has_work_besides_due()
+    }
+
+    /// Whether the writer has journal work other than due runs: stragglers, or segments to
+    /// release (not paced).
+    pub(crate) fn has_work_besides_due(&self) -> bool {
+        self.by_oldest
+            .keys()
+            .next()
+            .is_some_and(|&oldest| oldest < self.next_pos - WINDOW)
+            || self.front() - self.released >= RELEASE_STEP
+    }
+}
+
+/// The journal's bookkeeping and its file, shared by the callers' tasks and the writer thread.
+#[derive(Debug)]
+pub(crate) struct Journaled {
+    pub(crate) journal: Journal,
+    pub(crate) file: JournalFile,
+    /// Runs the writer's open transaction is working on: appends to them go through the writer.
+    pub(crate) busy: HashSet<String>,
+}
+
+/// How many shards the journal has. Each run's events go to one (by a hash of its id), each
+/// shard with its own lock, files and bookkeeping, so that the callers' tasks on different
+/// threads rarely wait for each other's `write`.
+pub(crate) const SHARDS: usize = 8;
+
+/// The journal's shards.
+#[derive(Debug)]
+pub(crate) struct Journals {
+    shards: Vec<Mutex<Journaled>>,
+}
+
+/// The shards, shared by the callers' tasks and the writer thread.
+pub(crate) type SharedJournal = Arc<Journals>;
+
+impl Journals {
+    pub(crate) fn new(shards: Vec<Journaled>) -> Self {
+        Self {
+            shards: shards.into_iter().map(Mutex::new).collect(),
+        }
+    }
+
+    /// The shard of a run (FNV-1a of its id: the same in every process).
+    pub(crate) fn index(&self, run_id: &str) -> usize {
+        let h = run_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        usize::try_from(h % self.shards.len().max(1) as u64).unwrap_or(0)
+    }
+
+    /// Locks the shard of `run_id`.
+    pub(crate) fn of(&self, run_id: &str) -> MutexGuard<'_, Journaled> {
+        self.shard(self.index(run_id))
+    }
+
+    /// Locks shard `i`.
+    pub(crate) fn shard(&self, i: usize) -> MutexGuard<'_, Journaled> {
+        lock(&self.shards[i % self.shards.len()])
+    }
+
+    /// How many shards there are.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether any shard has work for the writer (`besides_due`: other than due runs).
+    pub(crate) fn has_work(&self, besides_due: bool) -> bool {
+        (0..self.len()).any(|i| {
+            let s = self.shard(i);
+            if besides_due {
+                s.journal.has_work_besides_due()
+            } else {
+                s.journal.has_work()
+            }
+        })
+    }
+
+    /// Bytes recorded by every shard so far.
+    pub(crate) fn recorded(&self) -> u64 {
+        (0..self.len())
+            .map(|i| self.shard(i).journal.recorded())
+            .sum()
+    }
+}
+
+/// What [`Journaled::append`] made of one append.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Journaled; the log now ends at this seq (its followers are to be woken).
+    Journaled(u64),
+    /// Refused (the events do not continue the log): this is the error.
+    Refused(Error),
+    /// Not for the journal: the writer must do it.
+    Declined,
+}
+
+/// Locks the shared journal.
+pub(crate) fn lock(shared: &Mutex<Journaled>) -> MutexGuard<'_, Journaled> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Journaled {
+    /// Journals every append of `appends` it can, in order, with one `write`: checks each
+    /// against the cache (a run not cached, or busy, is declined), writes their records, then
+    /// notes them as pending and adds them to the cache's tail. A failed write refuses every
+    /// append it carried.
+    ///
+    /// Returns each append's outcome, and whether the writer should be woken (see
+    /// [`Journal::record`]).
+    pub(crate) fn append(
+        &mut self,
+        cache: &RunCache,
+        appends: &[(&str, &[RawEvent])],
+    ) -> (Vec<Outcome>, bool) {
+        let mut outcomes = Vec::with_capacity(appends.len());
+        // The state of each run after the appends journaled so far in this call.
+        let mut states: HashMap<&str, RunState> = HashMap::new();
+        let mut written: Vec<(usize, i64, RunState)> = Vec::new();
+        // Runs with an append declined: their later ones must follow it through the writer.
+        let mut declined: HashSet<&str> = HashSet::new();
+        self.file.begin_group();
+        for (i, &(run_id, events)) in appends.iter().enumerate() {
+            if declined.contains(run_id)
+                || self.busy.contains(run_id)
+                || !self.journal.takes(run_id, events)
+            {
+                declined.insert(run_id);
+                outcomes.push(Outcome::Declined);
+                continue;
+            }
+            let Some(state) = states.get(run_id).copied().or_else(|| cache.get(run_id)) else {
+                declined.insert(run_id);
+                outcomes.push(Outcome::Declined);
+                continue;
+            };
+            match check_continues(run_id, Some(state), events) {
+                Ok(after) => {
+                    let first = self.file.push(run_id, events);
+                    states.insert(run_id, after);
+                    written.push((i, first, after));
+                    outcomes.push(Outcome::Journaled(after.last_seq));
+                }
+                Err(e) => outcomes.push(Outcome::Refused(e)),
+            }
+        }
+        if written.is_empty() {
+            return (outcomes, false);
+        }
+        if let Err(e) = self.file.write() {
+            tracing::error!(error = %e, appends = written.len(), "writing to the journal failed");
+            let e = Arc::new(e);
+            for (i, _, _) in written {
+                outcomes[i] =
+                    Outcome::Refused(Error::backend("writing to the journal", Arc::clone(&e)));
+            }
+            return (outcomes, false);
+        }
+        if let Err(e) = self.file.commit_group() {
+            tracing::error!(error = %e, "cannot begin a new journal segment");
+        }
+        let mut wake = false;
+        for &(i, first, _) in &written {
+            let (run_id, events) = appends[i];
+            wake |= self.journal.record(run_id, events, first);
+        }
+        let journal = &self.journal;
+        cache.apply(written.iter().map(|&(i, _, after)| {
+            let (run_id, events) = appends[i];
+            Change {
+                run_id,
+                state: Some(after),
+                appended: events.to_vec(),
+                applied_upto: journal.applied_upto(run_id, after.last_seq),
+            }
+        }));
+        (outcomes, wake)
     }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use sluice_protocol::{Timestamp, kind};
+    use sluice_protocol::Timestamp;
 
     fn ev(seq: u64, text_len: usize) -> RawEvent {
         let data = format!("{{\"text\":\"{}\"}}", "x".repeat(text_len));
@@ -359,9 +507,8 @@ mod tests {
     }
 
     #[test]
-    fn small_appends_wait_in_the_journal_and_become_due_when_a_page_is_full() {
-        let mut j = Journal::new(1, 1);
-        j.begin_group();
+    fn small_appends_become_due_when_a_page_is_full_and_move_in_prefixes() {
+        let mut j = Journal::new(1);
         let mut seq = 0;
         while j.next_due().is_none() {
             seq += 1;
@@ -369,126 +516,88 @@ mod tests {
                 seq <= APPLY_EVENTS as u64,
                 "due by a page's worth of events"
             );
-            assert!(j.journals("a", &[ev(seq, 8)], false));
-            assert!(matches!(
-                j.route("a", &[ev(seq, 8)], false),
-                Route::Journal(pos) if pos == seq as i64
-            ));
+            assert!(j.takes("a", &[ev(seq, 8)]));
+            let _ = j.record("a", &[ev(seq, 8)], seq as i64);
         }
-        // Popped, it is out of the queue; still due (not moved), its next append queues it
-        // again, once.
+        assert_eq!(j.applied_upto("a", seq), 0);
+        // Popped, it is out of the queue until something changes.
         assert_eq!(j.next_due(), None);
-        for _ in 0..2 {
-            seq += 1;
-            assert!(j.route("a", &[ev(seq, 8)], false).is_journal());
-        }
-        assert_eq!(j.next_due().as_deref(), Some("a"));
-        assert_eq!(j.next_due(), None);
-        // Not moved yet, it keeps journaling up to the cap; the append reaching it takes them.
-        let mut direct = None;
-        while direct.is_none() {
-            seq += 1;
-            if let Route::Direct(all) = j.route("a", &[ev(seq, 8)], false) {
-                direct = Some(all);
-            }
-        }
-        let all = direct.unwrap();
-        assert_eq!(seqs(&all), (1..=seq).collect::<Vec<_>>());
-        assert!(all.len() <= CAP_EVENTS);
+        // The writer moves what it saw; what came meanwhile stays pending.
+        let seen = j.pending_from("a", 0);
+        assert_eq!(seqs(&seen), (1..=seq).collect::<Vec<_>>());
+        j.record("a", &[ev(seq + 1, 8)], seq as i64 + 1);
+        j.moved("a", seen.len());
+        assert_eq!(seqs(&j.pending_from("a", 0)), vec![seq + 1]);
+        assert_eq!(j.applied_upto("a", seq + 1), seq);
+        assert_eq!(j.front(), seq as i64 + 1);
+        j.moved("a", 1);
         assert_eq!(j.pending_len("a"), 0);
-        // A big append goes straight through, with nothing pending.
-        let big = ev(seq + 1, APPLY_BYTES);
-        assert!(!j.journals("a", std::slice::from_ref(&big), false));
-        assert!(matches!(j.route("a", &[big], false), Route::Direct(v) if v.len() == 1));
-        // A closing append takes the pending ones with it.
-        assert!(matches!(
-            j.route("a", &[ev(seq + 2, 1)], false),
-            Route::Journal(_)
-        ));
-        let term = RawEvent::encode(
-            seq + 3,
-            "r",
-            kind::CHAIN_COMPLETED,
-            Timestamp::now(),
-            None,
-            "{}",
+        assert_eq!(j.applied_upto("a", seq + 1), seq + 1);
+        assert_eq!(
+            j.front(),
+            seq as i64 + 2,
+            "nothing pending: the front is the end"
         );
-        match j.route("a", &[term], true) {
-            Route::Direct(v) => assert_eq!(seqs(&v), vec![seq + 2, seq + 3]),
-            Route::Journal(_) => panic!("a closing append is never journaled"),
-        }
     }
 
     #[test]
-    fn a_rolled_back_take_of_a_due_run_queues_it_again() {
-        let mut j = Journal::new(1, 1);
-        j.begin_group();
-        for seq in 1..=APPLY_EVENTS as u64 {
-            let _ = j.route("a", &[ev(seq, 1)], false);
-        }
-        j.commit_group();
-        j.begin_group();
-        assert_eq!(j.next_due().as_deref(), Some("a"));
-        assert_eq!(j.take("a").len(), APPLY_EVENTS);
-        j.rollback_group();
-        assert_eq!(j.pending_len("a"), APPLY_EVENTS);
-        assert_eq!(j.next_due().as_deref(), Some("a"));
-    }
-
-    #[test]
-    fn rollback_restores_pending_positions_and_the_front() {
-        let mut j = Journal::new(10, 10);
-        j.begin_group();
-        assert!(matches!(
-            j.route("a", &[ev(1, 1)], false),
-            Route::Journal(10)
-        ));
-        j.commit_group();
-        j.begin_group();
-        assert!(matches!(
-            j.route("a", &[ev(2, 1)], false),
-            Route::Journal(11)
-        ));
-        assert!(matches!(
-            j.route("b", &[ev(1, 1)], false),
-            Route::Journal(12)
-        ));
-        assert_eq!(j.take("a").len(), 2);
-        j.rollback_group();
-        assert_eq!(j.pending_len("a"), 1);
-        assert_eq!(j.pending_len("b"), 0);
-        j.begin_group();
-        assert!(matches!(
-            j.route("b", &[ev(1, 1)], false),
-            Route::Journal(11)
-        ));
-        // The front is held by "a"'s row at 10.
-        assert_eq!(j.truncation(), None);
-    }
-
-    #[test]
-    fn quiet_runs_are_applied_and_the_front_moves() {
-        let mut j = Journal::new(1, 1);
-        j.begin_group();
-        assert!(matches!(
-            j.route("quiet", &[ev(1, 1)], false),
-            Route::Journal(1)
-        ));
+    fn the_journal_declines_big_closing_and_capped_appends() {
+        let mut j = Journal::new(1);
+        assert!(!j.takes("a", &[]));
+        assert!(!j.takes("a", &[ev(1, APPLY_BYTES)]));
+        let term = RawEvent::encode(1, "r", "chain-completed", Timestamp::now(), None, "{}");
+        assert!(!j.takes("a", &[term]));
         let mut seq = 0;
-        let mut busy = 0;
-        // Many other runs keep appending; each is moved when it reaches the cap.
-        while j.stragglers().is_empty() {
+        while j.takes("a", &[ev(seq + 1, 8)]) {
             seq += 1;
+            let _ = j.record("a", &[ev(seq, 8)], seq as i64);
+        }
+        // Declined where one more would reach a cap.
+        let one = ev(seq + 1, 8).json().len();
+        assert!(
+            j.pending_bytes("a", 0) + one >= CAP_BYTES || j.pending_len("a") + 1 >= CAP_EVENTS,
+            "{seq}"
+        );
+        assert!(seq > APPLY_EVENTS as u64, "{seq}");
+    }
+
+    #[test]
+    fn a_closed_run_is_due_and_a_failed_move_is_queued_again() {
+        let mut j = Journal::new(1);
+        j.record("a", &[ev(1, 1), ev(2, 1)], 1);
+        assert_eq!(j.next_due(), None);
+        j.close("a");
+        assert_eq!(j.next_due().as_deref(), Some("a"));
+        j.requeue("a");
+        assert_eq!(j.next_due().as_deref(), Some("a"));
+        j.forget("a");
+        j.requeue("a");
+        assert_eq!(j.next_due(), None, "a forgotten run is not queued");
+    }
+
+    #[test]
+    fn quiet_runs_become_stragglers_and_hold_the_front() {
+        let mut j = Journal::new(1);
+        j.record("quiet", &[ev(1, 1)], 1);
+        let mut pos = 2;
+        let mut busy = 0u64;
+        while j.stragglers().is_empty() {
             let run = format!("busy{}", busy % 100);
             busy += 1;
-            let _ = j.route(&run, &[ev(seq, 100)], false);
+            let _ = j.record(&run, &[ev(busy, 100)], pos);
+            pos += 1;
+            // Busy runs are moved as they become due.
+            while let Some(due) = j.next_due() {
+                let n = j.pending_len(&due);
+                j.moved(&due, n);
+            }
         }
         assert_eq!(j.stragglers(), vec!["quiet".to_owned()]);
-        assert_eq!(j.truncation(), None, "the quiet run holds the front");
-        assert_eq!(j.take("quiet").len(), 1);
-        let cut = j.truncation().expect("the front can move now");
+        assert_eq!(j.front(), 1, "the quiet run holds the front");
+        assert_eq!(j.release(), None);
+        j.forget("quiet");
+        let cut = j.release().expect("the front can move now");
         assert!(cut > WINDOW / 2, "{cut}");
-        j.truncated(cut);
-        assert_eq!(j.truncation(), None);
+        assert_eq!(j.release(), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The journal on disk: append-only segment files next to the database, where small appends
-//! are made durable with one `write` per group commit, outside any SQLite transaction.
+//! are made durable with one `write` (per append, or per group on the writer), outside any
+//! SQLite transaction. Each shard of the journal has its own files (`SS-POSITION.log`).
 //!
 //! A record is one event of one run:
 //!
@@ -51,36 +52,46 @@ fn check(bytes: &[u8]) -> u32 {
     })
 }
 
-fn segment_name(first_pos: i64) -> String {
-    format!("{first_pos:020}.log")
+fn segment_name(shard: usize, first_pos: i64) -> String {
+    format!("{shard:02}-{first_pos:020}.log")
 }
 
 /// Segment files whose data has not been synced yet, for the checkpoint thread to sync before
 /// it syncs the WAL (`synchronous = NORMAL`).
 #[derive(Debug, Default)]
 pub(crate) struct Unsynced {
-    files: Mutex<Vec<File>>,
+    /// `(shard, segment)`, oldest first.
+    files: Mutex<Vec<(usize, File)>>,
 }
 
 impl Unsynced {
-    fn push(&self, file: File) {
-        self.lock().push(file);
+    fn push(&self, shard: usize, file: File) {
+        self.lock().push((shard, file));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<File>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, File)>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Syncs every segment written so far; keeps only the newest (still being written).
+    /// Syncs every segment written so far; keeps only the newest of each shard (still being
+    /// written).
     pub(crate) fn sync(&self) {
         let mut files = self.lock();
-        for f in files.iter() {
+        for (_, f) in files.iter() {
             if let Err(e) = f.sync_data() {
                 tracing::warn!(error = %e, "syncing a journal segment failed");
             }
         }
-        let keep = files.len().saturating_sub(1);
-        files.drain(..keep);
+        let mut newest = std::collections::HashMap::new();
+        for (i, (shard, _)) in files.iter().enumerate() {
+            newest.insert(*shard, i);
+        }
+        let mut i = 0;
+        files.retain(|_| {
+            let keep = newest.values().any(|&n| n == i);
+            i += 1;
+            keep
+        });
     }
 }
 
@@ -88,12 +99,14 @@ impl Unsynced {
 #[derive(Debug)]
 pub(crate) struct JournalFile {
     dir: PathBuf,
+    /// Which of the journal's shards this is (in the segments' names).
+    shard: usize,
     /// `(first position, path)` of every segment on disk, oldest first; the last is `file`.
     segments: VecDeque<(i64, PathBuf)>,
     file: File,
     /// Bytes of `file` written and kept.
     len: u64,
-    /// `len` when the open group began (a failed group is cut back to it).
+    /// `len` when the open group began (a failed write is cut back to it).
     group_start: u64,
     /// Records of the open group not written yet.
     buf: Vec<u8>,
@@ -114,18 +127,20 @@ impl JournalFile {
     /// The directory must hold no segments (they were replayed and deleted).
     pub(crate) fn create(
         dir: &Path,
+        shard: usize,
         next_pos: i64,
         sync_each: bool,
         unsynced: Option<Arc<Unsynced>>,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::backend(format!("creating {}", dir.display()), e))?;
-        let (path, file) = open_segment(dir, next_pos)?;
+        let (path, file) = open_segment(dir, shard, next_pos)?;
         if let Some(u) = &unsynced {
-            u.push(clone(&file)?);
+            u.push(shard, clone(&file)?);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            shard,
             segments: VecDeque::from([(next_pos, path)]),
             file,
             len: 0,
@@ -209,14 +224,6 @@ impl JournalFile {
         }
     }
 
-    /// The group failed after its records were written: they are cut off the segment, and
-    /// positions go back to where the group began.
-    pub(crate) fn rollback_group(&mut self) {
-        if self.len != self.group_start || !self.buf.is_empty() {
-            self.cut_back();
-        }
-    }
-
     fn cut_back(&mut self) {
         self.buf.clear();
         self.next_pos = self.group_pos;
@@ -238,9 +245,9 @@ impl JournalFile {
         if self.len < SEGMENT_BYTES {
             return Ok(());
         }
-        let (path, file) = open_segment(&self.dir, self.next_pos)?;
+        let (path, file) = open_segment(&self.dir, self.shard, self.next_pos)?;
         if let Some(u) = &self.unsynced {
-            u.push(clone(&file)?);
+            u.push(self.shard, clone(&file)?);
         }
         self.file = file;
         self.len = 0;
@@ -279,8 +286,8 @@ fn clone(file: &File) -> Result<File> {
         .map_err(|e| Error::backend("sharing a journal segment", e))
 }
 
-fn open_segment(dir: &Path, first_pos: i64) -> Result<(PathBuf, File)> {
-    let path = dir.join(segment_name(first_pos));
+fn open_segment(dir: &Path, shard: usize, first_pos: i64) -> Result<(PathBuf, File)> {
+    let path = dir.join(segment_name(shard, first_pos));
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -448,10 +455,10 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_and_a_failed_group_leaves_nothing() {
+    fn records_round_trip_and_a_failed_write_leaves_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("j");
-        let mut j = JournalFile::create(&dir, 7, false, None).unwrap();
+        let mut j = JournalFile::create(&dir, 0, 7, false, None).unwrap();
         j.begin_group();
         let a = [ev("run_a", 1), ev("run_a", 2)];
         assert_eq!(j.push("run_a", &a), 7);
@@ -460,8 +467,7 @@ mod tests {
         j.commit_group().unwrap();
         j.begin_group();
         assert_eq!(j.push("run_c", &[ev("run_c", 1)]), 10);
-        j.write().unwrap();
-        j.rollback_group();
+        j.cut_back();
         j.begin_group();
         assert_eq!(j.push("run_d", &[ev("run_d", 1)]), 10, "positions go back");
         j.write().unwrap();
@@ -486,14 +492,14 @@ mod tests {
         )
         .unwrap();
         let dir = dir_of(&db);
-        let mut j = JournalFile::create(&dir, 1, false, None).unwrap();
+        let mut j = JournalFile::create(&dir, 0, 1, false, None).unwrap();
         j.begin_group();
         j.push("run_a", &[ev("run_a", 1), ev("run_a", 2)]);
         j.push("run_gone", &[ev("run_gone", 1)]);
         j.write().unwrap();
         drop(j);
         // A third record cut short, as by a crash in the middle of a write.
-        let path = dir.join(segment_name(1));
+        let path = dir.join(segment_name(0, 1));
         let mut data = std::fs::read(&path).unwrap();
         let whole = data.len();
         let head = data[..20].to_vec();
@@ -526,7 +532,7 @@ mod tests {
     fn full_segments_rotate_and_are_released_once_applied() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("j");
-        let mut j = JournalFile::create(&dir, 1, false, None).unwrap();
+        let mut j = JournalFile::create(&dir, 0, 1, false, None).unwrap();
         let big = RawEvent::encode(
             1,
             "r",

@@ -28,9 +28,11 @@
 //!   newest committed events, from which live followers read.
 //!
 //! # How writes are committed
-//! The database runs in WAL mode. One dedicated OS thread owns the only read-write connection
-//! and receives every write (appends, `finish`, records, checkpoints, inbox, sessions) over a
-//! bounded channel; the caller awaits a reply. The thread **group-commits**: it takes the first
+//! The database runs in WAL mode. Most appends never reach a transaction: a small append to a
+//! run the cache knows is journaled by the caller's task itself (see *Where events are written*
+//! below). One dedicated OS thread owns the only read-write connection and receives every
+//! other write (large or closing appends, `finish`, records, checkpoints, inbox, sessions) over
+//! a bounded channel; the caller awaits a reply. The thread **group-commits**: it takes the first
 //! queued command, adds whatever else is already queued (until the queue is empty, the group holds
 //! [`SqliteOptions::max_batch`] events, or [`SqliteOptions::commit_window`] has passed), and
 //! commits the group in two parts: the small appends go to the journal file with one `write`
@@ -55,21 +57,32 @@
 //! per commit: with a thousand runs each streaming a token at a time, every commit would write
 //! hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small append goes
 //! to the *journal* first: append-only segment files next to the database (`<db>-events/`),
-//! one record per event, written with one `write` per group and no SQLite transaction at all.
-//! Once about a page of a run's events (4 KiB, or 48 events) has piled up there the run is
-//! *due*, and the writer moves its journaled events into `events` with one insert — a few due
-//! runs per group, after that group's appends were acknowledged, so that a thousand runs
-//! filling their page at the same moment do not stall one commit. A run is also moved when its
-//! log closes (the terminal event goes in with them), when it has 16 KiB pending (the writer
-//! is behind), or when it has gone quiet for a while (131,072 newer journal records). A batch
-//! of 4 KiB or more goes to `events` directly. Segments are deleted once every record in them
-//! is in `events`, and when the store opens whatever the journal still holds is moved into
-//! `events` first (a record torn by a crash in the middle of a write is left out: it was never
-//! acknowledged). Readers never read the journal (a run's journaled events are always in the
-//! in-memory tail described below).
+//! one record per event, in 8 shards by run id. The caller's task does it: under its shard's
+//! lock it checks the events against the run's cached state, writes their records with one
+//! `write`, and adds them to the cache's tail; then it wakes the followers. No thread hop, no
+//! transaction. (With `synchronous = FULL` the writer does this for whole groups instead, so
+//! one fsync serves many appends.) Once about a page of a run's events (4 KiB, or 48 events)
+//! has piled up there, or its log has closed, the run is *due*, and the writer moves its
+//! journaled events into `events` with one insert, paced at twice the journal's recent inflow
+//! (at least 1 MiB/s), so that a thousand runs filling their page or finishing at the same
+//! moment are moved over the next few hundred milliseconds instead of taking a core at once. A
+//! run is also moved with its next append when it has 16 KiB pending (the writer is behind),
+//! or when it has gone quiet for a while (131,072 newer journal records). A batch of 4 KiB or
+//! more goes to `events` directly, after the run's pending events. A run's terminal event is
+//! inserted at once, and its pending events follow when it is moved: `events` then has a gap
+//! for a while, which no reader sees (a read from the database stops at the first missing
+//! seq, and the run's cache entry, which holds every journaled event, stays until the move).
+//! Segments are deleted once every record in them is in `events`, and when the store opens
+//! whatever the journal still holds is moved into `events` first (a record torn by a crash in
+//! the middle of a write is left out: it was never acknowledged). Readers never read the
+//! journal.
 //!
 //! [`finish`](Store::finish) writes the final record and the terminal event in the same
 //! transaction, so a reader that sees the terminal event sees the final record.
+//!
+//! The writer changes the journal's bookkeeping only after its transaction commits, and the
+//! runs its commands touch are *busy* meanwhile: their small appends go to the writer too, so
+//! a run's state and pending events cannot change under a transaction that works on them.
 //!
 //! Checkpoints (copying the WAL back into the database file, with its fsyncs) run on a separate
 //! thread every few MiB of commits, concurrently with the writer; the writer itself only finishes
@@ -128,6 +141,7 @@ mod reader;
 mod schema;
 mod writer;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -140,6 +154,7 @@ use sluice_store::{Error, InboxEntry, Notifier, Result, RunFilter, RunPage, Stor
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::RunCache;
+use crate::journal::{Journal, Journaled, Journals, Outcome, SharedJournal};
 use crate::journal_file::JournalFile;
 use crate::reader::ReadPool;
 use crate::writer::{Command, Reply, RunRow, Writer};
@@ -158,6 +173,9 @@ pub struct SqliteStore {
     readers: Arc<ReadPool>,
     cache: Arc<RunCache>,
     notifier: Arc<Notifier>,
+    /// The journal, where the caller's task writes small appends itself (`None` with
+    /// `synchronous = FULL`: then the writer does it for whole groups, one sync for many).
+    journal: Option<SharedJournal>,
     writer: std::thread::JoinHandle<()>,
 }
 
@@ -187,20 +205,32 @@ impl SqliteStore {
         let conn = schema::open_writer(&path, options.synchronous)?;
         let unsynced = (options.synchronous == Synchronous::Normal)
             .then(|| Arc::new(journal_file::Unsynced::default()));
-        let file = JournalFile::create(
-            &journal_file::dir_of(&path),
-            1,
-            options.synchronous == Synchronous::Full,
-            unsynced.clone(),
-        )?;
+        let dir = journal_file::dir_of(&path);
+        let mut shards = Vec::with_capacity(journal::SHARDS);
+        for shard in 0..journal::SHARDS {
+            let file = JournalFile::create(
+                &dir,
+                shard,
+                1,
+                options.synchronous == Synchronous::Full,
+                unsynced.clone(),
+            )?;
+            shards.push(Journaled {
+                journal: Journal::new(file.next_pos()),
+                file,
+                busy: HashSet::new(),
+            });
+        }
         let readers = Arc::new(ReadPool::open(path.clone(), options.read_connections)?);
         let cache = Arc::new(RunCache::default());
         let notifier = Arc::new(Notifier::new());
         let (commands, rx) = mpsc::channel(WRITE_QUEUE);
         let checkpointer = checkpoint::Checkpointer::spawn(&path, options.synchronous, unsynced)?;
+        let shared = Arc::new(Journals::new(shards));
+        let journal = (options.synchronous != Synchronous::Full).then(|| shared.clone());
         let writer = Writer::new(
             conn,
-            file,
+            shared,
             cache.clone(),
             notifier.clone(),
             &options,
@@ -216,6 +246,7 @@ impl SqliteStore {
             readers,
             cache,
             notifier,
+            journal,
             writer,
         })
     }
@@ -298,6 +329,23 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> Result<()> {
+        if let Some(journal) = &self.journal {
+            // A small append to a run in the cache is journaled right here (one short lock and
+            // one `write`); anything else goes to the writer.
+            let (mut outcomes, wake) = journal.of(run_id).append(&self.cache, &[(run_id, events)]);
+            if wake {
+                // A full queue means a busy writer, which finds the due runs anyway.
+                let _ = self.commands.try_send(Command::Maintain);
+            }
+            match outcomes.pop() {
+                Some(Outcome::Journaled(seq)) => {
+                    self.notifier.publish(run_id, seq);
+                    return Ok(());
+                }
+                Some(Outcome::Refused(e)) => return Err(e),
+                Some(Outcome::Declined) | None => {}
+            }
+        }
         let (run_id, events) = (run_id.to_owned(), events.to_vec());
         self.write(|reply| Command::Append {
             run_id,

@@ -186,8 +186,15 @@ pub(crate) fn read_events(
         })
         .map_err(db("reading events"))?;
     let mut out = Vec::with_capacity(limit.min(1024));
-    for event in rows {
-        out.push(event.map_err(db("reading events"))?);
+    for (expected, event) in (after + 1..).zip(rows) {
+        let event = event.map_err(db("reading events"))?;
+        if event.seq() != expected {
+            // A closed log's terminal event can be here before the journaled events that come
+            // before it (they are in the cache's tail until they are moved): the read stops at
+            // the gap, and the reader's next read goes on from the cache.
+            break;
+        }
+        out.push(event);
     }
     Ok(out)
 }

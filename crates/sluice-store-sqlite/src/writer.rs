@@ -1,10 +1,10 @@
 //! The writer thread: owns the read-write connection and group-commits every write command.
 //!
-//! A group runs in two parts. First the small appends (those the journal takes, of runs no
-//! earlier command of the group touches): their records are written to the journal file with
-//! one `write`, and they are acknowledged and their followers woken, with no SQLite transaction.
-//! Then everything else runs in one transaction, together with the end-of-group journal work
-//! (moving due runs' pending events into `events`, within a budget).
+//! Most small appends never come here: the caller's task journals them (see `journal.rs`).
+//! Those that do (with `synchronous = FULL`, or while their run was busy) run first in a group,
+//! journaled with one `write` (and one sync), with no SQLite transaction. Then everything else
+//! runs in one transaction, together with the end-of-group journal work: moving due runs'
+//! pending events into `events`, within a budget.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,18 +17,83 @@ use sluice_store::{Error, Notifier, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::SqliteOptions;
-use crate::cache::{Change, RunCache, RunState};
+use crate::cache::{RunCache, RunState, check_continues};
 use crate::checkpoint::{self, Checkpointer};
-use crate::journal::{APPLY_BYTES, Journal, Route};
-use crate::journal_file::JournalFile;
+use crate::journal::{APPLY_BYTES, Outcome, SharedJournal};
 
-/// Bytes of pending events the end of a group moves into `events` at least (when runs are
-/// due), besides twice what the group journaled: the moving keeps ahead of the journaling
-/// while its work is spread over many groups.
-const MIN_MOVE_BUDGET: usize = 4 * APPLY_BYTES;
+/// After a failed transaction the writer waits this long before it moves pending events again
+/// while idle.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
-/// …and when the writer has nothing else to do.
+/// The most bytes of pending events one transaction moves into `events` (and the most credit
+/// the pacer saves up).
 const IDLE_MOVE_BUDGET: usize = 64 * APPLY_BYTES;
+
+/// The pace of the moves: twice the journal's recent inflow, at least this many bytes a
+/// second.
+const MOVE_FLOOR: f64 = 1024.0 * 1024.0;
+
+/// How far back the journal's inflow is averaged (an exponential average), in seconds.
+const INFLOW_TAU: f64 = 0.5;
+
+/// Paces the moves of pending events into `events`. Runs streaming in step (a thousand agents
+/// started together) fill their page, or finish, at the same moment; moving a thousand runs at
+/// once takes the writer a core for tens of milliseconds, which the streams feel. So moves
+/// spend a credit that refills at twice the journal's recent inflow: the backlog still shrinks
+/// (and the cap on pending events bounds it anyway), but the work is spread out.
+#[derive(Debug)]
+struct Pacer {
+    last: Instant,
+    recorded: u64,
+    /// Bytes a second journaled, averaged.
+    inflow: f64,
+    credit: f64,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            recorded: 0,
+            inflow: 0.0,
+            credit: IDLE_MOVE_BUDGET as f64,
+        }
+    }
+
+    /// Adds the credit earned since the last call, given the journal's byte count now.
+    fn refill(&mut self, recorded: u64) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let grown = recorded.saturating_sub(self.recorded) as f64;
+        self.recorded = recorded;
+        if dt > 0.0 {
+            let alpha = 1.0 - (-dt / INFLOW_TAU).exp();
+            self.inflow += alpha * (grown / dt - self.inflow);
+        }
+        let rate = (2.0 * self.inflow).max(MOVE_FLOOR);
+        self.credit = (self.credit + dt * rate).min(IDLE_MOVE_BUDGET as f64);
+    }
+
+    /// How many bytes may be moved now.
+    fn budget(&self) -> usize {
+        if self.credit <= 0.0 {
+            0
+        } else {
+            self.credit as usize
+        }
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        self.credit -= bytes as f64;
+    }
+
+    /// How long until the credit reaches `bytes` at the current pace.
+    fn wait_for(&self, bytes: usize) -> Duration {
+        let rate = (2.0 * self.inflow).max(MOVE_FLOOR);
+        Duration::from_secs_f64(((bytes as f64 - self.credit) / rate).max(0.0))
+    }
+}
 
 /// Row counts of the prepared multi-row inserts: an append of n events uses n's binary
 /// decomposition (capped at 64 rows a statement).
@@ -137,6 +202,8 @@ pub(crate) enum Command {
         id: String,
         reply: Reply<bool>,
     },
+    /// Journaled appends made runs due: wakes the writer to move them (no reply).
+    Maintain,
 }
 
 impl Command {
@@ -151,9 +218,10 @@ impl Command {
             | Self::PutCheckpoint { run_id, .. }
             | Self::InboxPush { run_id, .. }
             | Self::InboxAck { run_id, .. } => Some(run_id),
-            Self::CreateSession { .. } | Self::PutSession { .. } | Self::DeleteSession { .. } => {
-                None
-            }
+            Self::CreateSession { .. }
+            | Self::PutSession { .. }
+            | Self::DeleteSession { .. }
+            | Self::Maintain => None,
         }
     }
 
@@ -176,6 +244,7 @@ impl Command {
             Self::InboxPush { data, .. } => data.len() + 2 * ROW,
             Self::CreateSession { json, .. } | Self::PutSession { json, .. } => json.len() + ROW,
             Self::DeleteRun { .. } | Self::InboxAck { .. } | Self::DeleteSession { .. } => ROW,
+            Self::Maintain => 0,
         }
     }
 
@@ -203,6 +272,7 @@ impl Command {
             | Self::InboxAck { reply, .. }
             | Self::CreateSession { reply, .. }
             | Self::PutSession { reply, .. } => Done::Unit(reply, Err(err)),
+            Self::Maintain => return,
         };
         done.send();
     }
@@ -213,6 +283,8 @@ enum Done {
     Unit(Reply<()>, Result<()>),
     Id(Reply<u64>, Result<u64>),
     Flag(Reply<bool>, Result<bool>),
+    /// Nothing to answer.
+    None,
 }
 
 impl Done {
@@ -221,6 +293,7 @@ impl Done {
             Self::Unit(_, r) => r.is_ok(),
             Self::Id(_, r) => r.is_ok(),
             Self::Flag(_, r) => r.is_ok(),
+            Self::None => true,
         }
     }
 
@@ -240,6 +313,7 @@ impl Done {
             Self::Unit(tx, r) => drop(tx.send(r)),
             Self::Id(tx, r) => drop(tx.send(r)),
             Self::Flag(tx, r) => drop(tx.send(r)),
+            Self::None => {}
         }
     }
 }
@@ -251,6 +325,21 @@ struct Touched {
     state: Option<RunState>,
     /// The events appended, in order (followers must be woken; they go to the cache's tail).
     appended: Vec<RawEvent>,
+}
+
+/// What the open transaction does to pending events: the journal's bookkeeping changes only
+/// once it commits (the callers' tasks go on journaling meanwhile).
+#[derive(Debug, Default)]
+struct Moves {
+    /// Runs whose first n pending events the transaction writes to `events`, with the seq of
+    /// the last of them.
+    taken: HashMap<String, (usize, u64)>,
+    /// Runs deleted by the transaction.
+    forgotten: HashSet<String>,
+    /// Runs whose log the transaction closes while events of theirs stay pending.
+    closed: Vec<String>,
+    /// Due runs taken from the queue (put back if the transaction fails).
+    popped: Vec<String>,
 }
 
 /// The write side of the store, run on its own thread by [`Writer::run`].
@@ -265,12 +354,14 @@ pub(crate) struct Writer {
     interrupted: Option<Fatal>,
     /// The `INSERT INTO events` statements, by how many rows each inserts (largest first).
     inserts: Vec<(usize, String)>,
-    /// Which runs have events in the journal only (see `journal.rs`).
-    journal: Journal,
-    /// The journal's segment files.
-    file: JournalFile,
-    /// Bytes journaled by the group being committed (sets the budget of its moves).
-    journaled: usize,
+    /// The journal, shared with the callers' tasks (see `journal.rs`).
+    shared: SharedJournal,
+    /// What the open transaction does to the journal, applied once it commits.
+    moves: Moves,
+    /// Spreads the moves of pending events over time.
+    pacer: Pacer,
+    /// When the last transaction failed, if the last one did.
+    failing_since: Option<Instant>,
     commit_window: Duration,
     max_batch: usize,
     /// Takes checkpoints off this thread; `None` in unit tests.
@@ -314,37 +405,6 @@ fn load_state(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<RunSta
         })
     })
     .optional()
-}
-
-/// Checks that `events` continue a log standing at `state`; returns the state after them.
-fn check_continues(run_id: &str, state: Option<RunState>, events: &[RawEvent]) -> Result<RunState> {
-    let state = state.ok_or_else(|| Error::run_not_found(run_id))?;
-    if state.closed {
-        return Err(Error::LogClosed {
-            run_id: run_id.to_owned(),
-        });
-    }
-    let mut expected = state.last_seq + 1;
-    for (i, e) in events.iter().enumerate() {
-        if e.is_terminal() && i + 1 < events.len() {
-            // Nothing may follow a terminal event: the batch is refused whole.
-            return Err(Error::LogClosed {
-                run_id: run_id.to_owned(),
-            });
-        }
-        if e.seq() != expected {
-            return Err(Error::SeqConflict {
-                run_id: run_id.to_owned(),
-                expected,
-                got: e.seq(),
-            });
-        }
-        expected += 1;
-    }
-    Ok(RunState {
-        last_seq: expected - 1,
-        closed: events.last().is_some_and(RawEvent::is_terminal),
-    })
 }
 
 fn update_run(conn: &Connection, row: &RunRow) -> Result<()> {
@@ -394,7 +454,7 @@ fn next_command(rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
 impl Writer {
     pub(crate) fn new(
         conn: Connection,
-        file: JournalFile,
+        shared: SharedJournal,
         cache: Arc<RunCache>,
         notifier: Arc<Notifier>,
         options: &SqliteOptions,
@@ -419,7 +479,6 @@ impl Writer {
             "INSERT OR FAIL INTO events (run_id, seq, type, json)",
             "(?, ?, ?, ?)",
         );
-        let next_pos = file.next_pos();
         Self {
             conn,
             cache,
@@ -427,9 +486,10 @@ impl Writer {
             touched: HashMap::new(),
             interrupted: None,
             inserts,
-            journal: Journal::new(next_pos, next_pos),
-            file,
-            journaled: 0,
+            shared,
+            moves: Moves::default(),
+            pacer: Pacer::new(),
+            failing_since: None,
             commit_window: options.commit_window,
             max_batch: options.max_batch.max(1),
             checkpointer,
@@ -448,9 +508,30 @@ impl Writer {
         loop {
             let first = match rx.try_recv() {
                 Ok(cmd) => cmd,
-                Err(mpsc::error::TryRecvError::Empty) if self.journal.has_work() => {
-                    // Nothing queued: a good moment to move due runs into `events`.
-                    self.transaction(Vec::new(), IDLE_MOVE_BUDGET);
+                Err(mpsc::error::TryRecvError::Empty) if self.has_work() => {
+                    match self.failing_since {
+                        // After a failed transaction, idle moves wait a while (the disk may be
+                        // full): the writer polls for commands meanwhile instead of spinning.
+                        Some(at) if at.elapsed() < RETRY_AFTER_FAILURE => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        // Nothing queued: a good moment to move due runs into `events`, at the
+                        // pacer's pace.
+                        _ => {
+                            let recorded = self.shared.recorded();
+                            let other_work = self.shared.has_work(true);
+                            self.pacer.refill(recorded);
+                            if other_work || self.pacer.budget() >= APPLY_BYTES {
+                                self.transaction(Vec::new(), self.pacer.budget());
+                            } else {
+                                // Short naps: a command arriving meanwhile waits at most 1 ms.
+                                let nap = self.pacer.wait_for(APPLY_BYTES);
+                                std::thread::sleep(
+                                    nap.clamp(Duration::from_micros(100), Duration::from_millis(1)),
+                                );
+                            }
+                        }
+                    }
                     continue;
                 }
                 Err(_) => match next_command(&mut rx) {
@@ -473,22 +554,32 @@ impl Writer {
             self.commit_group(std::mem::take(&mut group));
         }
         // A clean close leaves every event in `events`: the next open has nothing to replay.
-        self.journal.make_all_due();
-        while self.journal.has_work() {
-            self.transaction(Vec::new(), IDLE_MOVE_BUDGET);
+        for i in 0..self.shared.len() {
+            self.shared.shard(i).journal.make_all_due();
+        }
+        while self.has_work() && self.failing_since.is_none() {
+            self.transaction(Vec::new(), usize::MAX);
         }
         // Stop the checkpoint thread before the connection closes (closing the last connection
         // checkpoints the rest of the WAL).
         drop(self.checkpointer.take());
     }
 
-    /// Commits `group`: its small appends through the journal file, the rest in one
-    /// transaction; replies, then wakes followers.
-    fn commit_group(&mut self, group: Vec<Command>) {
-        self.journaled = 0;
+    /// Whether the journal has work for the writer.
+    fn has_work(&self) -> bool {
+        self.shared.has_work(false)
+    }
+
+    /// Commits `group`: its small appends through the journal, the rest in one transaction;
+    /// replies, then wakes followers.
+    fn commit_group(&mut self, mut group: Vec<Command>) {
+        group.retain(|cmd| !matches!(cmd, Command::Maintain));
         let rest = self.journal_appends(group);
-        if !rest.is_empty() || self.journal.has_work() {
-            let budget = (2 * self.journaled).max(MIN_MOVE_BUDGET);
+        let recorded = self.shared.recorded();
+        let other_work = self.shared.has_work(true);
+        self.pacer.refill(recorded);
+        let budget = self.pacer.budget();
+        if !rest.is_empty() || other_work || (budget >= APPLY_BYTES && self.has_work()) {
             self.transaction(rest, budget);
         }
         if let Some(checkpointer) = &self.checkpointer {
@@ -503,130 +594,89 @@ impl Writer {
     }
 
     /// The first part of a group: journals the small appends of runs that no earlier command
-    /// of the group touches, with one write, then replies to them and wakes their followers.
-    /// Returns the other commands, in their order.
+    /// of the group leaves to the transaction, with one write, then replies to them and wakes
+    /// their followers. Returns the other commands, in their order.
     fn journal_appends(&mut self, group: Vec<Command>) -> Vec<Command> {
-        let mut rest = Vec::new();
-        // Runs with a command in `rest`: their later commands must follow it there.
-        let mut held: HashSet<String> = HashSet::new();
-        let mut done = Vec::new();
-        self.journal.begin_group();
-        self.file.begin_group();
-        for cmd in group {
+        // Runs with a command left for the transaction: their later commands must follow it.
+        let mut held: HashSet<&str> = HashSet::new();
+        let mut picks = Vec::new();
+        for (i, cmd) in group.iter().enumerate() {
             match cmd {
-                Command::Append {
-                    run_id,
-                    events,
-                    reply,
-                } if !held.contains(&run_id)
-                    && self.journal.journals(
-                        &run_id,
-                        &events,
-                        events.last().is_some_and(RawEvent::is_terminal),
-                    ) =>
-                {
-                    let outcome = self.journal_append(&run_id, &events);
-                    done.push(Done::Unit(reply, outcome));
-                }
+                Command::Append { run_id, .. } if !held.contains(run_id.as_str()) => picks.push(i),
                 cmd => {
                     if let Some(id) = cmd.run_id() {
-                        held.insert(id.to_owned());
+                        held.insert(id);
                     }
-                    rest.push(cmd);
                 }
             }
         }
-        if done.is_empty() {
-            return rest;
+        if picks.is_empty() {
+            return group;
         }
+        // One batch (one write) per shard; a run's appends are all in its shard, in order.
+        let mut outcomes: Vec<Outcome> = picks.iter().map(|_| Outcome::Declined).collect();
+        let mut by_shard: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (k, &i) in picks.iter().enumerate() {
+            if let Some(id) = group[i].run_id() {
+                by_shard.entry(self.shared.index(id)).or_default().push(k);
+            }
+        }
+        for (shard, ks) in by_shard {
+            let appends: Vec<(&str, &[RawEvent])> = ks
+                .iter()
+                .filter_map(|&k| match &group[picks[k]] {
+                    Command::Append { run_id, events, .. } => {
+                        Some((run_id.as_str(), events.as_slice()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            // The writer moves due runs after this group anyway: no need to wake it.
+            let (outs, _) = self.shared.shard(shard).append(&self.cache, &appends);
+            for (k, o) in ks.into_iter().zip(outs) {
+                outcomes[k] = o;
+            }
+        }
+        let mut slots: Vec<Option<Command>> = group.into_iter().map(Some).collect();
         let mut wake = Vec::new();
-        match self.file.write() {
-            Ok(()) => {
-                self.journal.commit_group();
-                if let Err(e) = self.file.commit_group() {
-                    tracing::error!(error = %e, "cannot begin a new journal segment");
-                }
-                wake = self.publish_commit();
+        for (i, outcome) in picks.into_iter().zip(outcomes) {
+            // A declined append stays in its place, for the transaction.
+            if matches!(outcome, Outcome::Declined) {
+                continue;
             }
-            Err(e) => {
-                tracing::error!(error = %e, appends = done.len(), "writing to the journal failed");
-                let e: Fatal = Arc::new(e);
-                self.journal.rollback_group();
-                self.touched.clear();
-                for d in &mut done {
-                    d.undo(|| Error::backend("writing to the journal", Arc::clone(&e)));
+            let Some(Command::Append { run_id, reply, .. }) = slots[i].take() else {
+                continue;
+            };
+            match outcome {
+                Outcome::Journaled(seq) => {
+                    drop(reply.send(Ok(())));
+                    wake.push((run_id, seq));
                 }
+                Outcome::Refused(e) => drop(reply.send(Err(e))),
+                Outcome::Declined => {}
             }
-        }
-        for d in done {
-            d.send();
         }
         for (id, seq) in wake {
             self.notifier.publish(&id, seq);
         }
-        rest
-    }
-
-    /// Journals one small append (checked to continue the run's log).
-    fn journal_append(&mut self, run_id: &str, events: &[RawEvent]) -> Result<()> {
-        let after = check_continues(run_id, self.state(run_id)?, events)?;
-        match self.journal.route(run_id, events, after.closed) {
-            Route::Journal(pos) => {
-                let at = self.file.push(run_id, events);
-                debug_assert_eq!(at, pos, "the journal and its file number records alike");
-            }
-            // `journals` said it would not: never happens, but this is the right thing to do.
-            Route::Direct(all) => {
-                return Err(Error::Backend {
-                    message: format!(
-                        "internal: an append of {} events was not journaled",
-                        all.len()
-                    ),
-                    source: None,
-                });
-            }
-        }
-        self.journaled += events.iter().map(|e| e.json().len()).sum::<usize>();
-        self.set_state(run_id, Some(after), events);
-        Ok(())
-    }
-
-    /// After a commit: records what it did in the cache, and returns the followers to wake.
-    fn publish_commit(&mut self) -> Vec<(String, u64)> {
-        let mut wake = Vec::new();
-        for (id, t) in &self.touched {
-            match t.state {
-                Some(state) if !t.appended.is_empty() => {
-                    wake.push((id.clone(), state.last_seq));
-                }
-                // Deleted (or never there): followers wake, find it gone and end.
-                None => wake.push((id.clone(), u64::MAX)),
-                Some(_) => {}
-            }
-        }
-        let journal = &self.journal;
-        self.cache
-            .apply(self.touched.iter_mut().map(|(id, t)| Change {
-                run_id: id.as_str(),
-                state: t.state,
-                appended: std::mem::take(&mut t.appended),
-                applied_upto: t.state.map_or(0, |s| {
-                    s.last_seq.saturating_sub(journal.pending_len(id) as u64)
-                }),
-            }));
-        self.touched.clear();
-        wake
+        slots.into_iter().flatten().collect()
     }
 
     /// Runs `group` in one transaction with the end-of-group journal work (moving at least
-    /// `budget` bytes of due runs' pending events, when there are), commits, replies, then
-    /// wakes followers.
+    /// `budget` bytes of due runs' pending events, when there are), commits, applies what it
+    /// did to the journal and the cache, replies, then wakes followers.
     fn transaction(&mut self, group: Vec<Command>, budget: usize) {
         let mut done = Vec::with_capacity(group.len());
         let mut bytes = 0;
         let mut fatal: Option<Fatal> = None;
-        self.journal.begin_group();
-        self.file.begin_group();
+        // The runs the group works on are the writer's until it is over: their appends come
+        // here meanwhile, so their state and pending events stay as the transaction sees them.
+        for cmd in &group {
+            if let Some(id) = cmd.run_id() {
+                self.shared.of(id).busy.insert(id.to_owned());
+            }
+        }
+        self.moves = Moves::default();
         if let Err(e) = self.exec("BEGIN IMMEDIATE") {
             fatal = Some(Arc::new(e));
         }
@@ -648,13 +698,6 @@ impl Writer {
         {
             fatal = Some(Arc::new(e));
         }
-        // The journal's records of this group go to disk before the commit that may depend
-        // on them.
-        if fatal.is_none()
-            && let Err(e) = self.file.write()
-        {
-            fatal = Some(Arc::new(e));
-        }
         let outcome = match fatal {
             Some(e) => {
                 if !self.conn.is_autocommit() {
@@ -668,22 +711,23 @@ impl Writer {
                 Arc::new(e)
             }),
         };
+        let moves = std::mem::take(&mut self.moves);
         let mut wake = Vec::new();
         match outcome {
             Ok(()) => {
-                self.journal.commit_group();
-                if let Err(e) = self.file.commit_group() {
-                    tracing::error!(error = %e, "cannot begin a new journal segment");
-                }
-                // Every record below the front is in `events` as of this commit.
-                self.file.release_below(self.journal.front());
                 self.since_checkpoint += bytes;
-                wake = self.publish_commit();
+                self.failing_since = None;
+                wake = self.committed(moves);
             }
             Err(e) => {
                 tracing::error!(error = %e, commands = done.len(), "an SQLite write transaction failed");
-                self.journal.rollback_group();
-                self.file.rollback_group();
+                self.failing_since = Some(Instant::now());
+                for run in &moves.popped {
+                    self.shared.of(run).journal.requeue(run);
+                }
+                for i in 0..self.shared.len() {
+                    self.shared.shard(i).busy.clear();
+                }
                 self.touched.clear();
                 for d in &mut done {
                     d.undo(|| Error::backend("committing a write transaction", Arc::clone(&e)));
@@ -696,6 +740,75 @@ impl Writer {
         for (id, seq) in wake {
             self.notifier.publish(&id, seq);
         }
+    }
+
+    /// After a commit: applies what it did to the journal's bookkeeping and to the cache,
+    /// releases segments whose records are all in `events` now, frees the busy runs, and
+    /// returns the followers to wake.
+    fn committed(&mut self, moves: Moves) -> Vec<(String, u64)> {
+        for (run, &(n, _)) in &moves.taken {
+            let mut shard = self.shared.of(run);
+            shard.journal.moved(run, n);
+            if !self.touched.contains_key(run) {
+                // Moved without a command of its own in the group: only its applied seq moved.
+                let first_pending = shard
+                    .journal
+                    .pending_from(run, 0)
+                    .first()
+                    .map(RawEvent::seq);
+                self.cache.moved(run, first_pending);
+            }
+        }
+        for run in &moves.forgotten {
+            self.shared.of(run).journal.forget(run);
+        }
+        for run in &moves.closed {
+            self.shared.of(run).journal.close(run);
+        }
+        let mut wake = Vec::new();
+        for (id, t) in &self.touched {
+            match t.state {
+                Some(state) if !t.appended.is_empty() => {
+                    wake.push((id.clone(), state.last_seq));
+                }
+                // Deleted (or never there): followers wake, find it gone and end.
+                None => wake.push((id.clone(), u64::MAX)),
+                Some(_) => {}
+            }
+        }
+        // Touched runs are busy: their pending events cannot change until they are freed below.
+        // (The shards' locks are taken before the cache's, never inside it: the journaling
+        // callers take them in that order.)
+        let applied: Vec<u64> = self
+            .touched
+            .iter()
+            .map(|(id, t)| {
+                t.state.map_or(0, |s| {
+                    self.shared.of(id).journal.applied_upto(id, s.last_seq)
+                })
+            })
+            .collect();
+        self.cache.apply(
+            self.touched
+                .iter_mut()
+                .zip(applied)
+                .map(|((id, t), applied_upto)| crate::cache::Change {
+                    run_id: id.as_str(),
+                    state: t.state,
+                    appended: std::mem::take(&mut t.appended),
+                    applied_upto,
+                }),
+        );
+        self.touched.clear();
+        for i in 0..self.shared.len() {
+            let mut shard = self.shared.shard(i);
+            let shard = &mut *shard;
+            if let Some(front) = shard.journal.release() {
+                shard.file.release_below(front);
+            }
+            shard.busy.clear();
+        }
+        wake
     }
 
     /// Runs a statement without parameters through the statement cache.
@@ -778,6 +891,8 @@ impl Writer {
                 Done::Unit(reply, self.put_session(&id, &json))
             }
             Command::DeleteSession { id, reply } => Done::Flag(reply, self.delete_session(&id)),
+            // Taken out of every group before it runs.
+            Command::Maintain => Done::None,
         }
     }
 
@@ -800,57 +915,92 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes `events` (checked to continue the run's log) where the journal's rules say:
-    /// into the journal, or with the run's pending events into `events`.
+    /// Writes `events` (checked to continue the run's log, which `closes` or not) to `events`:
+    /// after the run's pending events, or, for a lone terminal event, by itself (the pending
+    /// events follow once the run's turn as a due run comes).
     fn store_events(
         &mut self,
         run_id: &str,
         events: &[RawEvent],
         closes: bool,
     ) -> rusqlite::Result<()> {
-        match self.journal.route(run_id, events, closes) {
-            Route::Journal(first_pos) => {
-                let at = self.file.push(run_id, events);
-                debug_assert_eq!(
-                    at, first_pos,
-                    "the journal and its file number records alike"
-                );
-                self.journaled += events.iter().map(|e| e.json().len()).sum::<usize>();
-                Ok(())
-            }
-            Route::Direct(all) => self.insert_events(run_id, &all),
+        let skip = self.moves.taken.get(run_id).map_or(0, |t| t.0);
+        let pending = self.shared.of(run_id).journal.pending_from(run_id, skip);
+        if pending.is_empty() {
+            return self.insert_events(run_id, events);
+        }
+        if closes && events.len() == 1 {
+            self.moves.closed.push(run_id.to_owned());
+            return self.insert_events(run_id, events);
+        }
+        self.take_pending(run_id, skip, &pending);
+        self.insert_events(run_id, &pending)?;
+        self.insert_events(run_id, events)
+    }
+
+    /// Notes that the transaction writes `pending` (the run's pending events from the
+    /// `skip`-th on) to `events`.
+    fn take_pending(&mut self, run_id: &str, skip: usize, pending: &[RawEvent]) {
+        if let Some(last) = pending.last() {
+            self.moves
+                .taken
+                .insert(run_id.to_owned(), (skip + pending.len(), last.seq()));
         }
     }
 
     /// At the end of a group: moves into `events` the pending events of runs that went quiet,
-    /// and of due runs until `budget` bytes are moved, and releases the journal's front when it
-    /// can move.
+    /// and of due runs until `budget` bytes are moved.
     fn maintain_journal(&mut self, budget: usize) -> Result<()> {
-        for run_id in self.journal.stragglers() {
-            self.move_pending(&run_id)?;
+        // (run, how many of its pending events this transaction took already, the rest).
+        let mut picked: Vec<(String, usize, Vec<RawEvent>)> = Vec::new();
+        let mut seen = HashSet::new();
+        let moves = &mut self.moves;
+        let mut pick = |run: String, journal: &crate::journal::Journal, moves: &Moves| {
+            if moves.forgotten.contains(&run) || !seen.insert(run.clone()) {
+                return 0;
+            }
+            let skip = moves.taken.get(&run).map_or(0, |t| t.0);
+            let events = journal.pending_from(&run, skip);
+            let bytes = events.iter().map(|e| e.json().len()).sum();
+            picked.push((run, skip, events));
+            bytes
+        };
+        for i in 0..self.shared.len() {
+            let shard = self.shared.shard(i);
+            for run in shard.journal.stragglers() {
+                pick(run, &shard.journal, moves);
+            }
         }
+        // Due runs, oldest first in each shard, the shards in turn.
         let mut moved = 0;
-        while moved < budget {
-            let Some(run_id) = self.journal.next_due() else {
-                break;
-            };
-            moved += self.journal.pending_bytes(&run_id);
-            self.move_pending(&run_id)?;
+        let mut empty = vec![false; self.shared.len()];
+        'rounds: while moved < budget && empty.iter().any(|e| !e) {
+            for (i, done) in empty.iter_mut().enumerate() {
+                if *done {
+                    continue;
+                }
+                let mut shard = self.shared.shard(i);
+                let Some(run) = shard.journal.next_due() else {
+                    *done = true;
+                    continue;
+                };
+                moves.popped.push(run.clone());
+                moved += pick(run, &shard.journal, moves);
+                if moved >= budget {
+                    break 'rounds;
+                }
+            }
         }
-        if let Some(below) = self.journal.truncation() {
-            // The segments themselves go once the group has committed.
-            self.journal.truncated(below);
+        self.pacer.spend(moved);
+        for (run, skip, events) in picked {
+            if events.is_empty() {
+                continue;
+            }
+            self.take_pending(&run, skip, &events);
+            self.insert_events(&run, &events)
+                .map_err(db("moving journaled events"))?;
         }
         Ok(())
-    }
-
-    /// Moves a run's pending events into `events`.
-    fn move_pending(&mut self, run_id: &str) -> Result<()> {
-        // Touch the run so its cache entry learns that the events are in `events` now.
-        self.state(run_id)?;
-        let events = self.journal.take(run_id);
-        self.insert_events(run_id, &events)
-            .map_err(db("moving journaled events"))
     }
 
     /// The state of a run's log as of the open transaction: what it did, else the committed
@@ -942,7 +1092,7 @@ impl Writer {
         }
         // Its journal records go with the journal's front (and are skipped if the store reopens
         // before that: the journal is replayed for existing runs only).
-        self.journal.take(id);
+        self.moves.forgotten.insert(id.to_owned());
         self.set_state(id, None, &[]);
         Ok(())
     }
@@ -1096,10 +1246,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("w.db");
         let conn = open_writer(&db, Synchronous::Normal).unwrap();
-        let file = JournalFile::create(&crate::journal_file::dir_of(&db), 1, false, None).unwrap();
+        let shards = (0..crate::journal::SHARDS)
+            .map(|shard| {
+                let file = crate::journal_file::JournalFile::create(
+                    &crate::journal_file::dir_of(&db),
+                    shard,
+                    1,
+                    false,
+                    None,
+                )
+                .unwrap();
+                crate::journal::Journaled {
+                    journal: crate::journal::Journal::new(1),
+                    file,
+                    busy: HashSet::new(),
+                }
+            })
+            .collect();
+        let shared = Arc::new(crate::journal::Journals::new(shards));
         let w = Writer::new(
             conn,
-            file,
+            shared,
             Arc::default(),
             Arc::default(),
             &SqliteOptions::default(),
@@ -1147,7 +1314,7 @@ mod tests {
 
     /// A run's events as stored: in `events`, or only in the journal.
     fn stored(w: &Writer, run: &str) -> i64 {
-        logged(w, run) + w.journal.pending_len(run) as i64
+        logged(w, run) + w.shared.of(run).journal.pending_len(run) as i64
     }
 
     #[test]
@@ -1297,7 +1464,7 @@ mod tests {
         let mut seq = 0;
         while !ids
             .iter()
-            .all(|id| w.journal.pending_len(id) >= 48 || logged(&w, id) > 0)
+            .all(|id| w.shared.of(id).journal.pending_len(id) >= 48 || logged(&w, id) > 0)
         {
             seq += 1;
             let (cmds, rxs): (Vec<_>, Vec<_>) = ids.iter().map(|id| append(id, seq..=seq)).unzip();
@@ -1317,7 +1484,7 @@ mod tests {
             );
         }
         // Idle time moves the rest; the journal's front moves on.
-        while w.journal.has_work() {
+        while w.has_work() {
             w.transaction(Vec::new(), IDLE_MOVE_BUDGET);
         }
         // Only runs short of a page's worth are left pending.
@@ -1325,10 +1492,72 @@ mod tests {
             assert_eq!(stored(&w, id), seq as i64, "{id}");
             assert!(logged(&w, id) > 0, "{id}");
             assert!(
-                w.journal.pending_bytes(id) < APPLY_BYTES && w.journal.pending_len(id) < 48,
+                w.shared.of(id).journal.pending_bytes(id, 0) < APPLY_BYTES
+                    && w.shared.of(id).journal.pending_len(id) < 48,
                 "{id}"
             );
         }
-        assert!(w.journal.next_due().is_none());
+        assert!((0..w.shared.len()).all(|i| w.shared.shard(i).journal.next_due().is_none()));
+    }
+
+    #[test]
+    fn a_finished_runs_pending_events_follow_its_terminal_event_later() {
+        let (_dir, mut w) = writer();
+        let (cmd, rx) = create("run_a");
+        w.commit_group(vec![cmd]);
+        rx.blocking_recv().unwrap().unwrap();
+        for seq in 1..=10 {
+            let (cmd, mut rx) = append("run_a", seq..=seq);
+            w.commit_group(vec![cmd]);
+            rx.try_recv().unwrap().unwrap();
+        }
+        assert_eq!(logged(&w, "run_a"), 0, "journaled");
+        let mut rec = RunRecord::new("run_a", "wf", json!(null));
+        rec.status = sluice_protocol::RunStatus::Completed;
+        rec.last_seq = 11;
+        let terminal = RawEvent::encode(
+            11,
+            "run_a",
+            kind::CHAIN_COMPLETED,
+            Timestamp::now(),
+            None,
+            "{}",
+        );
+        let (reply, mut rx) = oneshot::channel();
+        w.commit_group(vec![Command::Finish {
+            row: RunRow::new(&rec).unwrap(),
+            terminal,
+            reply,
+        }]);
+        rx.try_recv().unwrap().unwrap();
+        // The terminal event is in `events`, alone; a reader of the database stops at the gap
+        // and the cache has the whole log.
+        assert_eq!(logged(&w, "run_a"), 1);
+        assert!(
+            crate::reader::read_events(&w.conn, "run_a", 0, 100)
+                .unwrap()
+                .is_empty()
+        );
+        let cached = w.cache.read("run_a", 0, 100).unwrap();
+        assert_eq!(
+            cached.iter().map(RawEvent::seq).collect::<Vec<_>>(),
+            (1..=11).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            w.cache.get("run_a"),
+            Some(RunState {
+                last_seq: 11,
+                closed: true
+            })
+        );
+        // It is due: the next idle moment moves it, and it leaves the cache.
+        assert!(w.has_work());
+        while w.has_work() {
+            w.transaction(Vec::new(), IDLE_MOVE_BUDGET);
+        }
+        assert_eq!(logged(&w, "run_a"), 11);
+        assert_eq!(w.cache.get("run_a"), None);
+        let all = crate::reader::read_events(&w.conn, "run_a", 0, 100).unwrap();
+        assert_eq!(all.len(), 11);
     }
 }

@@ -301,10 +301,11 @@ async fn small_appends_of_many_runs_are_readable_and_survive_reopening() {
     assert_eq!(logged, 39 * (N as i64 + 1));
 }
 
-/// Finishing a run moves its journaled events into the log with the terminal event, in one
-/// transaction: a finished run's whole log is in `events`.
+/// A finished run's journaled events reach `events` after its terminal event (moved later, as a
+/// due run): meanwhile every read sees the whole log, and after the store closes the table
+/// holds all of it.
 #[tokio::test]
-async fn finishing_moves_pending_events_with_the_terminal_event() {
+async fn a_finished_runs_journaled_events_follow_its_terminal_event() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.db");
     let store = open(&path);
@@ -327,6 +328,13 @@ async fn finishing_moves_pending_events_with_the_terminal_event() {
         "{}",
     );
     store.finish(&rec, &terminal).await.unwrap();
+    let all = store.read("run_a", 0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(RawEvent::seq).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert_eq!(store.read("run_a", 3, 100).await.unwrap().len(), 3);
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 6);
     store.close().await.unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
     let seqs: Vec<i64> = conn

@@ -121,6 +121,21 @@ impl Prompt {
 type Check = Pin<Box<dyn Future<Output = sluice_client::Result<RunRecord>>>>;
 type Sending = Pin<Box<dyn Future<Output = (Wait, sluice_client::Result<String>)>>>;
 
+/// How long the end of a run waits for the reply to an answer still being sent.
+const SEND_REPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// The note on how sending an answer went.
+fn sent_note(run_id: &str, wait: &Wait, sent: sluice_client::Result<String>) -> String {
+    match sent {
+        Ok(shown) => format!("↳ sent {shown}"),
+        Err(e) if e.kind() == ErrorKind::Conflict => "(the run has already ended)".to_owned(),
+        Err(e) => format!(
+            "could not send the answer: {e}. {}",
+            answer_hint(run_id, wait)
+        ),
+    }
+}
+
 async fn follow_human(
     ctx: &Ctx,
     mut stream: EventStream<RawEvent>,
@@ -164,6 +179,15 @@ async fn follow_human(
                         return EXIT_USAGE;
                     }
                 };
+                if ev.is_terminal()
+                    && let Some(in_flight) = sending.take()
+                {
+                    // The answer's reply can come after the end of the run it ended: report it
+                    // before the end.
+                    if let Ok((wait, sent)) = tokio::time::timeout(SEND_REPLY_WAIT, in_flight).await {
+                        let _ = view.note(&sent_note(&run_id, &wait, sent));
+                    }
+                }
                 if ev.event_type == kind::CHAIN_RESUMED || ev.is_terminal() {
                     // Whatever was asked has been answered (or no longer matters).
                     pending = None;
@@ -225,12 +249,7 @@ async fn follow_human(
             }
             (wait, sent) = ready(&mut sending) => {
                 sending = None;
-                let note = match sent {
-                    Ok(shown) => format!("↳ sent {shown}"),
-                    Err(e) if e.kind() == ErrorKind::Conflict => "(the run has already ended)".to_owned(),
-                    Err(e) => format!("could not send the answer: {e}. {}", answer_hint(&run_id, &wait)),
-                };
-                let _ = view.note(&note);
+                let _ = view.note(&sent_note(&run_id, &wait, sent));
             }
             line = recv(stdin.as_mut()) => {
                 let Some(line) = line.flatten() else {
