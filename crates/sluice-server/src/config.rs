@@ -114,6 +114,11 @@ pub struct ServerOptions {
     /// (0 to 100 ms; default 2 ms). It never waits on an empty queue.
     #[serde(deserialize_with = "duration")]
     pub sqlite_commit_window: Duration,
+    /// Whether a small append is journaled by the task that makes it, instead of by the SQLite
+    /// writer thread (default `false`). On: no thread hop per append, lower latency while the
+    /// server has CPU to spare. Off: the writer journals many appends with one `write`, which
+    /// degrades better when the machine is overloaded. See BENCHMARKS.md.
+    pub sqlite_inline_appends: bool,
 }
 
 impl Default for ServerOptions {
@@ -138,6 +143,7 @@ impl Default for ServerOptions {
             idle_timeout: Duration::from_secs(60),
             sqlite_synchronous: "normal".into(),
             sqlite_commit_window: Duration::from_millis(2),
+            sqlite_inline_appends: false,
         }
     }
 }

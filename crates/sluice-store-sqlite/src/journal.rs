@@ -8,12 +8,14 @@
 //! single-event appends writes a few hundred pages (4 KiB each for ~200 bytes of data each).
 //!
 //! So a small append goes to the journal instead: records appended to segment files
-//! (`journal_file.rs`). The caller's task does it itself ([`Journaled::append`]): under one
-//! short lock it checks that the events continue the run's log, writes their records with one
-//! `write`, notes them as the run's *pending* events and adds them to the cache's tail; then it
-//! wakes the run's followers. No thread hop, no transaction. (With `synchronous = FULL`, which
-//! syncs every write, the writer thread does the same for whole groups at once, so that one
-//! sync serves many appends.)
+//! (`journal_file.rs`), in shards by run id. [`Journaled::append`] does it: under the shard's
+//! lock it checks that the events continue the run's log, writes their records with one
+//! `write`, notes them as the run's *pending* events and adds them to the cache's tail; then
+//! the run's followers are woken. No transaction. The writer thread does it for the small
+//! appends of a whole group at once, before the group's transaction (one `write`, and one sync
+//! with `synchronous = FULL`, for many appends); with `inline_appends` the caller's task does
+//! it for its own append, without the thread hop (but never waiting for a shard another
+//! caller holds: that append goes to the writer).
 //!
 //! Pending events move into `events` on the writer thread. Once a run's add up to
 //! [`APPLY_BYTES`] or [`APPLY_EVENTS`], or its log has closed, the run is *due*; after each
@@ -39,6 +41,7 @@
 //! are marked *busy*, so the inline path leaves them to the writer.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_protocol::RawEvent;
@@ -342,6 +345,9 @@ pub(crate) const SHARDS: usize = 8;
 #[derive(Debug)]
 pub(crate) struct Journals {
     shards: Vec<Mutex<Journaled>>,
+    /// Set while the writer sleeps waiting for a command: only then does it need a wake-up
+    /// when runs become due (awake, it looks for due runs after every group).
+    writer_asleep: AtomicBool,
 }
 
 /// The shards, shared by the callers' tasks and the writer thread.
@@ -351,7 +357,18 @@ impl Journals {
     pub(crate) fn new(shards: Vec<Journaled>) -> Self {
         Self {
             shards: shards.into_iter().map(Mutex::new).collect(),
+            writer_asleep: AtomicBool::new(false),
         }
+    }
+
+    /// The writer is about to sleep (`true`) or has woken (`false`).
+    pub(crate) fn set_writer_asleep(&self, asleep: bool) {
+        self.writer_asleep.store(asleep, Ordering::SeqCst);
+    }
+
+    /// Whether a journaling caller that made runs due should wake the writer.
+    pub(crate) fn writer_asleep(&self) -> bool {
+        self.writer_asleep.load(Ordering::SeqCst)
     }
 
     /// The shard of a run (FNV-1a of its id: the same in every process).
@@ -367,6 +384,17 @@ impl Journals {
         self.shard(self.index(run_id))
     }
 
+    /// The shard of `run_id`, if it is not locked: a caller on the async runtime never waits
+    /// for a shard (its holder may have been preempted, or be in a slow `write`); it hands
+    /// the append to the writer instead.
+    pub(crate) fn try_of(&self, run_id: &str) -> Option<MutexGuard<'_, Journaled>> {
+        match self.shards[self.index(run_id) % self.shards.len()].try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Locks shard `i`.
     pub(crate) fn shard(&self, i: usize) -> MutexGuard<'_, Journaled> {
         lock(&self.shards[i % self.shards.len()])
@@ -377,23 +405,40 @@ impl Journals {
         self.shards.len()
     }
 
-    /// Whether any shard has work for the writer (`besides_due`: other than due runs).
+    /// Shard `i`, if it is not locked (the writer's optional work skips a shard a caller
+    /// holds: that caller may have been preempted in the middle of its `write`).
+    pub(crate) fn try_shard(&self, i: usize) -> Option<MutexGuard<'_, Journaled>> {
+        match self.shards[i % self.shards.len()].try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Whether a shard not locked right now has work for the writer (`besides_due`: other
+    /// than due runs).
     pub(crate) fn has_work(&self, besides_due: bool) -> bool {
         (0..self.len()).any(|i| {
-            let s = self.shard(i);
-            if besides_due {
-                s.journal.has_work_besides_due()
-            } else {
-                s.journal.has_work()
-            }
+            self.try_shard(i).is_some_and(|s| {
+                if besides_due {
+                    s.journal.has_work_besides_due()
+                } else {
+                    s.journal.has_work()
+                }
+            })
         })
     }
 
-    /// Bytes recorded by every shard so far.
-    pub(crate) fn recorded(&self) -> u64 {
-        (0..self.len())
-            .map(|i| self.shard(i).journal.recorded())
-            .sum()
+    /// Bytes recorded by every shard so far; `seen` keeps each shard's last known count, for
+    /// the shards locked right now.
+    pub(crate) fn recorded(&self, seen: &mut Vec<u64>) -> u64 {
+        seen.resize(self.len(), 0);
+        for (i, n) in seen.iter_mut().enumerate() {
+            if let Some(s) = self.try_shard(i) {
+                *n = s.journal.recorded();
+            }
+        }
+        seen.iter().sum()
     }
 }
 

@@ -28,11 +28,13 @@
 //!   newest committed events, from which live followers read.
 //!
 //! # How writes are committed
-//! The database runs in WAL mode. Most appends never reach a transaction: a small append to a
-//! run the cache knows is journaled by the caller's task itself (see *Where events are written*
-//! below). One dedicated OS thread owns the only read-write connection and receives every
-//! other write (large or closing appends, `finish`, records, checkpoints, inbox, sessions) over
-//! a bounded channel; the caller awaits a reply. The thread **group-commits**: it takes the first
+//! The database runs in WAL mode. Most appends never reach a transaction: a small append goes
+//! to the journal (see *Where events are written* below). One dedicated OS thread owns the only
+//! read-write connection and receives every write (appends, `finish`, records, checkpoints,
+//! inbox, sessions) over a bounded channel; the caller awaits a reply. (With
+//! [`SqliteOptions::inline_appends`], a small append to a run the cache knows is journaled by
+//! the caller's task itself and never reaches the thread.) The thread **group-commits**: it
+//! takes the first
 //! queued command, adds whatever else is already queued (until the queue is empty, the group holds
 //! [`SqliteOptions::max_batch`] events, or [`SqliteOptions::commit_window`] has passed), and
 //! commits the group in two parts: the small appends go to the journal file with one `write`
@@ -57,11 +59,13 @@
 //! per commit: with a thousand runs each streaming a token at a time, every commit would write
 //! hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small append goes
 //! to the *journal* first: append-only segment files next to the database (`<db>-events/`),
-//! one record per event, in 8 shards by run id. The caller's task does it: under its shard's
-//! lock it checks the events against the run's cached state, writes their records with one
-//! `write`, and adds them to the cache's tail; then it wakes the followers. No thread hop, no
-//! transaction. (With `synchronous = FULL` the writer does this for whole groups instead, so
-//! one fsync serves many appends.) Once about a page of a run's events (4 KiB, or 48 events)
+//! one record per event, in 8 shards by run id. Under the shard's lock the events are checked
+//! against the run's cached state, their records written with one `write` for the whole group
+//! (and synced once with `synchronous = FULL`), and they are added to the cache's tail; then
+//! the followers are woken, all before the group's transaction. With
+//! [`SqliteOptions::inline_appends`] the caller's task does this itself for its own append: no
+//! thread hop at all (a shard another caller holds sends the append to the writer instead of
+//! waiting). Once about a page of a run's events (4 KiB, or 48 events)
 //! has piled up there, or its log has closed, the run is *due*, and the writer moves its
 //! journaled events into `events` with one insert, paced at twice the journal's recent inflow
 //! (at least 1 MiB/s), so that a thousand runs filling their page or finishing at the same
@@ -173,8 +177,9 @@ pub struct SqliteStore {
     readers: Arc<ReadPool>,
     cache: Arc<RunCache>,
     notifier: Arc<Notifier>,
-    /// The journal, where the caller's task writes small appends itself (`None` with
-    /// `synchronous = FULL`: then the writer does it for whole groups, one sync for many).
+    /// The journal, where the caller's task writes small appends itself (`None` unless
+    /// [`SqliteOptions::inline_appends`], and with `synchronous = FULL`: then the writer does
+    /// it for whole groups, one write and one sync for many).
     journal: Option<SharedJournal>,
     writer: std::thread::JoinHandle<()>,
 }
@@ -227,7 +232,8 @@ impl SqliteStore {
         let (commands, rx) = mpsc::channel(WRITE_QUEUE);
         let checkpointer = checkpoint::Checkpointer::spawn(&path, options.synchronous, unsynced)?;
         let shared = Arc::new(Journals::new(shards));
-        let journal = (options.synchronous != Synchronous::Full).then(|| shared.clone());
+        let journal = (options.inline_appends && options.synchronous != Synchronous::Full)
+            .then(|| shared.clone());
         let writer = Writer::new(
             conn,
             shared,
@@ -329,11 +335,14 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> Result<()> {
-        if let Some(journal) = &self.journal {
+        if let Some(journal) = &self.journal
+            && let Some(mut shard) = journal.try_of(run_id)
+        {
             // A small append to a run in the cache is journaled right here (one short lock and
-            // one `write`); anything else goes to the writer.
-            let (mut outcomes, wake) = journal.of(run_id).append(&self.cache, &[(run_id, events)]);
-            if wake {
+            // one `write`); anything else, or a shard someone else holds, goes to the writer.
+            let (mut outcomes, wake) = shard.append(&self.cache, &[(run_id, events)]);
+            drop(shard);
+            if wake && journal.writer_asleep() {
                 // A full queue means a busy writer, which finds the due runs anyway.
                 let _ = self.commands.try_send(Command::Maintain);
             }

@@ -16,6 +16,12 @@ pub struct SqliteOptions {
     /// How many read-only connections serve reads concurrently (at least one is opened).
     /// Default: 4.
     pub read_connections: usize,
+    /// Whether a small append is journaled by the caller's task itself (one short lock and
+    /// one `write`, no thread hop) instead of by the writer thread, which journals whole groups
+    /// with one `write`. Ignored with [`Synchronous::Full`] (the writer then syncs once for
+    /// many). On, appends wait less while the process has CPU to spare; off, a machine with
+    /// more work than cores keeps the writer's batching, which degrades better. Default: off.
+    pub inline_appends: bool,
 }
 
 impl Default for SqliteOptions {
@@ -25,6 +31,7 @@ impl Default for SqliteOptions {
             max_batch: 8192,
             synchronous: Synchronous::Normal,
             read_connections: 4,
+            inline_appends: false,
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::SqliteOptions;
 use crate::cache::{RunCache, RunState, check_continues};
 use crate::checkpoint::{self, Checkpointer};
-use crate::journal::{APPLY_BYTES, Outcome, SharedJournal};
+use crate::journal::{APPLY_BYTES, Journals, Outcome, SharedJournal};
 
 /// After a failed transaction the writer waits this long before it moves pending events again
 /// while idle.
@@ -360,6 +360,8 @@ pub(crate) struct Writer {
     moves: Moves,
     /// Spreads the moves of pending events over time.
     pacer: Pacer,
+    /// Each shard's byte count when last seen.
+    recorded_seen: Vec<u64>,
     /// When the last transaction failed, if the last one did.
     failing_since: Option<Instant>,
     commit_window: Duration,
@@ -437,7 +439,7 @@ fn update_run(conn: &Connection, row: &RunRow) -> Result<()> {
 const SPIN: Duration = Duration::from_micros(50);
 
 /// The next command, or `None` once every sender is gone.
-fn next_command(rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+fn next_command(rx: &mut mpsc::Receiver<Command>, journals: &Journals) -> Option<Command> {
     let started = Instant::now();
     loop {
         match rx.try_recv() {
@@ -446,7 +448,18 @@ fn next_command(rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
             Err(mpsc::error::TryRecvError::Empty) if started.elapsed() < SPIN => {
                 std::thread::yield_now()
             }
-            Err(mpsc::error::TryRecvError::Empty) => return rx.blocking_recv(),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Journaling callers wake a sleeping writer when runs become due. Due runs
+                // that appeared before the flag was up are caught by the check after it.
+                journals.set_writer_asleep(true);
+                if journals.has_work(false) {
+                    journals.set_writer_asleep(false);
+                    return Some(Command::Maintain);
+                }
+                let cmd = rx.blocking_recv();
+                journals.set_writer_asleep(false);
+                return cmd;
+            }
         }
     }
 }
@@ -489,6 +502,7 @@ impl Writer {
             shared,
             moves: Moves::default(),
             pacer: Pacer::new(),
+            recorded_seen: Vec::new(),
             failing_since: None,
             commit_window: options.commit_window,
             max_batch: options.max_batch.max(1),
@@ -518,7 +532,7 @@ impl Writer {
                         // Nothing queued: a good moment to move due runs into `events`, at the
                         // pacer's pace.
                         _ => {
-                            let recorded = self.shared.recorded();
+                            let recorded = self.shared.recorded(&mut self.recorded_seen);
                             let other_work = self.shared.has_work(true);
                             self.pacer.refill(recorded);
                             if other_work || self.pacer.budget() >= APPLY_BYTES {
@@ -534,7 +548,7 @@ impl Writer {
                     }
                     continue;
                 }
-                Err(_) => match next_command(&mut rx) {
+                Err(_) => match next_command(&mut rx, &self.shared) {
                     Some(cmd) => cmd,
                     None => break,
                 },
@@ -575,7 +589,7 @@ impl Writer {
     fn commit_group(&mut self, mut group: Vec<Command>) {
         group.retain(|cmd| !matches!(cmd, Command::Maintain));
         let rest = self.journal_appends(group);
-        let recorded = self.shared.recorded();
+        let recorded = self.shared.recorded(&mut self.recorded_seen);
         let other_work = self.shared.has_work(true);
         self.pacer.refill(recorded);
         let budget = self.pacer.budget();
@@ -671,10 +685,15 @@ impl Writer {
         let mut fatal: Option<Fatal> = None;
         // The runs the group works on are the writer's until it is over: their appends come
         // here meanwhile, so their state and pending events stay as the transaction sees them.
+        let mut by_shard: HashMap<usize, Vec<&str>> = HashMap::new();
         for cmd in &group {
             if let Some(id) = cmd.run_id() {
-                self.shared.of(id).busy.insert(id.to_owned());
+                by_shard.entry(self.shared.index(id)).or_default().push(id);
             }
+        }
+        for (i, ids) in by_shard {
+            let mut shard = self.shared.shard(i);
+            shard.busy.extend(ids.into_iter().map(str::to_owned));
         }
         self.moves = Moves::default();
         if let Err(e) = self.exec("BEGIN IMMEDIATE") {
@@ -966,7 +985,9 @@ impl Writer {
             bytes
         };
         for i in 0..self.shared.len() {
-            let shard = self.shared.shard(i);
+            let Some(shard) = self.shared.try_shard(i) else {
+                continue;
+            };
             for run in shard.journal.stragglers() {
                 pick(run, &shard.journal, moves);
             }
@@ -979,7 +1000,11 @@ impl Writer {
                 if *done {
                     continue;
                 }
-                let mut shard = self.shared.shard(i);
+                // A shard a caller holds is left for the next round (or the next group).
+                let Some(mut shard) = self.shared.try_shard(i) else {
+                    *done = true;
+                    continue;
+                };
                 let Some(run) = shard.journal.next_due() else {
                     *done = true;
                     continue;

@@ -16,6 +16,15 @@ fn open(path: &Path) -> SqliteStore {
     SqliteStore::open(path, SqliteOptions::default()).unwrap()
 }
 
+/// With small appends journaled by the caller's task instead of the writer thread.
+fn open_inline(path: &Path) -> SqliteStore {
+    let options = SqliteOptions {
+        inline_appends: true,
+        ..SqliteOptions::default()
+    };
+    SqliteStore::open(path, options).unwrap()
+}
+
 fn ev(run: &str, seq: u64, data: &str) -> RawEvent {
     RawEvent::encode(seq, run, kind::TEXT_DELTA, Timestamp::now(), Some(1), data)
 }
@@ -228,9 +237,15 @@ async fn a_rejected_append_does_not_fail_the_others() {
 /// log whole and contiguous. A deleted run's journaled events do not come back.
 #[tokio::test]
 async fn small_appends_of_many_runs_are_readable_and_survive_reopening() {
+    for opener in [open, open_inline] {
+        many_runs(opener).await;
+    }
+}
+
+async fn many_runs(opener: fn(&Path) -> SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.db");
-    let store = Arc::new(open(&path));
+    let store = Arc::new(opener(&path));
     let runs: Vec<String> = (0..40).map(|i| format!("run_{i:02}")).collect();
     for id in &runs {
         new_run(&store, id).await;
@@ -306,9 +321,15 @@ async fn small_appends_of_many_runs_are_readable_and_survive_reopening() {
 /// holds all of it.
 #[tokio::test]
 async fn a_finished_runs_journaled_events_follow_its_terminal_event() {
+    for opener in [open, open_inline] {
+        finished_run(opener).await;
+    }
+}
+
+async fn finished_run(opener: fn(&Path) -> SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.db");
-    let store = open(&path);
+    let store = opener(&path);
     let mut rec = new_run(&store, "run_a").await;
     for seq in 1..=5 {
         store
@@ -351,9 +372,15 @@ async fn a_finished_runs_journaled_events_follow_its_terminal_event() {
 /// moves them): opening the database again finds every acknowledged event, in order.
 #[tokio::test]
 async fn journaled_appends_survive_a_store_that_was_never_closed() {
+    for opener in [open, open_inline] {
+        never_closed(opener).await;
+    }
+}
+
+async fn never_closed(opener: fn(&Path) -> SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.db");
-    let store = open(&path);
+    let store = opener(&path);
     let runs = ["run_a", "run_b", "run_c"];
     for id in runs {
         new_run(&store, id).await;

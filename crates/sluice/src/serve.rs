@@ -205,6 +205,7 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                     _ => Synchronous::Normal,
                 },
                 commit_window: config.server.sqlite_commit_window,
+                inline_appends: config.server.sqlite_inline_appends,
                 ..SqliteOptions::default()
             };
             let store = sluice_store_sqlite::SqliteStore::open(&path, options)
