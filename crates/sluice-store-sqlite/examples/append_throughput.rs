@@ -10,8 +10,10 @@
 //! - 1,000 runs appended concurrently by 1,000 Tokio tasks, in batches of 16;
 //! - 1,000 runs appended concurrently one event at a time (how model tokens arrive).
 //!
-//! Set `SLUICE_BENCH_ONLY=single`, `=many` or `=tokens` to run one of them. After the single run
-//! it prints the sizes of the WAL and database files.
+//! Set `SLUICE_BENCH_ONLY=single`, `=many` or `=tokens` to run one of them, and
+//! `SLUICE_BENCH_INLINE=1` to have the appending tasks journal small appends themselves
+//! ([`SqliteOptions::inline_appends`]). After the single run it prints the sizes of the WAL and
+//! database files.
 
 use std::error::Error;
 use std::path::Path;
@@ -44,7 +46,11 @@ async fn open(dir: &Path, name: &str) -> Result<Arc<SqliteStore>, Box<dyn Error>
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
-    Ok(Arc::new(SqliteStore::open(path, SqliteOptions::default())?))
+    let options = SqliteOptions {
+        inline_appends: std::env::var_os("SLUICE_BENCH_INLINE").is_some_and(|v| v == "1"),
+        ..SqliteOptions::default()
+    };
+    Ok(Arc::new(SqliteStore::open(path, options)?))
 }
 
 fn report(label: &str, events: u64, elapsed: Duration) {
