@@ -80,6 +80,34 @@ async fn read_response(c: &mut TcpStream) -> String {
     }
 }
 
+/// Answers the `ask-human` run `id`, then reads its stream on `c` (what was read so far in
+/// `seen`) up to the terminal event.
+async fn answer_and_read_to_the_end(
+    s: &TestServer,
+    id: &str,
+    c: &mut TcpStream,
+    seen: &mut String,
+) {
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{id}/events")))
+        .json(&json!({"type": "input", "data": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(LIMIT, async {
+        while !seen.contains("chain-completed") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the terminal event: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .expect("the terminal event");
+}
+
 async fn healthz(c: &mut TcpStream) -> String {
     c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
@@ -218,23 +246,7 @@ async fn an_event_stream_open_longer_than_both_timeouts_is_not_closed() {
     assert!(seen.contains("input-requested"), "{seen}");
     assert!(seen.matches(": ping").count() >= 3, "{seen}");
     // The run goes on and the same stream delivers its end.
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/runs/{id}/events")))
-        .json(&json!({"type": "input", "data": "yes"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    tokio::time::timeout(LIMIT, async {
-        while !seen.contains("chain-completed") {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before the terminal event: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await
-    .expect("the terminal event");
+    answer_and_read_to_the_end(&s, &id, &mut c, &mut seen).await;
     s.stop().await;
 }
 
@@ -452,23 +464,7 @@ async fn a_create_answering_with_its_event_stream_outlives_the_body_timeout() {
         .unwrap()
         .trim()
         .to_owned();
-    let r = s
-        .client
-        .post(s.url(&format!("/v1/runs/{id}/events")))
-        .json(&json!({"type": "input", "data": "yes"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    tokio::time::timeout(LIMIT, async {
-        while !seen.contains("chain-completed") {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed before the terminal event: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    })
-    .await
-    .expect("the terminal event");
+    answer_and_read_to_the_end(&s, &id, &mut c, &mut seen).await;
     s.stop().await;
 }
 
