@@ -331,9 +331,8 @@ struct Touched {
 /// once it commits (the callers' tasks go on journaling meanwhile).
 #[derive(Debug, Default)]
 struct Moves {
-    /// Runs whose first n pending events the transaction writes to `events`, with the seq of
-    /// the last of them.
-    taken: HashMap<String, (usize, u64)>,
+    /// Runs whose first n pending events the transaction writes to `events`.
+    taken: HashMap<String, usize>,
     /// Runs deleted by the transaction.
     forgotten: HashSet<String>,
     /// Runs whose log the transaction closes while events of theirs stay pending.
@@ -765,7 +764,7 @@ impl Writer {
     /// releases segments whose records are all in `events` now, frees the busy runs, and
     /// returns the followers to wake.
     fn committed(&mut self, moves: Moves) -> Vec<(String, u64)> {
-        for (run, &(n, _)) in &moves.taken {
+        for (run, &n) in &moves.taken {
             let mut shard = self.shared.of(run);
             shard.journal.moved(run, n);
             if !self.touched.contains_key(run) {
@@ -943,7 +942,7 @@ impl Writer {
         events: &[RawEvent],
         closes: bool,
     ) -> rusqlite::Result<()> {
-        let skip = self.moves.taken.get(run_id).map_or(0, |t| t.0);
+        let skip = self.moves.taken.get(run_id).copied().unwrap_or(0);
         let pending = self.shared.of(run_id).journal.pending_from(run_id, skip);
         if pending.is_empty() {
             return self.insert_events(run_id, events);
@@ -960,10 +959,10 @@ impl Writer {
     /// Notes that the transaction writes `pending` (the run's pending events from the
     /// `skip`-th on) to `events`.
     fn take_pending(&mut self, run_id: &str, skip: usize, pending: &[RawEvent]) {
-        if let Some(last) = pending.last() {
+        if !pending.is_empty() {
             self.moves
                 .taken
-                .insert(run_id.to_owned(), (skip + pending.len(), last.seq()));
+                .insert(run_id.to_owned(), skip + pending.len());
         }
     }
 
@@ -978,7 +977,7 @@ impl Writer {
             if moves.forgotten.contains(&run) || !seen.insert(run.clone()) {
                 return 0;
             }
-            let skip = moves.taken.get(&run).map_or(0, |t| t.0);
+            let skip = moves.taken.get(&run).copied().unwrap_or(0);
             let events = journal.pending_from(&run, skip);
             let bytes = events.iter().map(|e| e.json().len()).sum();
             picked.push((run, skip, events));
@@ -1000,7 +999,7 @@ impl Writer {
                 if *done {
                     continue;
                 }
-                // A shard a caller holds is left for the next round (or the next group).
+                // A shard a caller holds is left for the next group.
                 let Some(mut shard) = self.shared.try_shard(i) else {
                     *done = true;
                     continue;
