@@ -307,22 +307,21 @@ async fn heartbeats_while_a_run_waits_then_input_completes_it() {
     s.wait_status(&id, "waiting").await;
 
     // Not waiting for tool results: 422; malformed: 400; missing type: 422.
-    let send = |body: Value| {
-        s.client
-            .post(s.url(&format!("/v1/runs/{id}/events")))
-            .json(&body)
-            .send()
-    };
-    let r = send(json!({"type": "tool-results", "data": {"results": []}}))
-        .await
-        .unwrap();
+    let r = s
+        .send_event(
+            &id,
+            &json!({"type": "tool-results", "data": {"results": []}}),
+        )
+        .await;
     assert_eq!(r.status(), 422);
     let err: Value = r.json().await.unwrap();
     assert_eq!(err["error"]["code"], "invalid_input");
     assert!(err["error"]["message"].as_str().unwrap().contains("input"));
-    let r = send(json!({"data": 1})).await.unwrap();
+    let r = s.send_event(&id, &json!({"data": 1})).await;
     assert_eq!(r.status(), 422);
-    let r = send(json!({"type": "input", "data": "yes"})).await.unwrap();
+    let r = s
+        .send_event(&id, &json!({"type": "input", "data": "yes"}))
+        .await;
     assert_eq!(r.status(), 202);
     let rest = sse.rest().await;
     let types: Vec<&str> = rest.iter().map(|e| e["type"].as_str().unwrap()).collect();
@@ -338,9 +337,9 @@ async fn heartbeats_while_a_run_waits_then_input_completes_it() {
     let (_, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
     assert_eq!(rec["result"], json!({"answer": "yes"}));
     // Terminal: 409.
-    let r = send(json!({"type": "input", "data": "again"}))
-        .await
-        .unwrap();
+    let r = s
+        .send_event(&id, &json!({"type": "input", "data": "again"}))
+        .await;
     assert_eq!(r.status(), 409);
     s.stop().await;
 }
@@ -777,12 +776,8 @@ async fn cursors_beyond_the_log() {
     assert_eq!(r.status(), 200);
     let mut sse = SseReader::new(r);
     let r = s
-        .client
-        .post(s.url(&format!("/v1/runs/{id}/events")))
-        .json(&json!({"type": "input", "data": "yes"}))
-        .send()
-        .await
-        .unwrap();
+        .send_event(&id, &json!({"type": "input", "data": "yes"}))
+        .await;
     assert_eq!(r.status(), 202);
     let rest = sse.rest().await;
     assert_eq!(rest.first().unwrap()["seq"].as_u64().unwrap(), last + 1);
@@ -867,19 +862,18 @@ async fn the_waiting_gauge_follows_a_run_into_waiting_and_out_by_input_or_cancel
     let id = s.start_run("ask-human", json!(null)).await;
     s.wait_status(&id, "waiting").await;
     assert_eq!(s.metric(gauge).await, Some(1.0));
-    let send = |data: Value| {
-        s.client
-            .post(s.url(&format!("/v1/runs/{id}/events")))
-            .json(&data)
-            .send()
-    };
     // An event it does not wait for is refused; the run goes on waiting, counted once.
-    let r = send(json!({"type": "tool-results", "data": {"results": []}}))
-        .await
-        .unwrap();
+    let r = s
+        .send_event(
+            &id,
+            &json!({"type": "tool-results", "data": {"results": []}}),
+        )
+        .await;
     assert_eq!(r.status(), 422);
     assert_eq!(s.metric(gauge).await, Some(1.0));
-    let r = send(json!({"type": "input", "data": "yes"})).await.unwrap();
+    let r = s
+        .send_event(&id, &json!({"type": "input", "data": "yes"}))
+        .await;
     assert_eq!(r.status(), 202);
     assert_eq!(
         s.metric(gauge).await,

@@ -80,12 +80,8 @@ async fn waiting_runs_and_listing_on_sqlite() {
         .unwrap();
     let mut sse = SseReader::new(resp);
     let r = s
-        .client
-        .post(s.url(&format!("/v1/runs/{id}/events")))
-        .json(&json!({"type": "input", "data": "yes"}))
-        .send()
-        .await
-        .unwrap();
+        .send_event(&id, &json!({"type": "input", "data": "yes"}))
+        .await;
     assert_eq!(r.status(), 202);
     let evs = sse.rest().await;
     assert_eq!(seqs(&evs), (1..=evs.len() as u64).collect::<Vec<_>>());

@@ -89,12 +89,8 @@ async fn answer_and_read_to_the_end(
     seen: &mut String,
 ) {
     let r = s
-        .client
-        .post(s.url(&format!("/v1/runs/{id}/events")))
-        .json(&json!({"type": "input", "data": "yes"}))
-        .send()
-        .await
-        .unwrap();
+        .send_event(id, &json!({"type": "input", "data": "yes"}))
+        .await;
     assert_eq!(r.status(), 202);
     let mut buf = [0u8; 4096];
     tokio::time::timeout(LIMIT, async {

@@ -98,6 +98,16 @@ impl TestServer {
         rec["id"].as_str().unwrap().to_owned()
     }
 
+    /// Sends `body` (`{"type", "data"}`) into run `id`: the raw response.
+    pub async fn send_event(&self, id: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/runs/{id}/events")))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let resp = self.client.get(self.url(path)).send().await.unwrap();
         let status = resp.status().as_u16();
