@@ -415,31 +415,38 @@ impl Journals {
         }
     }
 
-    /// Whether a shard not locked right now has work for the writer (`besides_due`: other
-    /// than due runs).
-    pub(crate) fn has_work(&self, besides_due: bool) -> bool {
-        (0..self.len()).any(|i| {
-            self.try_shard(i).is_some_and(|s| {
-                if besides_due {
-                    s.journal.has_work_besides_due()
-                } else {
-                    s.journal.has_work()
-                }
-            })
-        })
+    /// Whether a shard not locked right now has work for the writer.
+    pub(crate) fn has_work(&self) -> bool {
+        (0..self.len()).any(|i| self.try_shard(i).is_some_and(|s| s.journal.has_work()))
     }
 
-    /// Bytes recorded by every shard so far; `seen` keeps each shard's last known count, for
-    /// the shards locked right now.
-    pub(crate) fn recorded(&self, seen: &mut Vec<u64>) -> u64 {
+    /// One look at every shard not locked right now: the bytes recorded so far (`seen` keeps
+    /// each shard's last known count, for the locked ones), and whether there is work besides
+    /// due runs, and due runs.
+    pub(crate) fn survey(&self, seen: &mut Vec<u64>) -> Survey {
         seen.resize(self.len(), 0);
+        let mut survey = Survey::default();
         for (i, n) in seen.iter_mut().enumerate() {
             if let Some(s) = self.try_shard(i) {
                 *n = s.journal.recorded();
+                survey.other_work |= s.journal.has_work_besides_due();
+                survey.due |= s.journal.has_work();
             }
         }
-        seen.iter().sum()
+        survey.recorded = seen.iter().sum();
+        survey
     }
+}
+
+/// What [`Journals::survey`] saw.
+#[derive(Debug, Default)]
+pub(crate) struct Survey {
+    /// Bytes recorded by every shard so far.
+    pub(crate) recorded: u64,
+    /// Work other than due runs (stragglers, segments to release).
+    pub(crate) other_work: bool,
+    /// Any journal work, due runs included.
+    pub(crate) due: bool,
 }
 
 /// What [`Journaled::append`] made of one append.

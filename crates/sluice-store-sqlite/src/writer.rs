@@ -451,7 +451,7 @@ fn next_command(rx: &mut mpsc::Receiver<Command>, journals: &Journals) -> Option
                 // Journaling callers wake a sleeping writer when runs become due. Due runs
                 // that appeared before the flag was up are caught by the check after it.
                 journals.set_writer_asleep(true);
-                if journals.has_work(false) {
+                if journals.has_work() {
                     journals.set_writer_asleep(false);
                     return Some(Command::Maintain);
                 }
@@ -531,10 +531,9 @@ impl Writer {
                         // Nothing queued: a good moment to move due runs into `events`, at the
                         // pacer's pace.
                         _ => {
-                            let recorded = self.shared.recorded(&mut self.recorded_seen);
-                            let other_work = self.shared.has_work(true);
-                            self.pacer.refill(recorded);
-                            if other_work || self.pacer.budget() >= APPLY_BYTES {
+                            let survey = self.shared.survey(&mut self.recorded_seen);
+                            self.pacer.refill(survey.recorded);
+                            if survey.other_work || self.pacer.budget() >= APPLY_BYTES {
                                 self.transaction(Vec::new(), self.pacer.budget());
                             } else {
                                 // Short naps: a command arriving meanwhile waits at most 1 ms.
@@ -580,7 +579,7 @@ impl Writer {
 
     /// Whether the journal has work for the writer.
     fn has_work(&self) -> bool {
-        self.shared.has_work(false)
+        self.shared.has_work()
     }
 
     /// Commits `group`: its small appends through the journal, the rest in one transaction;
@@ -588,11 +587,10 @@ impl Writer {
     fn commit_group(&mut self, mut group: Vec<Command>) {
         group.retain(|cmd| !matches!(cmd, Command::Maintain));
         let rest = self.journal_appends(group);
-        let recorded = self.shared.recorded(&mut self.recorded_seen);
-        let other_work = self.shared.has_work(true);
-        self.pacer.refill(recorded);
+        let survey = self.shared.survey(&mut self.recorded_seen);
+        self.pacer.refill(survey.recorded);
         let budget = self.pacer.budget();
-        if !rest.is_empty() || other_work || (budget >= APPLY_BYTES && self.has_work()) {
+        if !rest.is_empty() || survey.other_work || (budget >= APPLY_BYTES && survey.due) {
             self.transaction(rest, budget);
         }
         if let Some(checkpointer) = &self.checkpointer {
