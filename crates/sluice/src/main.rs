@@ -8,6 +8,13 @@ mod serve;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: the server's threads free each other's
+/// allocations all the time (an event is built by a run's task, written by the SQLite writer
+/// thread, dropped by a follower), and glibc's allocator serialises those frees on per-arena
+/// locks, which the writer thread then waits for.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sluice: a streaming server for LLM agent workflows.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about)]
