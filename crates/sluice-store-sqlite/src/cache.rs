@@ -153,26 +153,45 @@ pub(crate) struct Change<'a> {
 /// database. A run that has events only in the journal is always here (an entry leaves when
 /// its log is closed and fully moved, or the run is deleted), so a run that is not here has
 /// all its events in `events`.
-#[derive(Debug, Default)]
+///
+/// The map is split into [`SHARDS`] parts by run id, each under its own lock: the writer
+/// thread applying a commit and the followers reading their run's tail on the runtime's
+/// threads then rarely wait for each other (a lock held by a preempted thread stalls whoever
+/// wants it, the writer included). Every operation is about one run, so nothing needs two
+/// shards at once.
+#[derive(Debug)]
 pub(crate) struct RunCache {
-    runs: Mutex<HashMap<String, Entry>>,
+    shards: Vec<Mutex<HashMap<String, Entry>>>,
+}
+
+/// How many independently locked parts the cache is split into.
+const SHARDS: usize = 16;
+
+impl Default for RunCache {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
 }
 
 impl RunCache {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, run_id: &str) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.shards[sluice_store::run_shard(run_id, self.shards.len())]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The committed state of an open log, if cached.
     pub(crate) fn get(&self, run_id: &str) -> Option<RunState> {
-        self.lock().get(run_id).map(|e| e.state)
+        self.lock(run_id).get(run_id).map(|e| e.state)
     }
 
     /// The committed events with `seq > after` (at most `limit`), when the cache can tell them
     /// all: `Some(empty)` when nothing is committed past `after`, `None` when the database must
     /// be asked (the run is not cached, or `after` is older than its tail).
     pub(crate) fn read(&self, run_id: &str, after: u64, limit: usize) -> Option<Vec<RawEvent>> {
-        let runs = self.lock();
+        let runs = self.lock(run_id);
         let entry = runs.get(run_id)?;
         if after >= entry.state.last_seq {
             return Some(Vec::new());
@@ -189,7 +208,7 @@ impl RunCache {
     /// there now (`None`: all of them). A closed log whose every event is there leaves the
     /// cache.
     pub(crate) fn moved(&self, run_id: &str, first_pending: Option<u64>) {
-        let mut runs = self.lock();
+        let mut runs = self.lock(run_id);
         if let Some(entry) = runs.get_mut(run_id) {
             let upto = first_pending.map_or(entry.state.last_seq, |s| s.saturating_sub(1));
             entry.applied_upto = entry.applied_upto.max(upto);
@@ -201,8 +220,8 @@ impl RunCache {
 
     /// Records what a commit made of these runs.
     pub(crate) fn apply<'a>(&self, changes: impl IntoIterator<Item = Change<'a>>) {
-        let mut runs = self.lock();
         for change in changes {
+            let mut runs = self.lock(change.run_id);
             match change.state {
                 // A closed log stays while events of it are only in the journal.
                 Some(state) if !state.closed || change.applied_upto < state.last_seq => {
@@ -282,6 +301,44 @@ mod tests {
             seqs(cache.read("r", from, 1000)).unwrap().len(),
             TAIL_EVENTS
         );
+    }
+
+    #[test]
+    fn one_commit_of_many_runs_reaches_every_shard() {
+        let cache = RunCache::default();
+        let ids: Vec<String> = (0..100).map(|i| format!("run_{i}")).collect();
+        let used: std::collections::HashSet<usize> = ids
+            .iter()
+            .map(|id| sluice_store::run_shard(id, SHARDS))
+            .collect();
+        assert!(
+            used.len() > SHARDS / 2,
+            "the ids spread over {} shards",
+            used.len()
+        );
+        cache.apply(ids.iter().enumerate().map(|(i, id)| Change {
+            run_id: id,
+            state: open(i as u64 + 1),
+            appended: (1..=i as u64 + 1).map(|s| ev(s, 4)).collect(),
+            applied_upto: i as u64 + 1,
+        }));
+        for (i, id) in ids.iter().enumerate() {
+            let n = i as u64 + 1;
+            assert_eq!(cache.get(id), open(n), "{id}");
+            let newest = seqs(cache.read(id, n - 1, 10));
+            assert_eq!(newest, Some(vec![n]), "{id}");
+        }
+        // Closing every log with everything in `events` empties every shard.
+        cache.apply(ids.iter().enumerate().map(|(i, id)| Change {
+            run_id: id,
+            state: Some(RunState {
+                last_seq: i as u64 + 1,
+                closed: true,
+            }),
+            appended: Vec::new(),
+            applied_upto: i as u64 + 1,
+        }));
+        assert!(ids.iter().all(|id| cache.get(id).is_none()));
     }
 
     #[test]

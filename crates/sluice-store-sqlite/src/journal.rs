@@ -373,10 +373,7 @@ impl Journals {
 
     /// The shard of a run (FNV-1a of its id: the same in every process).
     pub(crate) fn index(&self, run_id: &str) -> usize {
-        let h = run_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        usize::try_from(h % self.shards.len().max(1) as u64).unwrap_or(0)
+        sluice_store::run_shard(run_id, self.shards.len())
     }
 
     /// Locks the shard of `run_id`.

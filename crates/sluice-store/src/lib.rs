@@ -36,5 +36,5 @@ mod store;
 
 pub use error::{Error, Result};
 pub use follow::{follow, follow_batches};
-pub use notify::{Notifier, Subscription};
+pub use notify::{Notifier, Subscription, run_shard};
 pub use store::{InboxEntry, RunFilter, RunPage, Store};

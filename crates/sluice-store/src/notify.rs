@@ -1,7 +1,21 @@
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
+
+/// How many independently locked parts the notifier's map is split into.
+const SHARDS: usize = 16;
+
+/// The shard of a run among `shards`: FNV-1a (64 bits) of its id, the same in every process
+/// and every build, so a backend may also name files by it.
+pub fn run_shard(run_id: &str, shards: usize) -> usize {
+    let h = run_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    usize::try_from(h % shards.max(1) as u64).unwrap_or(0)
+}
+
+type Senders = HashMap<String, Arc<watch::Sender<u64>>>;
 
 /// In-process broadcast of each run's last committed seq, so followers wake without polling.
 ///
@@ -9,9 +23,22 @@ use tokio::sync::watch;
 /// [`Store::wait_for`](crate::Store::wait_for) as [`subscribe`](Notifier::subscribe), then a check
 /// of its committed state, then [`Subscription::wait`]. An entry lives exactly as long as someone
 /// is subscribed to it, so publishing to runs nobody follows costs one map lookup.
-#[derive(Debug, Default)]
+///
+/// The map is split into [`SHARDS`] parts by run id, each under its own lock, and a publish
+/// wakes the followers after it has let go of the lock: the thread that commits (one SQLite
+/// writer for every run) and the thousands of followers subscribing and unsubscribing on the
+/// runtime's threads do not queue behind each other.
+#[derive(Debug)]
 pub struct Notifier {
-    runs: Mutex<HashMap<String, watch::Sender<u64>>>,
+    shards: Vec<Mutex<Senders>>,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
 }
 
 /// A live subscription to one run's committed seq; unsubscribes on drop.
@@ -28,31 +55,41 @@ impl Notifier {
         Self::default()
     }
 
+    fn shard(&self, run_id: &str) -> MutexGuard<'_, Senders> {
+        self.shards[run_shard(run_id, self.shards.len())]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Announces that `run_id`'s log is committed up to `seq`.
     pub fn publish(&self, run_id: &str, seq: u64) {
-        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = runs.get(run_id) {
-            tx.send_if_modified(|cur| {
-                let newer = seq > *cur;
-                if newer {
-                    *cur = seq;
-                }
-                newer
-            });
-        }
+        // Woken outside the lock. A subscription that ends and a new one that starts meanwhile
+        // get a new sender, which this publish misses; the new subscriber checks the committed
+        // state after subscribing, and `seq` is committed already.
+        let Some(tx) = self.shard(run_id).get(run_id).cloned() else {
+            return;
+        };
+        tx.send_if_modified(|cur| {
+            let newer = seq > *cur;
+            if newer {
+                *cur = seq;
+            }
+            newer
+        });
     }
 
     /// Subscribes to `run_id`'s committed seq. Check committed state after subscribing.
     pub fn subscribe(&self, run_id: &str) -> Subscription<'_> {
-        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut runs = self.shard(run_id);
         let rx = match runs.get(run_id) {
             Some(tx) => tx.subscribe(),
             None => {
                 let (tx, rx) = watch::channel(0);
-                runs.insert(run_id.to_owned(), tx);
+                runs.insert(run_id.to_owned(), Arc::new(tx));
                 rx
             }
         };
+        drop(runs);
         Subscription {
             notifier: self,
             run_id: run_id.to_owned(),
@@ -62,7 +99,10 @@ impl Notifier {
 
     /// How many runs have at least one subscriber.
     pub fn watched_runs(&self) -> usize {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 }
 
@@ -80,7 +120,7 @@ impl Subscription<'_> {
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
         drop(self.rx.take());
-        let mut runs = self.notifier.runs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut runs = self.notifier.shard(&self.run_id);
         if runs
             .get(&self.run_id)
             .is_some_and(|tx| tx.receiver_count() == 0)
@@ -108,5 +148,42 @@ mod tests {
         assert_eq!(n.watched_runs(), 0);
         n.publish("r", 9); // nobody listens: no entry is created
         assert_eq!(n.watched_runs(), 0);
+    }
+
+    #[tokio::test]
+    async fn runs_in_different_shards_are_woken_apart() {
+        let n = Notifier::new();
+        let ids: Vec<String> = (0..64).map(|i| format!("run_{i}")).collect();
+        let shards: std::collections::HashSet<usize> =
+            ids.iter().map(|id| run_shard(id, SHARDS)).collect();
+        assert!(shards.len() > 1, "64 ids all fell in one shard");
+        let subs: Vec<_> = ids.iter().map(|id| n.subscribe(id)).collect();
+        assert_eq!(n.watched_runs(), 64);
+        let mut waiters: Vec<_> = subs.into_iter().map(|s| Box::pin(s.wait(0))).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if i % 2 == 0 {
+                n.publish(id, 1);
+            }
+        }
+        for (i, w) in waiters.iter_mut().enumerate() {
+            let ready = futures_util::poll!(w.as_mut()).is_ready();
+            assert_eq!(ready, i % 2 == 0, "run_{i}");
+        }
+        drop(waiters);
+        assert_eq!(n.watched_runs(), 0);
+    }
+
+    #[test]
+    fn run_shard_is_fnv1a_and_stable() {
+        // FNV-1a 64 of "" is the offset basis; of "a", the published test vector.
+        assert_eq!(
+            run_shard("", usize::MAX),
+            0xcbf2_9ce4_8422_2325_u64 as usize % usize::MAX
+        );
+        assert_eq!(
+            run_shard("a", 1 << 32),
+            0xaf63_dc4c_8601_ec8c_u64 as usize % (1 << 32)
+        );
+        assert_eq!(run_shard("anything", 0), 0);
     }
 }
