@@ -168,6 +168,10 @@ struct S2Args {
     /// The server's process id: report its RSS (/proc/PID/status) and CPU (/proc/PID/stat).
     #[arg(long)]
     server_pid: Option<String>,
+    /// Also write every tick as a CSV line `created_ms,latency_ms` (creation time from the
+    /// scenario's start), to see when a tail happened.
+    #[arg(long)]
+    latencies_out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -382,6 +386,7 @@ async fn dispatch(command: Command, common: Common) -> anyhow::Result<Vec<Row>> 
                 rate: a.rate,
                 events: a.events,
                 text_len: 16,
+                latencies_out: a.latencies_out.clone(),
             };
             let res = s2::run(&target, &p, &common, a.server_pid.as_deref()).await?;
             res.print(&p);
@@ -477,6 +482,7 @@ async fn all(a: AllArgs, common: Common) -> anyhow::Result<Vec<Row>> {
             rate,
             events: 100,
             text_len: 16,
+            latencies_out: None,
         };
         println!("== S2: {runs} concurrent runs at {rate} ev/s");
         match s2::run(&target, &p, &common, pid).await {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context as _, Result};
 use tokio::task::JoinSet;
 
 use crate::check::{SeqCheck, Totals};
@@ -18,7 +19,7 @@ use crate::report::Row;
 use crate::stats::{Summary, dur, kib, thousands};
 
 /// Parameters of S2.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct S2Params {
     /// Concurrent runs (C).
     pub runs: u64,
@@ -28,6 +29,8 @@ pub struct S2Params {
     pub events: u64,
     /// Characters of each tick's text.
     pub text_len: u64,
+    /// Where to write every tick's `(created, latency)` as CSV, if anywhere.
+    pub latencies_out: Option<std::path::PathBuf>,
 }
 
 /// What S2 measured.
@@ -136,6 +139,9 @@ pub async fn run(
     res.client_cpu_s = procfs::sample("self")?.cpu_s - client0;
     res.usage = procfs::maybe_finish(watch).await;
     (res.latency, res.steady) = summarize(&latencies, &spans);
+    if let Some(path) = &p.latencies_out {
+        write_latencies(path, &latencies, t0)?;
+    }
     drop(latencies);
     res.peak_concurrent = peak(&spans);
     let all_open = spans.iter().map(|s| s.0).max().unwrap_or(0);
@@ -143,6 +149,19 @@ pub async fn run(
         res.open_spread_ns = all_open - first;
     }
     Ok(res)
+}
+
+/// Writes `created_ms,latency_ms` per tick, creation times from `t0`, in creation order.
+fn write_latencies(path: &std::path::Path, latencies: &[(u64, i64)], t0: u64) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    let mut csv = String::from("created_ms,latency_ms\n");
+    for (t, l) in sorted {
+        let created = t.saturating_sub(t0) as f64 / 1e6;
+        let _ = writeln!(csv, "{created:.3},{:.3}", l as f64 / 1e6);
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The latency summaries of many streams: over every `(created, latency)` sample, and over
