@@ -61,37 +61,54 @@ fn segment_name(shard: usize, first_pos: i64) -> String {
 #[derive(Debug, Default)]
 pub(crate) struct Unsynced {
     /// `(shard, segment)`, oldest first.
-    files: Mutex<Vec<(usize, File)>>,
+    files: Mutex<Vec<(usize, Arc<File>)>>,
 }
 
 impl Unsynced {
     fn push(&self, shard: usize, file: File) {
-        self.lock().push((shard, file));
+        self.lock().push((shard, Arc::new(file)));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, File)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, Arc<File>)>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Syncs every segment written so far; keeps only the newest of each shard (still being
-    /// written).
+    /// Syncs every segment written so far; afterwards keeps only the newest of each shard as
+    /// it was when the sync began (it may have been written since).
+    ///
+    /// The fsyncs run without the lock: a journaling thread that starts a new segment
+    /// meanwhile must not wait for the disk (on the async runtime, with inline appends, that
+    /// would stall every task of the worker, and the shard's lock with it).
     pub(crate) fn sync(&self) {
-        let mut files = self.lock();
-        for (_, f) in files.iter() {
+        let files: Vec<(usize, Arc<File>)> = self.lock().clone();
+        for (_, f) in &files {
             if let Err(e) = f.sync_data() {
                 tracing::warn!(error = %e, "syncing a journal segment failed");
             }
         }
+        // A segment that a newer one of its shard had replaced before the sync began was
+        // complete when it was synced: it needs no further sync.
         let mut newest = std::collections::HashMap::new();
         for (i, (shard, _)) in files.iter().enumerate() {
             newest.insert(*shard, i);
         }
-        let mut i = 0;
-        files.retain(|_| {
-            let keep = newest.values().any(|&n| n == i);
-            i += 1;
-            keep
-        });
+        let done: Vec<&Arc<File>> = files
+            .iter()
+            .enumerate()
+            .filter(|(i, (shard, _))| newest.get(shard) != Some(i))
+            .map(|(_, (_, f))| f)
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        self.lock()
+            .retain(|(_, f)| !done.iter().any(|d| Arc::ptr_eq(d, f)));
+    }
+
+    /// How many segments are listed to sync.
+    #[cfg(test)]
+    fn listed(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -555,5 +572,46 @@ mod tests {
         j.release_below(firsts[39]);
         assert_eq!(j.segments(), 1);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_sync_lets_go_of_replaced_segments_and_keeps_each_shards_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("j");
+        let unsynced = Arc::new(Unsynced::default());
+        let big = RawEvent::encode(
+            1,
+            "r",
+            kind::TEXT_DELTA,
+            Timestamp::now(),
+            None,
+            &format!("{{\"text\":\"{}\"}}", "x".repeat(1 << 20)),
+        );
+        let mut shards: Vec<JournalFile> = (0..2)
+            .map(|i| JournalFile::create(&dir, i, 1, false, Some(unsynced.clone())).unwrap())
+            .collect();
+        assert_eq!(unsynced.listed(), 2);
+        unsynced.sync();
+        assert_eq!(
+            unsynced.listed(),
+            2,
+            "the segments being written stay listed"
+        );
+        // Shard 0 fills its segment and starts a new one: the old one goes after one sync.
+        let j = &mut shards[0];
+        while j.segments() < 2 {
+            j.begin_group();
+            j.push("r", std::slice::from_ref(&big));
+            j.write().unwrap();
+            j.commit_group().unwrap();
+        }
+        assert_eq!(unsynced.listed(), 3);
+        unsynced.sync();
+        assert_eq!(unsynced.listed(), 2);
+        // A segment started after a sync's snapshot stays for the next sync.
+        let files = unsynced.lock().clone();
+        unsynced.push(1, clone(&files[0].1).unwrap());
+        unsynced.sync();
+        assert_eq!(unsynced.listed(), 2, "shard 1's older segment was replaced");
     }
 }

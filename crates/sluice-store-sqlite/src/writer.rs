@@ -95,6 +95,9 @@ impl Pacer {
     }
 }
 
+/// What a row costs in the WAL besides its data, roughly (key, header, cell pointer).
+const ROW_BYTES: usize = 64;
+
 /// Row counts of the prepared multi-row inserts: an append of n events uses n's binary
 /// decomposition (capped at 64 rows a statement).
 const INSERT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
@@ -235,7 +238,7 @@ impl Command {
 
     /// Roughly how many bytes the command adds to the WAL.
     fn bytes(&self) -> usize {
-        const ROW: usize = 64;
+        const ROW: usize = ROW_BYTES;
         match self {
             Self::Append { events, .. } => events.iter().map(|e| e.json().len() + ROW).sum(),
             Self::Finish { row, terminal, .. } => row.json.len() + terminal.json().len() + 2 * ROW,
@@ -339,6 +342,9 @@ struct Moves {
     closed: Vec<String>,
     /// Due runs taken from the queue (put back if the transaction fails).
     popped: Vec<String>,
+    /// Roughly how many bytes the moves add to the WAL (they are most of what it receives
+    /// when many runs stream: the checkpoint thread is nudged by this too).
+    bytes: usize,
 }
 
 /// The write side of the store, run on its own thread by [`Writer::run`].
@@ -731,7 +737,7 @@ impl Writer {
         let mut wake = Vec::new();
         match outcome {
             Ok(()) => {
-                self.since_checkpoint += bytes;
+                self.since_checkpoint += bytes + moves.bytes;
                 self.failing_since = None;
                 wake = self.committed(moves);
             }
@@ -957,6 +963,10 @@ impl Writer {
     /// Notes that the transaction writes `pending` (the run's pending events from the
     /// `skip`-th on) to `events`.
     fn take_pending(&mut self, run_id: &str, skip: usize, pending: &[RawEvent]) {
+        self.moves.bytes += pending
+            .iter()
+            .map(|e| e.json().len() + ROW_BYTES)
+            .sum::<usize>();
         if !pending.is_empty() {
             self.moves
                 .taken
