@@ -92,9 +92,10 @@
 //! thread every few MiB of commits, concurrently with the writer; the writer itself only finishes
 //! one, briefly, when the WAL has grown to about 128 MiB, so that the WAL starts over.
 //!
-//! Reads run on a small pool of read-only connections
-//! ([`SqliteOptions::read_connections`]) on Tokio's blocking thread pool, never on the async
-//! runtime; WAL lets them proceed while the writer commits, each seeing the last commit made
+//! Reads run on a few read-only connections ([`SqliteOptions::read_connections`]), each on a
+//! reader thread of its own taking reads from one queue, never on the async runtime (a read
+//! goes from one reader thread to the next without waiting for the runtime to schedule
+//! anything); WAL lets them proceed while the writer commits, each seeing the last commit made
 //! before it started. A read of an open log at or near its end (a live follower) is answered
 //! from memory instead: after each commit the writer adds the appended events to the cache's
 //! *tail* of that run (its newest 64 events, at most about 8 KiB of them), so a follower woken
@@ -128,7 +129,7 @@
 //! # Why rusqlite
 //! The store needs one long-lived writer connection on its own thread, with prepared multi-row
 //! inserts reused for every commit, explicit `BEGIN IMMEDIATE`/savepoints, and control of
-//! pragmas and checkpoints; readers run on a few connections on the blocking pool. rusqlite
+//! pragmas and checkpoints; readers run on a few connections on threads of their own. rusqlite
 //! gives that directly, synchronously, with SQLite bundled (no system library, builds
 //! anywhere). An async wrapper such as sqlx would add a runtime-driven connection pool and
 //! per-query overhead between the store and SQLite without helping a single-writer design.

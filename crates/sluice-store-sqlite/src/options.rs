@@ -13,8 +13,8 @@ pub struct SqliteOptions {
     /// SQLite's `synchronous` setting for the WAL; see [`Synchronous`] for what each level
     /// survives. Default: [`Synchronous::Normal`].
     pub synchronous: Synchronous,
-    /// How many read-only connections serve reads concurrently (at least one is opened).
-    /// Default: 4.
+    /// How many read-only connections serve reads concurrently, each on a reader thread of
+    /// its own (at least one is opened). Default: 4.
     pub read_connections: usize,
     /// Whether a small append is journaled by the caller's task itself (one short lock and
     /// one `write`, no thread hop) instead of by the writer thread, which journals whole groups

@@ -1,73 +1,132 @@
-//! The read side: a small pool of read-only connections used from the blocking thread pool, and
-//! the queries they run.
+//! The read side: a few reader threads, each with its own read-only connection, serving one
+//! queue of reads; and the queries they run.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 use sluice_protocol::{RawEvent, RunRecord, SessionRecord, Timestamp};
 use sluice_store::{Error, InboxEntry, Result, RunFilter, RunPage};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::schema::open_reader;
 use crate::writer::{from_sql_int, to_sql_int};
 
-/// Read-only connections, at most `size` in use at once. WAL lets them read while the writer
-/// commits; each read sees the last commit made before it started.
+/// A read waiting for a connection.
+type Job = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Read-only connections, each owned by a thread of its own that takes reads from one queue.
+/// WAL lets them read while the writer commits; each read sees the last commit made before it
+/// started.
+///
+/// Dedicated threads instead of a semaphore and the runtime's blocking pool: there, a finished
+/// read handed its connection to the next one through the async scheduler (the waiting task
+/// had to be polled before it could start its read), and on a loaded server that hop took
+/// milliseconds, so four connections served a few hundred reads a second while a thousand
+/// streams starting at once queued for seconds. Here a thread goes from one read to the next
+/// directly; only the reply crosses to the runtime.
 #[derive(Debug)]
 pub(crate) struct ReadPool {
-    path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
-    permits: Arc<Semaphore>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
     move |e| Error::backend(what, e)
 }
 
+fn pool_gone() -> Error {
+    Error::Backend {
+        message: "the SQLite reader threads have stopped".into(),
+        source: None,
+    }
+}
+
 impl ReadPool {
-    /// Opens `size` (at least one) connections to the database at `path`.
+    /// Opens `size` (at least one) connections to the database at `path`, each on a reader
+    /// thread.
     pub(crate) fn open(path: PathBuf, size: usize) -> Result<Self> {
         let size = size.max(1);
-        let idle = (0..size)
+        let conns = (0..size)
             .map(|_| open_reader(&path))
             .collect::<Result<Vec<_>>>()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::with_capacity(size);
+        for (i, conn) in conns.into_iter().enumerate() {
+            let rx = Arc::clone(&rx);
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-sqlite-r{i}"))
+                .spawn(move || serve(&conn, &rx))
+                .map_err(|e| Error::backend("starting an SQLite reader thread", e))?;
+            threads.push(thread);
+        }
         Ok(Self {
-            path,
-            idle: Mutex::new(idle),
-            permits: Arc::new(Semaphore::new(size)),
+            jobs: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
         })
     }
 
-    /// Runs `f` on an idle connection, on the blocking thread pool.
+    /// Runs `f` on the next free connection and waits for its outcome.
     pub(crate) async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|e| Error::backend("waiting for a reader", e))?;
-        let pool = Arc::clone(self);
-        let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            // A connection is missing only if a read panicked while holding it: replace it.
-            let conn = match pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-                Some(conn) => conn,
-                None => open_reader(&pool.path)?,
-            };
-            let out = f(&conn);
-            pool.idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(conn);
-            out
+        let (reply, outcome) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            // The caller may have gone away meanwhile: then nobody wants the outcome.
+            let _ = reply.send(f(conn));
         });
-        task.await
-            .map_err(|e| Error::backend("running a read", e))?
+        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(jobs) => jobs.send(job).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(pool_gone());
+        }
+        // A read that panicked drops its reply unsent.
+        outcome.await.unwrap_or_else(|_| {
+            Err(Error::Backend {
+                message: "an SQLite read failed unexpectedly".into(),
+                source: None,
+            })
+        })
+    }
+}
+
+impl Drop for ReadPool {
+    /// Closes the queue, lets the threads finish what is queued, and waits for them (their
+    /// connections close with them).
+    fn drop(&mut self) {
+        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
+        for thread in self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            if thread.join().is_err() {
+                tracing::warn!("an SQLite reader thread panicked");
+            }
+        }
+    }
+}
+
+/// A reader thread: runs queued reads on `conn` until the queue closes. A read that panics is
+/// contained (its caller gets an error) and the thread goes on.
+fn serve(conn: &Connection, jobs: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(job) => job,
+            Err(mpsc::RecvError) => return,
+        };
+        let run = std::panic::AssertUnwindSafe(|| job(conn));
+        if std::panic::catch_unwind(run).is_err() {
+            tracing::error!("an SQLite read panicked");
+        }
     }
 }
 
@@ -250,4 +309,60 @@ pub(crate) fn get_session(conn: &Connection, id: &str) -> Result<Option<SessionR
         .and_then(|mut stmt| stmt.query_row([id], |row| row.get(0)).optional())
         .map_err(db("reading a session"))?;
     Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn pool(size: usize) -> (tempfile::TempDir, Arc<ReadPool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.db");
+        drop(crate::schema::open_writer(&path, crate::Synchronous::Normal).unwrap());
+        let pool = Arc::new(ReadPool::open(path, size).unwrap());
+        (dir, pool)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_reads_share_the_threads_and_a_panicking_read_fails_alone() {
+        let (_dir, pool) = pool(2);
+        let failed = pool
+            .run(|_conn| -> Result<()> { panic!("a bug in a query") })
+            .await;
+        assert!(failed.is_err());
+        let mut reads = tokio::task::JoinSet::new();
+        for i in 0..200_i64 {
+            let pool = Arc::clone(&pool);
+            reads.spawn(async move {
+                pool.run(move |conn| {
+                    conn.query_row("SELECT ?1 + 1", [i], |r| r.get::<_, i64>(0))
+                        .map_err(db("a test query"))
+                })
+                .await
+                .map(|v| (i, v))
+            });
+        }
+        let mut seen = 0;
+        while let Some(done) = reads.join_next().await {
+            let (i, v) = done.unwrap().unwrap();
+            assert_eq!(v, i + 1);
+            seen += 1;
+        }
+        assert_eq!(seen, 200);
+        // Both threads are still there: a read queued first that waits for one queued after it
+        // finishes (on one thread it would time out and fail).
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let waits = pool.run(move |_| {
+            rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+            Ok(())
+        });
+        let signals = pool.run(move |_| {
+            tx.send(()).unwrap();
+            Ok(())
+        });
+        let (a, b) = tokio::join!(waits, signals);
+        a.unwrap();
+        b.unwrap();
+    }
 }

@@ -63,27 +63,11 @@ pub fn follow_batches(
         if st.done {
             return None;
         }
-        if !st.checked {
-            st.checked = true;
-            match st.store.get_run(&st.run_id).await {
-                Ok(Some(rec)) if rec.status.is_terminal() && st.cursor >= rec.last_seq => {
-                    // Already past the terminal event: nothing will ever follow.
-                    return None;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    st.done = true;
-                    return Some((Err(Error::run_not_found(&st.run_id)), st));
-                }
-                Err(e) => {
-                    st.done = true;
-                    return Some((Err(e), st));
-                }
-            }
-        }
         loop {
             match st.store.read(&st.run_id, st.cursor, READ_BATCH).await {
                 Ok(batch) if !batch.is_empty() => {
+                    // A run with events exists; a terminal event among them ends the stream.
+                    st.checked = true;
                     st.woken = false;
                     let mut out = Vec::with_capacity(batch.len());
                     for ev in batch {
@@ -107,8 +91,13 @@ pub fn follow_batches(
                     return Some((Ok(out), st));
                 }
                 Ok(_) => {
-                    if st.woken {
+                    // Nothing to read: ask the record whether the run exists and has ended
+                    // (first, before any wait; then after each wake-up that brought nothing).
+                    // A follower that starts behind never needs the record: on a busy server
+                    // that saves a thousand starting streams a database read each.
+                    if st.woken || !st.checked {
                         st.woken = false;
+                        st.checked = true;
                         match st.store.get_run(&st.run_id).await {
                             Ok(Some(rec))
                                 if rec.status.is_terminal() && st.cursor >= rec.last_seq =>
