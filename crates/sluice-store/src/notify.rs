@@ -24,7 +24,7 @@ type Senders = HashMap<String, Arc<watch::Sender<u64>>>;
 /// of its committed state, then [`Subscription::wait`]. An entry lives exactly as long as someone
 /// is subscribed to it, so publishing to runs nobody follows costs one map lookup.
 ///
-/// The map is split into [`SHARDS`] parts by run id, each under its own lock, and a publish
+/// The map is split into 16 parts by run id, each under its own lock, and a publish
 /// wakes the followers after it has let go of the lock: the thread that commits (one SQLite
 /// writer for every run) and the thousands of followers subscribing and unsubscribing on the
 /// runtime's threads do not queue behind each other.
