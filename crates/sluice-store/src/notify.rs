@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -15,14 +16,43 @@ pub fn run_shard(run_id: &str, shards: usize) -> usize {
     usize::try_from(h % shards.max(1) as u64).unwrap_or(0)
 }
 
-type Senders = HashMap<String, Arc<watch::Sender<u64>>>;
+/// How long a shard keeps entries nobody is subscribed to before it removes them.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// One shard: each run's sender, and when the shard last removed the unused ones.
+#[derive(Debug)]
+struct Senders {
+    runs: HashMap<String, Arc<watch::Sender<u64>>>,
+    swept: Instant,
+}
+
+impl Default for Senders {
+    fn default() -> Self {
+        Self {
+            runs: HashMap::new(),
+            swept: Instant::now(),
+        }
+    }
+}
+
+impl Senders {
+    /// Removes the entries nobody is subscribed to, at most once per [`SWEEP_EVERY`].
+    fn sweep(&mut self) {
+        if self.swept.elapsed() >= SWEEP_EVERY {
+            self.runs.retain(|_, tx| tx.receiver_count() > 0);
+            self.swept = Instant::now();
+        }
+    }
+}
 
 /// In-process broadcast of each run's last committed seq, so followers wake without polling.
 ///
 /// A backend calls [`publish`](Notifier::publish) after every commit and implements
 /// [`Store::wait_for`](crate::Store::wait_for) as [`subscribe`](Notifier::subscribe), then a check
-/// of its committed state, then [`Subscription::wait`]. An entry lives exactly as long as someone
-/// is subscribed to it, so publishing to runs nobody follows costs one map lookup.
+/// of its committed state, then [`Subscription::wait`]. An entry lives while someone is
+/// subscribed to it and up to about a second after (a follower subscribes anew for every wait:
+/// keeping the entry saves building a channel each time), so publishing to runs nobody follows
+/// costs one map lookup.
 ///
 /// The map is split into 16 parts by run id, each under its own lock, and a publish
 /// wakes the followers after it has let go of the lock: the thread that commits (one SQLite
@@ -44,8 +74,8 @@ impl Default for Notifier {
 /// A live subscription to one run's committed seq; unsubscribes on drop.
 #[derive(Debug)]
 pub struct Subscription<'a> {
-    notifier: &'a Notifier,
-    run_id: String,
+    /// Borrowed from the notifier, as the run's entry lives in it.
+    notifier: std::marker::PhantomData<&'a Notifier>,
     rx: Option<watch::Receiver<u64>>,
 }
 
@@ -66,7 +96,12 @@ impl Notifier {
         // Woken outside the lock. A subscription that ends and a new one that starts meanwhile
         // get a new sender, which this publish misses; the new subscriber checks the committed
         // state after subscribing, and `seq` is committed already.
-        let Some(tx) = self.shard(run_id).get(run_id).cloned() else {
+        let tx = {
+            let mut shard = self.shard(run_id);
+            shard.sweep();
+            shard.runs.get(run_id).cloned()
+        };
+        let Some(tx) = tx else {
             return;
         };
         tx.send_if_modified(|cur| {
@@ -80,19 +115,19 @@ impl Notifier {
 
     /// Subscribes to `run_id`'s committed seq. Check committed state after subscribing.
     pub fn subscribe(&self, run_id: &str) -> Subscription<'_> {
-        let mut runs = self.shard(run_id);
-        let rx = match runs.get(run_id) {
+        let mut shard = self.shard(run_id);
+        let rx = match shard.runs.get(run_id) {
             Some(tx) => tx.subscribe(),
             None => {
+                shard.sweep();
                 let (tx, rx) = watch::channel(0);
-                runs.insert(run_id.to_owned(), Arc::new(tx));
+                shard.runs.insert(run_id.to_owned(), Arc::new(tx));
                 rx
             }
         };
-        drop(runs);
+        drop(shard);
         Subscription {
-            notifier: self,
-            run_id: run_id.to_owned(),
+            notifier: std::marker::PhantomData,
             rx: Some(rx),
         }
     }
@@ -101,7 +136,34 @@ impl Notifier {
     pub fn watched_runs(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| {
+                let shard = s.lock().unwrap_or_else(|p| p.into_inner());
+                shard
+                    .runs
+                    .values()
+                    .filter(|tx| tx.receiver_count() > 0)
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Makes every shard due for a sweep, as if a second had passed.
+    #[cfg(test)]
+    fn age(&self) {
+        for s in &self.shards {
+            let mut shard = s.lock().unwrap_or_else(|p| p.into_inner());
+            shard.swept = Instant::now()
+                .checked_sub(SWEEP_EVERY)
+                .unwrap_or(shard.swept);
+        }
+    }
+
+    /// How many entries the map holds, subscribed to or not.
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).runs.len())
             .sum()
     }
 }
@@ -119,14 +181,9 @@ impl Subscription<'_> {
 
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
+        // The entry stays for the follower's next wait; a later publish or new subscription
+        // in its shard sweeps it away once unused.
         drop(self.rx.take());
-        let mut runs = self.notifier.shard(&self.run_id);
-        if runs
-            .get(&self.run_id)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
-            runs.remove(&self.run_id);
-        }
     }
 }
 
@@ -148,6 +205,30 @@ mod tests {
         assert_eq!(n.watched_runs(), 0);
         n.publish("r", 9); // nobody listens: no entry is created
         assert_eq!(n.watched_runs(), 0);
+    }
+
+    #[tokio::test]
+    async fn unused_entries_stay_for_the_next_wait_then_are_swept() {
+        let n = Notifier::new();
+        for seq in 1..=3 {
+            let sub = n.subscribe("r");
+            n.publish("r", seq);
+            sub.wait(seq - 1).await;
+        }
+        // Every wait reused the one entry; nobody is subscribed now.
+        assert_eq!((n.entries(), n.watched_runs()), (1, 0));
+        let kept = n.subscribe("r");
+        n.age();
+        n.publish("r", 4); // sweeps: the entry has a subscriber, so it stays
+        assert_eq!(n.entries(), 1);
+        drop(kept);
+        n.age();
+        n.publish("r", 5);
+        assert_eq!(n.entries(), 0);
+        // A subscription after the sweep still sees what is published next.
+        let sub = n.subscribe("r");
+        n.publish("r", 6);
+        sub.wait(5).await;
     }
 
     #[tokio::test]
