@@ -545,25 +545,36 @@ mod tests {
         assert_eq!(replay(&conn, &dir).unwrap(), 0);
     }
 
-    #[test]
-    fn full_segments_rotate_and_are_released_once_applied() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("j");
-        let mut j = JournalFile::create(&dir, 0, 1, false, None).unwrap();
-        let big = RawEvent::encode(
+    /// An event of about 1 MiB: sixteen of them fill a segment.
+    fn big_event() -> RawEvent {
+        RawEvent::encode(
             1,
             "r",
             kind::TEXT_DELTA,
             Timestamp::now(),
             None,
             &format!("{{\"text\":\"{}\"}}", "x".repeat(1 << 20)),
-        );
+        )
+    }
+
+    /// Journals `event` as a group of its own; returns its position.
+    fn write_alone(j: &mut JournalFile, event: &RawEvent) -> i64 {
+        j.begin_group();
+        let pos = j.push("r", std::slice::from_ref(event));
+        j.write().unwrap();
+        j.commit_group().unwrap();
+        pos
+    }
+
+    #[test]
+    fn full_segments_rotate_and_are_released_once_applied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("j");
+        let mut j = JournalFile::create(&dir, 0, 1, false, None).unwrap();
+        let big = big_event();
         let mut firsts = Vec::new();
         for _ in 0..40 {
-            j.begin_group();
-            firsts.push(j.push("r", std::slice::from_ref(&big)));
-            j.write().unwrap();
-            j.commit_group().unwrap();
+            firsts.push(write_alone(&mut j, &big));
         }
         assert!(j.segments() >= 2, "{}", j.segments());
         let on_disk = std::fs::read_dir(&dir).unwrap().count();
@@ -579,14 +590,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("j");
         let unsynced = Arc::new(Unsynced::default());
-        let big = RawEvent::encode(
-            1,
-            "r",
-            kind::TEXT_DELTA,
-            Timestamp::now(),
-            None,
-            &format!("{{\"text\":\"{}\"}}", "x".repeat(1 << 20)),
-        );
+        let big = big_event();
         let mut shards: Vec<JournalFile> = (0..2)
             .map(|i| JournalFile::create(&dir, i, 1, false, Some(unsynced.clone())).unwrap())
             .collect();
@@ -600,10 +604,7 @@ mod tests {
         // Shard 0 fills its segment and starts a new one: the old one goes after one sync.
         let j = &mut shards[0];
         while j.segments() < 2 {
-            j.begin_group();
-            j.push("r", std::slice::from_ref(&big));
-            j.write().unwrap();
-            j.commit_group().unwrap();
+            write_alone(j, &big);
         }
         assert_eq!(unsynced.listed(), 3);
         unsynced.sync();
