@@ -238,15 +238,20 @@ impl Command {
 
     /// Roughly how many bytes the command adds to the WAL.
     fn bytes(&self) -> usize {
-        const ROW: usize = ROW_BYTES;
         match self {
-            Self::Append { events, .. } => events.iter().map(|e| e.json().len() + ROW).sum(),
-            Self::Finish { row, terminal, .. } => row.json.len() + terminal.json().len() + 2 * ROW,
-            Self::CreateRun { row, .. } | Self::PutRun { row, .. } => row.json.len() + ROW,
-            Self::PutCheckpoint { data, .. } => data.len() + ROW,
-            Self::InboxPush { data, .. } => data.len() + 2 * ROW,
-            Self::CreateSession { json, .. } | Self::PutSession { json, .. } => json.len() + ROW,
-            Self::DeleteRun { .. } | Self::InboxAck { .. } | Self::DeleteSession { .. } => ROW,
+            Self::Append { events, .. } => events.iter().map(|e| e.json().len() + ROW_BYTES).sum(),
+            Self::Finish { row, terminal, .. } => {
+                row.json.len() + terminal.json().len() + 2 * ROW_BYTES
+            }
+            Self::CreateRun { row, .. } | Self::PutRun { row, .. } => row.json.len() + ROW_BYTES,
+            Self::PutCheckpoint { data, .. } => data.len() + ROW_BYTES,
+            Self::InboxPush { data, .. } => data.len() + 2 * ROW_BYTES,
+            Self::CreateSession { json, .. } | Self::PutSession { json, .. } => {
+                json.len() + ROW_BYTES
+            }
+            Self::DeleteRun { .. } | Self::InboxAck { .. } | Self::DeleteSession { .. } => {
+                ROW_BYTES
+            }
             Self::Maintain => 0,
         }
     }

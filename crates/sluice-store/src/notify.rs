@@ -50,9 +50,10 @@ impl Senders {
 /// A backend calls [`publish`](Notifier::publish) after every commit and implements
 /// [`Store::wait_for`](crate::Store::wait_for) as [`subscribe`](Notifier::subscribe), then a check
 /// of its committed state, then [`Subscription::wait`]. An entry lives while someone is
-/// subscribed to it and up to about a second after (a follower subscribes anew for every wait:
-/// keeping the entry saves building a channel each time), so publishing to runs nobody follows
-/// costs one map lookup.
+/// subscribed to it, and after that until a publish or a new subscription in its part of the
+/// map sweeps the unused entries (at most once a second): a follower subscribes anew for every
+/// wait, and keeping the entry saves building a channel each time. Publishing to runs nobody
+/// follows costs one map lookup.
 ///
 /// The map is split into 16 parts by run id, each under its own lock, and a publish
 /// wakes the followers after it has let go of the lock: the thread that commits (one SQLite
