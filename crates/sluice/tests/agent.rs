@@ -11,17 +11,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sluice_mock_llm::{MockServer, Script, Turn};
 
-use common::{Server, ndjson, record};
+use common::{Server, get_json, ndjson, record};
 
 async fn workflows(c: &reqwest::Client, s: &Server) -> Vec<(String, String)> {
-    let list: Value = c
-        .get(s.url("/v1/workflows"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json(c, s, "/v1/workflows").await;
     list.as_array()
         .unwrap()
         .iter()

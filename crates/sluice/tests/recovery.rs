@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{Server, ndjson, record};
+use common::{Server, get_json, ndjson, record, run_ids_of};
 
 async fn post(c: &reqwest::Client, url: String, body: Value) -> Value {
     let r = c.post(url).json(&body).send().await.unwrap();
@@ -166,20 +166,8 @@ async fn create_keyed(
 
 /// The ids of every run of `workflow`.
 async fn run_ids(c: &reqwest::Client, s: &Server, workflow: &str) -> Vec<String> {
-    let page: Value = c
-        .get(s.url(&format!("/v1/runs?workflow={workflow}&limit=1000")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    page["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_owned())
-        .collect()
+    let path = format!("/v1/runs?workflow={workflow}&limit=1000");
+    run_ids_of(&get_json(c, s, &path).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

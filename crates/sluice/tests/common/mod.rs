@@ -87,15 +87,30 @@ impl Drop for Server {
     }
 }
 
-/// `GET /v1/runs/{id}`.
-pub async fn record(c: &reqwest::Client, s: &Server, id: &str) -> Value {
-    c.get(s.url(&format!("/v1/runs/{id}")))
+/// `GET path`, its body as JSON.
+pub async fn get_json(c: &reqwest::Client, s: &Server, path: &str) -> Value {
+    c.get(s.url(path))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap()
+}
+
+/// `GET /v1/runs/{id}`.
+pub async fn record(c: &reqwest::Client, s: &Server, id: &str) -> Value {
+    get_json(c, s, &format!("/v1/runs/{id}")).await
+}
+
+/// The ids of a page of runs (`{"runs": [...]}`), in its order.
+pub fn run_ids_of(page: &Value) -> Vec<String> {
+    page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// A run's whole event stream as NDJSON, read to its end (at most a minute): the text and the
