@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use sluice_protocol::{RawEvent, kind};
 use sluice_store::Store;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::ApiError;
 
@@ -165,63 +166,86 @@ pub struct StreamOptions {
 
 /// The body of an event stream: the `retry:` hint (SSE), then the run's events from the cursor
 /// in batches, keep-alives while idle; ends after the terminal event or on shutdown.
+///
+/// A live stream sends an event every few milliseconds, so nothing here is set up per event:
+/// the shutdown wait and the keep-alive timer live as long as the stream, and the timer is
+/// re-armed only when it fires (a ping goes out once `heartbeat` has passed since the last
+/// write), not reset at every batch.
 pub fn body(
     store: Arc<dyn Store>,
     run_id: String,
     opts: StreamOptions,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let events = Box::pin(sluice_store::follow_batches(
-        store,
-        run_id.clone(),
-        opts.after,
-    ));
-    let start = tokio::time::Instant::now() + opts.heartbeat;
-    let ticker = tokio::time::interval_at(start, opts.heartbeat);
-    let state = (events, ticker, shutdown, opts, run_id, true, false);
-    futures_util::stream::unfold(
-        state,
-        |(mut events, mut ticker, shutdown, opts, run_id, first, done)| async move {
-            if done {
-                return None;
-            }
-            if first && opts.format == Format::Sse {
-                let hello = Bytes::from_static(b"retry: 1000\n\n");
-                return Some((
-                    Ok(hello),
-                    (events, ticker, shutdown, opts, run_id, false, false),
-                ));
-            }
-            loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return None,
-                    batch = events.next() => match batch {
-                        Some(Ok(batch)) => {
-                            let mut out = BytesMut::with_capacity(batch.iter().map(|e| e.json().len() + 48).sum());
-                            for ev in batch.iter().filter(|e| opts.types.passes(e)) {
-                                opts.format.encode(&mut out, ev);
-                            }
-                            if out.is_empty() {
-                                continue;
-                            }
-                            ticker.reset();
-                            return Some((Ok(out.freeze()), (events, ticker, shutdown, opts, run_id, false, false)));
+    let now = tokio::time::Instant::now();
+    let state = Body {
+        events: Box::pin(sluice_store::follow_batches(
+            store,
+            run_id.clone(),
+            opts.after,
+        )),
+        shutdown: Box::pin(shutdown.cancelled_owned()),
+        keep_alive: Box::pin(tokio::time::sleep_until(now + opts.heartbeat)),
+        last_write: now,
+        hello: opts.format == Format::Sse,
+        opts,
+        run_id,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        if st.hello {
+            st.hello = false;
+            return Some((Ok(Bytes::from_static(b"retry: 1000\n\n")), st));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut st.shutdown => return None,
+                batch = st.events.next() => match batch {
+                    Some(Ok(batch)) => {
+                        let size = batch.iter().map(|e| e.json().len() + 48).sum();
+                        let mut out = BytesMut::with_capacity(size);
+                        for ev in batch.iter().filter(|e| st.opts.types.passes(e)) {
+                            st.opts.format.encode(&mut out, ev);
                         }
-                        Some(Err(e)) => {
-                            tracing::warn!(run_id = %run_id, error = %e, "event stream ended by a store error");
-                            return None;
+                        if out.is_empty() {
+                            continue;
                         }
-                        None => return None,
-                    },
-                    _ = ticker.tick() => {
-                        let ping = opts.format.keep_alive();
-                        return Some((Ok(ping), (events, ticker, shutdown, opts, run_id, false, false)));
+                        st.last_write = tokio::time::Instant::now();
+                        return Some((Ok(out.freeze()), st));
                     }
+                    Some(Err(e)) => {
+                        tracing::warn!(run_id = %st.run_id, error = %e, "event stream ended by a store error");
+                        return None;
+                    }
+                    None => return None,
+                },
+                () = &mut st.keep_alive => {
+                    let now = tokio::time::Instant::now();
+                    let due = st.last_write + st.opts.heartbeat;
+                    if now < due {
+                        st.keep_alive.as_mut().reset(due);
+                        continue;
+                    }
+                    st.last_write = now;
+                    st.keep_alive.as_mut().reset(now + st.opts.heartbeat);
+                    return Some((Ok(st.opts.format.keep_alive()), st));
                 }
             }
-        },
-    )
+        }
+    })
+}
+
+/// The state of one [`body`] stream between writes.
+struct Body<E> {
+    events: Pin<Box<E>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    keep_alive: Pin<Box<tokio::time::Sleep>>,
+    /// When the last bytes (events or a ping) were handed to the connection.
+    last_write: tokio::time::Instant,
+    /// The SSE `retry:` hint is still to be sent.
+    hello: bool,
+    opts: StreamOptions,
+    run_id: String,
 }
 
 #[cfg(test)]

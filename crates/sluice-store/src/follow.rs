@@ -42,6 +42,10 @@ struct FollowState {
     /// The last wait ended: a read that then finds nothing means the run went away (deleted:
     /// stores wake followers then) or the wake-up was spurious.
     woken: bool,
+    /// The last read came back short: it reached the log's end, so the next step is a wait
+    /// (which returns at once when more was committed since), not a read that would find
+    /// nothing. A live follower thus reads once per wake-up, not twice.
+    at_end: bool,
 }
 
 /// Like [`follow`], in the batches the log is read in (at most 1,024 events each, never empty);
@@ -58,10 +62,19 @@ pub fn follow_batches(
         checked: false,
         done: false,
         woken: false,
+        at_end: false,
     };
     stream::unfold(state, |mut st| async move {
         if st.done {
             return None;
+        }
+        if st.at_end {
+            st.at_end = false;
+            if let Err(e) = st.store.wait_for(&st.run_id, st.cursor).await {
+                st.done = true;
+                return Some((Err(e), st));
+            }
+            st.woken = true;
         }
         loop {
             match st.store.read(&st.run_id, st.cursor, READ_BATCH).await {
@@ -69,6 +82,7 @@ pub fn follow_batches(
                     // A run with events exists; a terminal event among them ends the stream.
                     st.checked = true;
                     st.woken = false;
+                    st.at_end = batch.len() < READ_BATCH;
                     let mut out = Vec::with_capacity(batch.len());
                     for ev in batch {
                         if ev.seq() != st.cursor + 1 {
