@@ -10,7 +10,7 @@ use sluice_protocol::{Event, RawEvent, RunRecord, RunStatus};
 use sluice_store::{RunFilter, Store};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use crate::run::{Control, Driver, Mode};
 use crate::workflow::Workflow;
@@ -165,6 +165,21 @@ impl EngineInner {
 
     pub fn release(&self, run_id: &str) {
         self.active().remove(run_id);
+    }
+
+    /// A guard for work that may spawn a driver (starting or waking a run). While it is held,
+    /// [`Engine::shutdown`] does not consider the drivers finished; taken after the shutdown
+    /// began, it is refused. So a run started or woken during shutdown either gets its driver
+    /// before shutdown's wait ends (the driver then reaches its checkpoint like every other)
+    /// or is refused with [`Error::ShuttingDown`]: no driver is spawned after that wait.
+    fn guard(&self) -> Result<TaskTrackerToken> {
+        // The tracker counts the token first, the cancellation is checked second: a shutdown
+        // that cancels after the check cannot finish waiting before the token is dropped.
+        let token = self.tracker.token();
+        if self.token.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(token)
     }
 
     pub fn release_if(&self, run_id: &str, cond: impl FnOnce() -> bool) -> bool {
@@ -325,9 +340,9 @@ impl Engine {
     /// [`Error::UnknownWorkflow`], [`Error::InvalidInput`], [`Error::QueueFull`],
     /// [`Error::ShuttingDown`], or a store error.
     pub async fn start(&self, workflow: &str, req: StartRun) -> Result<RunHandle> {
-        if self.inner.token.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
+        // Held until the driver is spawned: a shutdown that begins meanwhile waits for the
+        // driver instead of returning while a run is half started.
+        let spawning = self.inner.guard()?;
         let slot = self
             .inner
             .slots
@@ -366,17 +381,34 @@ impl Engine {
         record.metadata = req.metadata;
         record.owner = req.owner;
         record.idempotency = req.idempotency;
-        if let Err(e) = self.inner.store.create_run(&record).await {
-            if permit.is_none() {
-                slot.leave_queue();
+        // The record and the driver are one step: done on a task of their own, so a caller
+        // that goes away (a client that disconnects) cannot leave a run recorded with no driver.
+        let inner = self.inner.clone();
+        let after_run = req.after_run;
+        let create = tokio::spawn(async move {
+            if let Err(e) = inner.store.create_run(&record).await {
+                if permit.is_none() {
+                    slot.leave_queue();
+                }
+                return Err(Error::from(e));
             }
-            return Err(e.into());
+            let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
+            inner.active().insert(record.id.clone(), tx);
+            let mut driver = Driver::new(inner.clone(), slot, record, rx);
+            driver.after_run = after_run;
+            inner.tracker.spawn(driver.run(Mode::Fresh(permit)));
+            drop(spawning);
+            Ok(())
+        });
+        match create.await {
+            Ok(created) => created?,
+            Err(e) => {
+                return Err(Error::Store(sluice_store::Error::Backend {
+                    message: format!("recording the run failed: {e}"),
+                    source: None,
+                }));
+            }
         }
-        let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
-        self.inner.active().insert(id.clone(), tx);
-        let mut driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
-        driver.after_run = req.after_run;
-        self.inner.tracker.spawn(driver.run(Mode::Fresh(permit)));
         Ok(self.handle(&id))
     }
 
@@ -444,9 +476,8 @@ impl Engine {
     /// The control channel of a run's driver, waking a `waiting` run if needed. `None` when the
     /// state changed underneath (retry).
     async fn control(&self, run_id: &str) -> Result<Option<mpsc::Sender<Control>>> {
-        if self.inner.token.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
+        // As in `start`: a waiting run woken while the engine shuts down is waited for.
+        let spawning = self.inner.guard()?;
         if let Some(tx) = self.inner.active().get(run_id) {
             // A closed channel belongs to a driver writing the run's end: retry shortly.
             return Ok((!tx.is_closed()).then(|| tx.clone()));
@@ -481,19 +512,43 @@ impl Engine {
             active.insert(run_id.to_owned(), tx);
             rx
         };
-        // Re-read under the claim: the record cannot change while we hold it.
-        let Some(record) = self.inner.store.get_run(run_id).await? else {
-            self.inner.release(run_id);
-            return Err(Error::UnknownRun(run_id.to_owned()));
-        };
-        if record.status != RunStatus::Waiting {
-            self.inner.release(run_id);
-            return Ok(None);
+        // Re-read under the claim: the record cannot change while we hold it. On a task of its
+        // own, so that a caller going away cannot leave the claim behind with no driver (every
+        // later delivery would find its channel closed).
+        let inner = self.inner.clone();
+        let id = run_id.to_owned();
+        let wake = tokio::spawn(async move {
+            let record = match inner.store.get_run(&id).await {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    inner.release(&id);
+                    return Err(Error::UnknownRun(id));
+                }
+                Err(e) => {
+                    inner.release(&id);
+                    return Err(e.into());
+                }
+            };
+            if record.status != RunStatus::Waiting {
+                inner.release(&id);
+                return Ok(None);
+            }
+            let tx = inner.active().get(&id).cloned();
+            let driver = Driver::new(inner.clone(), slot, record, rx);
+            inner.tracker.spawn(driver.run(Mode::Wake));
+            drop(spawning);
+            Ok(tx)
+        });
+        match wake.await {
+            Ok(woken) => woken,
+            Err(e) => {
+                self.inner.release(run_id);
+                Err(Error::Store(sluice_store::Error::Backend {
+                    message: format!("waking the run failed: {e}"),
+                    source: None,
+                }))
+            }
         }
-        let tx = self.inner.active().get(run_id).cloned();
-        let driver = Driver::new(self.inner.clone(), slot, record, rx);
-        self.inner.tracker.spawn(driver.run(Mode::Wake));
-        Ok(tx)
     }
 
     /// Continues after a restart: runs found `running` resume from their last checkpoint with
@@ -552,6 +607,10 @@ impl Engine {
                         }
                     }
                     continue;
+                };
+                // Shutting down: the rest stays as it is, for the next start.
+                let Ok(_spawning) = self.inner.guard() else {
+                    return Ok(out);
                 };
                 let mode = if record.status == RunStatus::Queued {
                     out.requeued += 1;

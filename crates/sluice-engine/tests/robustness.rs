@@ -172,6 +172,10 @@ struct Faulty {
     events_read: AtomicUsize,
     /// Microseconds every append takes (a slow disk).
     append_delay_us: AtomicUsize,
+    /// Milliseconds every `create_run` takes to return once the run is recorded.
+    create_delay_ms: AtomicUsize,
+    /// `create_run` calls begun.
+    creates_begun: AtomicUsize,
 }
 
 impl Faulty {
@@ -193,7 +197,14 @@ impl Faulty {
 #[async_trait]
 impl Store for Faulty {
     async fn create_run(&self, record: &RunRecord) -> sluice_store::Result<()> {
-        self.inner.create_run(record).await
+        self.creates_begun.fetch_add(1, Ordering::SeqCst);
+        self.inner.create_run(record).await?;
+        // Recorded, but slow to say so (a busy writer): a caller may give up meanwhile.
+        let delay = self.create_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+        }
+        Ok(())
     }
     async fn get_run(&self, id: &str) -> sluice_store::Result<Option<RunRecord>> {
         self.inner.get_run(id).await
@@ -305,6 +316,82 @@ async fn a_store_failure_ends_the_run_with_chain_error() {
         bounded("cancel", run.cancel()).await,
         Err(Error::RunFinished { .. })
     ));
+    assert_eq!(engine.active_runs(), 0);
+}
+
+/// A shutdown that begins while a run is being created waits for the run's driver, which
+/// stops at its checkpoint: `shutdown` never returns with a run half started, and no driver is
+/// spawned after it returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_run_being_started() {
+    let store = Arc::new(Faulty::new());
+    store.create_delay_ms.store(300, Ordering::SeqCst);
+    let engine = Engine::new(store.clone(), [builtin::ticker()]).unwrap();
+    let starting = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .start("ticker", input(json!({"n": 1_000_000, "delay_ms": 1})))
+                .await
+                .map(|run| run.id().to_owned())
+        }
+    });
+    bounded("create_run begins", async {
+        while store.creates_begun.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(bounded("shutdown", engine.shutdown(Duration::from_secs(20))).await);
+    assert!(
+        starting.is_finished(),
+        "shutdown returned while a run was still being started"
+    );
+    let id = starting
+        .await
+        .unwrap()
+        .expect("the start began before the shutdown");
+    assert_eq!(engine.active_runs(), 0);
+    // Left for recovery at the next start, not ended.
+    let rec = store.get_run(&id).await.unwrap().unwrap();
+    assert!(!rec.status.is_terminal(), "{:?}", rec.status);
+    // Once shut down, nothing starts.
+    assert!(matches!(
+        engine.start("ticker", input(json!({"n": 1}))).await,
+        Err(Error::ShuttingDown)
+    ));
+}
+
+/// A caller that gives up on `start` after the run was recorded (a client that disconnects)
+/// does not leave the run without a driver: it runs to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_abandoned_after_the_run_was_recorded_still_runs() {
+    let store = Arc::new(Faulty::new());
+    store.create_delay_ms.store(300, Ordering::SeqCst);
+    let engine = Engine::new(store.clone(), [builtin::ticker()]).unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        engine.start("ticker", input(json!({"n": 3}))),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the start was still under way");
+    let rec = bounded("the abandoned start's run completes", async {
+        loop {
+            let page = store.list_runs(&RunFilter::default()).await.unwrap();
+            if let Some(r) = page.runs.first()
+                && r.status.is_terminal()
+            {
+                break r.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(
+        types(&events(store.clone(), &rec.id).await).last().copied(),
+        Some("chain-completed")
+    );
     assert_eq!(engine.active_runs(), 0);
 }
 
