@@ -2,8 +2,10 @@
 //!
 //! A key is *claimed* before the run is started, with the run's id assigned up front, so
 //! concurrent requests with the same key wait for the first one and answer the same run
-//! instead of each starting one. A claim whose start fails (or whose request goes away) is
-//! released: the key is free again and a waiting duplicate takes it over.
+//! instead of each starting one. A claim whose start fails before the run exists (or whose
+//! request goes away before then) is released: the key is free again and a waiting duplicate
+//! takes it over. Once the run exists the claim is committed at once, so nothing that follows
+//! (the session update, the client leaving) can free a key that a run's record holds.
 //!
 //! The map is bounded: entries expire [`TTL`] after the key was first used, and beyond
 //! [`CAPACITY`] keys the oldest is forgotten. Both happen from the front of an

@@ -251,10 +251,15 @@ async fn create_run(
                 // In the record, the key outlives a restart (see `idempotency.rs`).
                 idempotency: recorded_key,
             };
-            let handle = start_in_session(&state, &who, &name, start, enqueue).await?;
-            if let Some(r) = reservation {
-                r.commit();
-            }
+            // The key is the run's as soon as the run exists (its record holds the key), even
+            // if what follows fails or the client goes away.
+            let mut reservation = reservation;
+            let started = || {
+                if let Some(r) = reservation.take() {
+                    r.commit();
+                }
+            };
+            let handle = start_in_session(&state, &who, &name, start, enqueue, started).await?;
             (handle, false)
         }
     };
@@ -299,16 +304,22 @@ async fn create_run(
 }
 
 /// Starts a run, in its session when it names one: one active run per session; a busy session
-/// refuses (409) or, with `enqueue`, queues the run behind the active one.
+/// refuses (409) or, with `enqueue`, queues the run behind the active one. `started` is called
+/// once the run exists. When the session cannot be pointed at the new run, the run is
+/// cancelled (a run its session does not know would break the one-active-run rule) and the
+/// error returned.
 async fn start_in_session(
     state: &AppState,
     who: &Principal,
     workflow: &str,
     mut start: StartRun,
     enqueue: bool,
+    started: impl FnOnce(),
 ) -> ApiResult<sluice_engine::RunHandle> {
     let Some(session_id) = start.session_id.clone() else {
-        return Ok(state.engine.start(workflow, start).await?);
+        let handle = state.engine.start(workflow, start).await?;
+        started();
+        return Ok(handle);
     };
     let _guard = state.sessions.lock(&session_id).await;
     let store = state.engine.store();
@@ -331,9 +342,16 @@ async fn start_in_session(
         }
     }
     let handle = state.engine.start(workflow, start).await?;
+    started();
     session.active_run = Some(handle.id().to_owned());
     session.updated_at = sluice_protocol::Timestamp::now();
-    store.put_session(&session).await?;
+    if let Err(e) = store.put_session(&session).await {
+        let reason = format!("its session {session_id:?} could not be updated: {e}");
+        if let Err(c) = state.engine.cancel(handle.id(), Some(reason)).await {
+            tracing::warn!(run_id = %handle.id(), error = %c, "could not cancel a run whose session update failed");
+        }
+        return Err(e.into());
+    }
     Ok(handle)
 }
 

@@ -1287,6 +1287,80 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     ));
 }
 
+/// A run started in a session whose update then fails is cancelled (its session would not know
+/// it), the client gets the error, and the `Idempotency-Key` stays with that run: a retry
+/// answers it rather than starting a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_session_update_cancels_the_run_and_keeps_its_key() {
+    let store = std::sync::Arc::new(common::GatedStore::new());
+    let s = TestServer::with_store(
+        ServerOptions::default(),
+        vec![builtin::ticker()],
+        store.clone(),
+    )
+    .await;
+    let ses: Value = s
+        .client
+        .post(s.url("/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = ses["id"].as_str().unwrap().to_owned();
+    store
+        .fail_put_session
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let create = || {
+        s.client
+            .post(s.url("/v1/workflows/ticker/runs"))
+            .header("idempotency-key", "k-session-1")
+            .json(&json!({"input": {"n": 1000000, "delay_ms": 10}, "session_id": sid}))
+            .send()
+    };
+    let r = create().await.unwrap();
+    assert_eq!(r.status(), 500, "a store failure is the server's");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "internal", "{body}");
+    // The run that was started is cancelled, not left running outside its session.
+    let (_, page) = s.get_json("/v1/runs").await;
+    let runs = page["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{page}");
+    let id = runs[0]["id"].as_str().unwrap().to_owned();
+    s.wait_status(&id, "cancelled").await;
+    let log = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let end: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(end["type"], "chain-cancelled", "{log}");
+    let reason = end["data"]["reason"].as_str().unwrap();
+    assert!(reason.contains("could not be updated"), "{reason}");
+    // The same key answers the same run.
+    store
+        .fail_put_session
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let again = create().await.unwrap();
+    assert_eq!(again.status(), 200, "a replay");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(
+        s.get_json("/v1/runs").await.1["runs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_hold_one_active_run_and_enqueue_on_request() {
     let s = TestServer::start().await;

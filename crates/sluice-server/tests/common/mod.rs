@@ -263,11 +263,13 @@ pub fn seqs(evs: &[Value]) -> Vec<u64> {
 
 /// A store that, once [`armed`](GatedStore::arm), holds every checkpoint write until the test
 /// [`release`](GatedStore::release)s it: a shutdown (whose runs checkpoint) then stays in its
-/// draining phase for as long as the test needs.
+/// draining phase for as long as the test needs. With `fail_put_session`, session updates fail.
 pub struct GatedStore {
     inner: sluice_store_memory::MemoryStore,
     armed: std::sync::atomic::AtomicBool,
     gate: tokio::sync::Semaphore,
+    /// Whether `put_session` fails.
+    pub fail_put_session: std::sync::atomic::AtomicBool,
 }
 
 impl GatedStore {
@@ -276,6 +278,7 @@ impl GatedStore {
             inner: sluice_store_memory::MemoryStore::new(),
             armed: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Semaphore::new(0),
+            fail_put_session: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -368,6 +371,15 @@ impl Store for GatedStore {
         self.inner.get_session(id).await
     }
     async fn put_session(&self, s: &sluice_protocol::SessionRecord) -> sluice_store::Result<()> {
+        if self
+            .fail_put_session
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(sluice_store::Error::Backend {
+                message: "injected put_session failure".into(),
+                source: None,
+            });
+        }
         self.inner.put_session(s).await
     }
     async fn delete_session(&self, id: &str) -> sluice_store::Result<bool> {
