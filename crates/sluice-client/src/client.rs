@@ -603,8 +603,8 @@ impl Client {
     /// # Ok(()) }
     /// ```
     ///
-    /// The first connection fails at once when the server cannot be reached (only 429 and 5xx
-    /// are retried then); once connected, the stream keeps reconnecting for up to
+    /// The first connection fails at once when the server cannot be reached (only 408, 429 and
+    /// 5xx are retried then); once connected, the stream keeps reconnecting for up to
     /// [`reconnect_timeout`](ClientBuilder::reconnect_timeout) (default 2 minutes) of failures
     /// in a row, and [`max_reconnect_attempts`](ClientBuilder::max_reconnect_attempts) when set.
     pub fn events(&self, run_id: &str, after: u64) -> EventStream {

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     Conflict,
     /// 400, 413, 415 or 422: the request is not acceptable; the message says why.
     Invalid,
+    /// 408: the server stopped waiting for the request's body (it arrived too slowly); the
+    /// same request sent again may succeed.
+    Timeout,
     /// 5xx: the server failed or is shutting down.
     Server,
     /// The server could not be reached, the connection broke, or an answer timed out.
@@ -110,6 +113,7 @@ impl Error {
             } => match status {
                 401 | 403 => ErrorKind::Unauthorized,
                 404 => ErrorKind::NotFound,
+                408 => ErrorKind::Timeout,
                 409 => ErrorKind::Conflict,
                 429 => ErrorKind::Rejected {
                     retry_after: *retry_after,
@@ -156,11 +160,14 @@ impl Error {
         }
     }
 
-    /// Whether the same request may succeed later: transport failures, 5xx and 429.
+    /// Whether the same request may succeed later: transport failures, 5xx, 429 and 408.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind(),
-            ErrorKind::Transport | ErrorKind::Server | ErrorKind::Rejected { .. }
+            ErrorKind::Transport
+                | ErrorKind::Server
+                | ErrorKind::Rejected { .. }
+                | ErrorKind::Timeout
         )
     }
 
@@ -269,6 +276,7 @@ mod tests {
             (401, ErrorKind::Unauthorized),
             (403, ErrorKind::Unauthorized),
             (404, ErrorKind::NotFound),
+            (408, ErrorKind::Timeout),
             (409, ErrorKind::Conflict),
             (413, ErrorKind::Invalid),
             (422, ErrorKind::Invalid),
@@ -288,5 +296,8 @@ mod tests {
             "Bad Gateway: <html>bad gateway</html> (HTTP 502, http_502)"
         );
         assert!(!Error::from_answer(404, None, b"").is_retryable());
+        assert!(!Error::from_answer(422, None, b"").is_retryable());
+        assert!(Error::from_answer(408, None, b"").is_retryable());
+        assert!(Error::from_answer(503, None, b"").is_retryable());
     }
 }

@@ -309,14 +309,14 @@ impl Follower {
     /// more to read (204).
     ///
     /// Retries stop after `reconnect_timeout` of failures in a row (or `max_reconnect_attempts`
-    /// when set); before the first successful connection only 429 and 5xx answers are retried.
+    /// when set); before the first successful connection only 408, 429 and 5xx answers are retried.
     async fn connect(&mut self) -> Result<bool> {
         loop {
             if self.failures > 0 {
                 let inner = &self.client.inner;
                 let early = matches!(
                     self.last_error.as_ref().map(Error::kind),
-                    Some(ErrorKind::Rejected { .. } | ErrorKind::Server)
+                    Some(ErrorKind::Rejected { .. } | ErrorKind::Server | ErrorKind::Timeout)
                 );
                 let elapsed = self.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
                 let left = inner.reconnect_timeout.saturating_sub(elapsed);
