@@ -216,53 +216,16 @@ async fn create_run(
         Some(format) => Some((format, StreamGuard::new(&state)?)),
         None => None,
     };
-    let (claim, recorded_key) = match key {
-        Some(k) => {
-            let print = fingerprint(&serde_json::to_value(&req).unwrap_or(Value::Null));
-            let recorded = IdempotencyKey {
-                key: k.clone(),
-                fingerprint: print,
-            };
-            let claim = state
-                .idempotency
-                .claim((who.owner.clone(), name.clone(), k), print)
-                .await?;
-            (Some(claim), Some(recorded))
-        }
-        None => (None, None),
+    // From here the request is the server's: the key's claim, the start, the session update and
+    // the key's commit run on a task of their own, so a client that goes away cannot stop them
+    // halfway (a run started but not in its session, or a key freed while its run exists).
+    let (id, replayed) = {
+        let (state, who, name) = (state.clone(), who.clone(), name.clone());
+        tokio::spawn(async move { start_keyed(&state, &who, &name, req, key, enqueue).await })
+            .await
+            .map_err(|e| ApiError::Internal(Box::new(e)))??
     };
-    let (handle, replayed) = match claim {
-        Some(Claim::Existing(id)) => (state.engine.handle(&id), true),
-        claim => {
-            // With a key, the id is fixed before the start, so concurrent duplicates (waiting
-            // on the reservation) answer this very run. A failed start drops the reservation,
-            // which frees the key.
-            let reservation = match claim {
-                Some(Claim::New(r)) => Some(r),
-                _ => None,
-            };
-            let start = StartRun {
-                input: req.input,
-                session_id: req.session_id,
-                metadata: req.metadata,
-                owner: who.owner.clone(),
-                run_id: reservation.as_ref().map(|r| r.run_id().to_owned()),
-                after_run: None,
-                // In the record, the key outlives a restart (see `idempotency.rs`).
-                idempotency: recorded_key,
-            };
-            // The key is the run's as soon as the run exists (its record holds the key), even
-            // if what follows fails or the client goes away.
-            let mut reservation = reservation;
-            let started = || {
-                if let Some(r) = reservation.take() {
-                    r.commit();
-                }
-            };
-            let handle = start_in_session(&state, &who, &name, start, enqueue, started).await?;
-            (handle, false)
-        }
-    };
+    let handle = state.engine.handle(&id);
     let location = format!("/v1/runs/{}", handle.id());
     if let Some((format, guard)) = stream {
         let opts = StreamOptions {
@@ -301,6 +264,65 @@ async fn create_run(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+/// Claims the `Idempotency-Key` (when there is one) and starts the run, or finds the run the key
+/// already names; returns the run's id and whether it was found (a replay).
+async fn start_keyed(
+    state: &AppState,
+    who: &Principal,
+    name: &str,
+    req: CreateRun,
+    key: Option<String>,
+    enqueue: bool,
+) -> ApiResult<(String, bool)> {
+    let (claim, recorded_key) = match key {
+        Some(k) => {
+            let print = fingerprint(&serde_json::to_value(&req).unwrap_or(Value::Null));
+            let recorded = IdempotencyKey {
+                key: k.clone(),
+                fingerprint: print,
+            };
+            let claim = state
+                .idempotency
+                .claim((who.owner.clone(), name.to_owned(), k), print)
+                .await?;
+            (Some(claim), Some(recorded))
+        }
+        None => (None, None),
+    };
+    match claim {
+        Some(Claim::Existing(id)) => Ok((id, true)),
+        claim => {
+            // With a key, the id is fixed before the start, so concurrent duplicates (waiting
+            // on the reservation) answer this very run. A failed start drops the reservation,
+            // which frees the key.
+            let reservation = match claim {
+                Some(Claim::New(r)) => Some(r),
+                _ => None,
+            };
+            let start = StartRun {
+                input: req.input,
+                session_id: req.session_id,
+                metadata: req.metadata,
+                owner: who.owner.clone(),
+                run_id: reservation.as_ref().map(|r| r.run_id().to_owned()),
+                after_run: None,
+                // In the record, the key outlives a restart (see `idempotency.rs`).
+                idempotency: recorded_key,
+            };
+            // The key is the run's as soon as the run exists (its record holds the key), even
+            // if what follows fails or the client goes away.
+            let mut reservation = reservation;
+            let started = || {
+                if let Some(r) = reservation.take() {
+                    r.commit();
+                }
+            };
+            let handle = start_in_session(state, who, name, start, enqueue, started).await?;
+            Ok((handle.id().to_owned(), false))
+        }
+    }
 }
 
 /// Starts a run, in its session when it names one: one active run per session; a busy session

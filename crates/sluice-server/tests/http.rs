@@ -1361,6 +1361,76 @@ async fn a_failed_session_update_cancels_the_run_and_keeps_its_key() {
     s.stop().await;
 }
 
+/// A client that disconnects while its create is being recorded does not stop it halfway: the
+/// run starts, its session names it as the active run, and its `Idempotency-Key` answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_client_disconnects_is_finished_by_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let store = std::sync::Arc::new(common::GatedStore::new());
+    let s = TestServer::with_store(
+        ServerOptions::default(),
+        vec![builtin::ticker()],
+        store.clone(),
+    )
+    .await;
+    let ses: Value = s
+        .client
+        .post(s.url("/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = ses["id"].as_str().unwrap().to_owned();
+    store
+        .slow_put_session_ms
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    let body = json!({"input": {"n": 1000000, "delay_ms": 10}, "session_id": sid}).to_string();
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/workflows/ticker/runs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nidempotency-key: k-gone\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    // Gone while the session update is under way.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(conn);
+    let mut active = Value::Null;
+    for _ in 0..500 {
+        let (_, ses) = s.get_json(&format!("/v1/sessions/{sid}")).await;
+        if ses["active_run"].is_string() {
+            active = ses["active_run"].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let id = active
+        .as_str()
+        .expect("the session names the run")
+        .to_owned();
+    let (status, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!((status, &rec["session_id"]), (200, &json!(sid)));
+    assert!(
+        rec["status"] == "running" || rec["status"] == "queued",
+        "{rec}"
+    );
+    store
+        .slow_put_session_ms
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let again = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .header("idempotency-key", "k-gone")
+        .json(&json!({"input": {"n": 1000000, "delay_ms": 10}, "session_id": sid}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "the key answers the run");
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], id.as_str());
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_hold_one_active_run_and_enqueue_on_request() {
     let s = TestServer::start().await;

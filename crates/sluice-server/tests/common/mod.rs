@@ -263,13 +263,16 @@ pub fn seqs(evs: &[Value]) -> Vec<u64> {
 
 /// A store that, once [`armed`](GatedStore::arm), holds every checkpoint write until the test
 /// [`release`](GatedStore::release)s it: a shutdown (whose runs checkpoint) then stays in its
-/// draining phase for as long as the test needs. With `fail_put_session`, session updates fail.
+/// draining phase for as long as the test needs. With `fail_put_session`, session updates fail;
+/// with `slow_put_session_ms`, they wait that long before they store the session.
 pub struct GatedStore {
     inner: sluice_store_memory::MemoryStore,
     armed: std::sync::atomic::AtomicBool,
     gate: tokio::sync::Semaphore,
     /// Whether `put_session` fails.
     pub fail_put_session: std::sync::atomic::AtomicBool,
+    /// Milliseconds each `put_session` waits before it stores the session.
+    pub slow_put_session_ms: std::sync::atomic::AtomicU64,
 }
 
 impl GatedStore {
@@ -279,6 +282,7 @@ impl GatedStore {
             armed: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Semaphore::new(0),
             fail_put_session: std::sync::atomic::AtomicBool::new(false),
+            slow_put_session_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -379,6 +383,12 @@ impl Store for GatedStore {
                 message: "injected put_session failure".into(),
                 source: None,
             });
+        }
+        let slow = self
+            .slow_put_session_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
         }
         self.inner.put_session(s).await
     }
