@@ -1,4 +1,3 @@
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -7,7 +6,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 use sluice_protocol::payload::ErrorCode;
 use sluice_protocol::{Event, RawEvent, RunRecord, RunStatus};
-use sluice_store::{RunFilter, Store};
+use sluice_store::{FastMap, RunFilter, Store};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
@@ -144,14 +143,14 @@ pub struct WorkflowStats {
 
 pub(crate) struct EngineInner {
     pub store: Arc<dyn Store>,
-    slots: HashMap<String, Arc<Slot>>,
-    active: Mutex<HashMap<String, mpsc::Sender<Control>>>,
+    slots: FastMap<String, Arc<Slot>>,
+    active: Mutex<FastMap<String, mpsc::Sender<Control>>>,
     pub token: CancellationToken,
     tracker: TaskTracker,
     events: AtomicU64,
     /// Runs whose driver gave up after a store failure without writing their end, with why.
     /// They stay `running` in the store until the next start recovers them.
-    abandoned: Mutex<HashMap<String, String>>,
+    abandoned: Mutex<FastMap<String, String>>,
     /// Wakes [`RunHandle::wait`] callers when a run is abandoned.
     abandon_notify: Notify,
     /// Whether [`Engine::recover`] has counted the runs found `waiting`.
@@ -159,7 +158,7 @@ pub(crate) struct EngineInner {
 }
 
 impl EngineInner {
-    fn active(&self) -> MutexGuard<'_, HashMap<String, mpsc::Sender<Control>>> {
+    fn active(&self) -> MutexGuard<'_, FastMap<String, mpsc::Sender<Control>>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -196,7 +195,7 @@ impl EngineInner {
         self.events.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    fn abandoned_map(&self) -> MutexGuard<'_, HashMap<String, String>> {
+    fn abandoned_map(&self) -> MutexGuard<'_, FastMap<String, String>> {
         self.abandoned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -277,7 +276,7 @@ impl Engine {
         store: Arc<dyn Store>,
         workflows: impl IntoIterator<Item = Workflow>,
     ) -> Result<Self> {
-        let mut slots = HashMap::new();
+        let mut slots = FastMap::default();
         for wf in workflows {
             let name = wf.name().to_owned();
             let slot = Slot {

@@ -7,11 +7,11 @@
 //! is answered either from the tail or, for older events, from `events`, never from the
 //! journal.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 use sluice_protocol::RawEvent;
-use sluice_store::{Error, Result};
+use sluice_store::{Error, FastMap, Result};
 
 /// A run's tail keeps at most this many events (besides the whole last append)…
 const TAIL_EVENTS: usize = 64;
@@ -161,7 +161,7 @@ pub(crate) struct Change<'a> {
 /// shards at once.
 #[derive(Debug)]
 pub(crate) struct RunCache {
-    shards: Vec<Mutex<HashMap<String, Entry>>>,
+    shards: Vec<Mutex<FastMap<String, Entry>>>,
 }
 
 /// How many independently locked parts the cache is split into.
@@ -176,7 +176,7 @@ impl Default for RunCache {
 }
 
 impl RunCache {
-    fn lock(&self, run_id: &str) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self, run_id: &str) -> MutexGuard<'_, FastMap<String, Entry>> {
         self.shards[sluice_store::run_shard(run_id, self.shards.len())]
             .lock()
             .unwrap_or_else(|p| p.into_inner())

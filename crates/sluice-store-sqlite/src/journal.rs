@@ -40,12 +40,12 @@
 //! committed: while it runs, the appends it moves stay pending, and the runs its commands touch
 //! are marked *busy*, so the inline path leaves them to the writer.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_protocol::RawEvent;
-use sluice_store::Error;
+use sluice_store::{Error, FastMap, FastSet};
 
 use crate::cache::{Change, RunCache, RunState, check_continues};
 use crate::journal_file::JournalFile;
@@ -96,7 +96,7 @@ fn bytes_of<'a>(events: impl IntoIterator<Item = &'a RawEvent>) -> usize {
 /// Which runs have events in the journal only, and which of them are due.
 #[derive(Debug)]
 pub(crate) struct Journal {
-    pending: HashMap<String, Pending>,
+    pending: FastMap<String, Pending>,
     /// Runs with pending events, by the position of their oldest one.
     by_oldest: BTreeMap<i64, String>,
     /// Runs whose pending events should move, oldest first (entries may be stale:
@@ -116,7 +116,7 @@ impl Journal {
     /// Bookkeeping for an empty journal whose next record goes at `next_pos`.
     pub(crate) fn new(next_pos: i64) -> Self {
         Self {
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             by_oldest: BTreeMap::new(),
             due: VecDeque::new(),
             next_pos,
@@ -333,7 +333,7 @@ pub(crate) struct Journaled {
     pub(crate) journal: Journal,
     pub(crate) file: JournalFile,
     /// Runs the writer's open transaction is working on: appends to them go through the writer.
-    pub(crate) busy: HashSet<String>,
+    pub(crate) busy: FastSet<String>,
 }
 
 /// How many shards the journal has. Each run's events go to one (by a hash of its id), each
@@ -477,10 +477,10 @@ impl Journaled {
     ) -> (Vec<Outcome>, bool) {
         let mut outcomes = Vec::with_capacity(appends.len());
         // The state of each run after the appends journaled so far in this call.
-        let mut states: HashMap<&str, RunState> = HashMap::new();
+        let mut states: FastMap<&str, RunState> = FastMap::default();
         let mut written: Vec<(usize, i64, RunState)> = Vec::new();
         // Runs with an append declined: their later ones must follow it through the writer.
-        let mut declined: HashSet<&str> = HashSet::new();
+        let mut declined: FastSet<&str> = FastSet::default();
         self.file.begin_group();
         for (i, &(run_id, events)) in appends.iter().enumerate() {
             if declined.contains(run_id)

@@ -146,7 +146,6 @@ mod reader;
 mod schema;
 mod writer;
 
-use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -224,7 +223,7 @@ impl SqliteStore {
             shards.push(Journaled {
                 journal: Journal::new(file.next_pos()),
                 file,
-                busy: HashSet::new(),
+                busy: sluice_store::FastSet::default(),
             });
         }
         let readers = Arc::new(ReadPool::open(path.clone(), options.read_connections)?);

@@ -6,14 +6,13 @@
 //! runs in one transaction, together with the end-of-group journal work: moving due runs'
 //! pending events into `events`, within a budget.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use sluice_protocol::{RawEvent, RunRecord, kind};
-use sluice_store::{Error, Notifier, Result};
+use sluice_store::{Error, FastMap, FastSet, Notifier, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::SqliteOptions;
@@ -340,9 +339,9 @@ struct Touched {
 #[derive(Debug, Default)]
 struct Moves {
     /// Runs whose first n pending events the transaction writes to `events`.
-    taken: HashMap<String, usize>,
+    taken: FastMap<String, usize>,
     /// Runs deleted by the transaction.
-    forgotten: HashSet<String>,
+    forgotten: FastSet<String>,
     /// Runs whose log the transaction closes while events of theirs stay pending.
     closed: Vec<String>,
     /// Due runs taken from the queue (put back if the transaction fails).
@@ -358,7 +357,7 @@ pub(crate) struct Writer {
     cache: Arc<RunCache>,
     notifier: Arc<Notifier>,
     /// Runs the open transaction has looked at or changed.
-    touched: HashMap<String, Touched>,
+    touched: FastMap<String, Touched>,
     /// Set when a command without a savepoint failed after it began writing: the transaction
     /// holds part of it, so it must not commit.
     interrupted: Option<Fatal>,
@@ -506,7 +505,7 @@ impl Writer {
             conn,
             cache,
             notifier,
-            touched: HashMap::new(),
+            touched: FastMap::default(),
             interrupted: None,
             inserts,
             shared,
@@ -620,7 +619,7 @@ impl Writer {
     /// their followers. Returns the other commands, in their order.
     fn journal_appends(&mut self, group: Vec<Command>) -> Vec<Command> {
         // Runs with a command left for the transaction: their later commands must follow it.
-        let mut held: HashSet<&str> = HashSet::new();
+        let mut held: FastSet<&str> = FastSet::default();
         let mut picks = Vec::new();
         for (i, cmd) in group.iter().enumerate() {
             match cmd {
@@ -637,7 +636,7 @@ impl Writer {
         }
         // One batch (one write) per shard; a run's appends are all in its shard, in order.
         let mut outcomes: Vec<Outcome> = picks.iter().map(|_| Outcome::Declined).collect();
-        let mut by_shard: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut by_shard: FastMap<usize, Vec<usize>> = FastMap::default();
         for (k, &i) in picks.iter().enumerate() {
             if let Some(id) = group[i].run_id() {
                 by_shard.entry(self.shared.index(id)).or_default().push(k);
@@ -693,7 +692,7 @@ impl Writer {
         let mut fatal: Option<Fatal> = None;
         // The runs the group works on are the writer's until it is over: their appends come
         // here meanwhile, so their state and pending events stay as the transaction sees them.
-        let mut by_shard: HashMap<usize, Vec<&str>> = HashMap::new();
+        let mut by_shard: FastMap<usize, Vec<&str>> = FastMap::default();
         for cmd in &group {
             if let Some(id) = cmd.run_id() {
                 by_shard.entry(self.shared.index(id)).or_default().push(id);
@@ -984,7 +983,7 @@ impl Writer {
     fn maintain_journal(&mut self, budget: usize) -> Result<()> {
         // (run, how many of its pending events this transaction took already, the rest).
         let mut picked: Vec<(String, usize, Vec<RawEvent>)> = Vec::new();
-        let mut seen = HashSet::new();
+        let mut seen = FastSet::default();
         let moves = &mut self.moves;
         let mut pick = |run: String, journal: &crate::journal::Journal, moves: &Moves| {
             if moves.forgotten.contains(&run) || !seen.insert(run.clone()) {
@@ -1296,7 +1295,7 @@ mod tests {
                 crate::journal::Journaled {
                     journal: crate::journal::Journal::new(1),
                     file,
-                    busy: HashSet::new(),
+                    busy: FastSet::default(),
                 }
             })
             .collect();

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,14 +22,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// One shard: each run's sender, and when the shard last removed the unused ones.
 #[derive(Debug)]
 struct Senders {
-    runs: HashMap<String, Arc<watch::Sender<u64>>>,
+    runs: FastMap<String, Arc<watch::Sender<u64>>>,
     swept: Instant,
 }
 
 impl Default for Senders {
     fn default() -> Self {
         Self {
-            runs: HashMap::new(),
+            runs: FastMap::default(),
             swept: Instant::now(),
         }
     }
