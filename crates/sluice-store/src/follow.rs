@@ -78,13 +78,14 @@ pub fn follow_batches(
         }
         loop {
             match st.store.read(&st.run_id, st.cursor, READ_BATCH).await {
-                Ok(batch) if !batch.is_empty() => {
-                    // A run with events exists; a terminal event among them ends the stream.
+                Ok(mut batch) if !batch.is_empty() => {
+                    // A run with events exists; a terminal event among them ends the stream
+                    // (the batch is checked and cut in place: no second vector per read).
                     st.checked = true;
                     st.woken = false;
                     st.at_end = batch.len() < READ_BATCH;
-                    let mut out = Vec::with_capacity(batch.len());
-                    for ev in batch {
+                    let mut keep = batch.len();
+                    for (i, ev) in batch.iter().enumerate() {
                         if ev.seq() != st.cursor + 1 {
                             st.done = true;
                             let err = Error::SeqConflict {
@@ -95,14 +96,14 @@ pub fn follow_batches(
                             return Some((Err(err), st));
                         }
                         st.cursor = ev.seq();
-                        let terminal = ev.is_terminal();
-                        out.push(ev);
-                        if terminal {
+                        if ev.is_terminal() {
                             st.done = true;
+                            keep = i + 1;
                             break;
                         }
                     }
-                    return Some((Ok(out), st));
+                    batch.truncate(keep);
+                    return Some((Ok(batch), st));
                 }
                 Ok(_) => {
                     // Nothing to read: ask the record whether the run exists and has ended
