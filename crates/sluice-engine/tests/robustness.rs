@@ -176,6 +176,8 @@ struct Faulty {
     create_delay_ms: AtomicUsize,
     /// `create_run` calls begun.
     creates_begun: AtomicUsize,
+    /// `create_run` calls returned.
+    creates_done: AtomicUsize,
 }
 
 impl Faulty {
@@ -204,6 +206,7 @@ impl Store for Faulty {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
         }
+        self.creates_done.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     async fn get_run(&self, id: &str) -> sluice_store::Result<Option<RunRecord>> {
@@ -343,11 +346,14 @@ async fn shutdown_waits_for_a_run_being_started() {
     })
     .await;
     assert!(bounded("shutdown", engine.shutdown(Duration::from_secs(20))).await);
-    assert!(
-        starting.is_finished(),
+    // The start had recorded its run and spawned its driver (which the shutdown then stopped)
+    // before the shutdown returned. (The start's own future may still be finishing.)
+    assert_eq!(
+        store.creates_done.load(Ordering::SeqCst),
+        1,
         "shutdown returned while a run was still being started"
     );
-    let id = starting
+    let id = bounded("the start returns", starting)
         .await
         .unwrap()
         .expect("the start began before the shutdown");

@@ -1392,9 +1392,21 @@ async fn a_create_whose_client_disconnects_is_finished_by_the_server() {
         "POST /v1/workflows/ticker/runs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nidempotency-key: k-gone\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
+    let before = store
+        .put_sessions_begun
+        .load(std::sync::atomic::Ordering::SeqCst);
     conn.write_all(request.as_bytes()).await.unwrap();
     // Gone while the session update is under way.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..1000 {
+        if store
+            .put_sessions_begun
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > before
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     drop(conn);
     let mut active = Value::Null;
     for _ in 0..500 {

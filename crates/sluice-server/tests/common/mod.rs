@@ -273,6 +273,8 @@ pub struct GatedStore {
     pub fail_put_session: std::sync::atomic::AtomicBool,
     /// Milliseconds each `put_session` waits before it stores the session.
     pub slow_put_session_ms: std::sync::atomic::AtomicU64,
+    /// `put_session` calls begun.
+    pub put_sessions_begun: std::sync::atomic::AtomicU64,
 }
 
 impl GatedStore {
@@ -283,6 +285,7 @@ impl GatedStore {
             gate: tokio::sync::Semaphore::new(0),
             fail_put_session: std::sync::atomic::AtomicBool::new(false),
             slow_put_session_ms: std::sync::atomic::AtomicU64::new(0),
+            put_sessions_begun: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -384,6 +387,8 @@ impl Store for GatedStore {
                 source: None,
             });
         }
+        self.put_sessions_begun
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let slow = self
             .slow_put_session_ms
             .load(std::sync::atomic::Ordering::SeqCst);
