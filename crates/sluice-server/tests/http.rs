@@ -1287,11 +1287,8 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     ));
 }
 
-/// A run started in a session whose update then fails is cancelled (its session would not know
-/// it), the client gets the error, and the `Idempotency-Key` stays with that run: a retry
-/// answers it rather than starting a second one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_session_update_cancels_the_run_and_keeps_its_key() {
+/// A server on a [`common::GatedStore`] with the ticker, and a new session on it.
+async fn gated_session() -> (TestServer, std::sync::Arc<common::GatedStore>, String) {
     let store = std::sync::Arc::new(common::GatedStore::new());
     let s = TestServer::with_store(
         ServerOptions::default(),
@@ -1309,6 +1306,15 @@ async fn a_failed_session_update_cancels_the_run_and_keeps_its_key() {
         .await
         .unwrap();
     let sid = ses["id"].as_str().unwrap().to_owned();
+    (s, store, sid)
+}
+
+/// A run started in a session whose update then fails is cancelled (its session would not know
+/// it), the client gets the error, and the `Idempotency-Key` stays with that run: a retry
+/// answers it rather than starting a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_session_update_cancels_the_run_and_keeps_its_key() {
+    let (s, store, sid) = gated_session().await;
     store
         .fail_put_session
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1366,23 +1372,7 @@ async fn a_failed_session_update_cancels_the_run_and_keeps_its_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_client_disconnects_is_finished_by_the_server() {
     use tokio::io::AsyncWriteExt;
-    let store = std::sync::Arc::new(common::GatedStore::new());
-    let s = TestServer::with_store(
-        ServerOptions::default(),
-        vec![builtin::ticker()],
-        store.clone(),
-    )
-    .await;
-    let ses: Value = s
-        .client
-        .post(s.url("/v1/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = ses["id"].as_str().unwrap().to_owned();
+    let (s, store, sid) = gated_session().await;
     store
         .slow_put_session_ms
         .store(400, std::sync::atomic::Ordering::SeqCst);
