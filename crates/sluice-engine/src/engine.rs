@@ -333,7 +333,8 @@ impl Engine {
     }
 
     /// Starts a run: validates the input, admits it (or queues it), records it and spawns its
-    /// driver. Returns at once; follow the run with the handle.
+    /// driver. Returns at once; follow the run with the handle. Once admitted, the run is
+    /// recorded and started even if the caller stops waiting for this future.
     ///
     /// # Errors
     /// [`Error::UnknownWorkflow`], [`Error::InvalidInput`], [`Error::QueueFull`],
@@ -399,15 +400,9 @@ impl Engine {
             drop(spawning);
             Ok(())
         });
-        match create.await {
-            Ok(created) => created?,
-            Err(e) => {
-                return Err(Error::Store(sluice_store::Error::Backend {
-                    message: format!("recording the run failed: {e}"),
-                    source: None,
-                }));
-            }
-        }
+        create
+            .await
+            .map_err(|e| task_failed("recording the run", &e))??;
         Ok(self.handle(&id))
     }
 
@@ -538,16 +533,10 @@ impl Engine {
             drop(spawning);
             Ok(tx)
         });
-        match wake.await {
-            Ok(woken) => woken,
-            Err(e) => {
-                self.inner.release(run_id);
-                Err(Error::Store(sluice_store::Error::Backend {
-                    message: format!("waking the run failed: {e}"),
-                    source: None,
-                }))
-            }
-        }
+        wake.await.unwrap_or_else(|e| {
+            self.inner.release(run_id);
+            Err(task_failed("waking the run", &e))
+        })
     }
 
     /// Continues after a restart: runs found `running` resume from their last checkpoint with
@@ -733,6 +722,14 @@ impl Engine {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
+}
+
+/// The error of a step of `start` or of a wake that ran on a task of its own and panicked.
+fn task_failed(what: &str, e: &tokio::task::JoinError) -> Error {
+    Error::Store(sluice_store::Error::Backend {
+        message: format!("{what} failed: {e}"),
+        source: None,
+    })
 }
 
 /// Which finished runs [`Engine::sweep`] removes (with their logs, checkpoints and inboxes).
