@@ -994,11 +994,17 @@ async fn invalid_input_and_unknown_workflow_are_refused_before_a_run_exists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_queues_then_refuses() {
+    // Steps hold their slot until the gate opens, so which runs hold a slot and which queue
+    // does not depend on how fast this machine runs them.
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
     let wf = Workflow::builder("gated")
         .step(
-            Step::new("hold", |_c: Context, _s: StartEvent| async move {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Ok(Emit::stop(1))
+            Step::new("hold", move |_c: Context, _s: StartEvent| {
+                let mut open = gate_rx.clone();
+                async move {
+                    open.wait_for(|o| *o).await.unwrap();
+                    Ok(Emit::stop(1))
+                }
             })
             .emits::<StopEvent>(),
         )
@@ -1025,14 +1031,29 @@ async fn admission_queues_then_refuses() {
     assert_eq!((stats[0].running, stats[0].queued), (2, 3));
     let queued = accepted.last().unwrap().record().await.unwrap();
     assert_eq!(queued.status, RunStatus::Queued);
+    gate.send_replace(true);
     for h in &accepted {
         assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
     }
+    // A finished run gives its slot back after its record says so: wait for both slots.
+    gate.send_replace(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while engine.stats()[0].running > 0 || engine.stats()[0].queued > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Cancelling a queued run ends it without it ever starting.
-    let blockers: Vec<_> =
-        futures_util::future::join_all((0..3).map(|_| engine.start("gated", input(json!(null)))))
-            .await;
-    let last = blockers.into_iter().last().unwrap().unwrap();
+    let mut blockers = Vec::new();
+    for _ in 0..3 {
+        blockers.push(engine.start("gated", input(json!(null))).await.unwrap());
+    }
+    let stats = engine.stats();
+    assert_eq!((stats[0].running, stats[0].queued), (2, 1));
+    let last = blockers.pop().unwrap();
     last.cancel().await.unwrap();
     let rec = last.wait().await.unwrap();
     assert_eq!(rec.status, RunStatus::Cancelled);
@@ -1040,6 +1061,10 @@ async fn admission_queues_then_refuses() {
         types(&events(&engine, last.id()).await),
         ["chain-cancelled"]
     );
+    gate.send_replace(true);
+    for h in &blockers {
+        assert_eq!(h.wait().await.unwrap().status, RunStatus::Completed);
+    }
 }
 
 #[tokio::test]
