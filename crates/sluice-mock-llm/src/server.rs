@@ -14,13 +14,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::stream;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::script::{Options, Predicate, Step, Turn};
 use crate::wire::Emitter;
 use crate::{RecordedRequest, Script, WireFormat};
+
+/// Connections the kernel may complete before the server accepts them.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// State shared by the handlers and the [`MockServer`] handle.
 pub(crate) struct Shared {
@@ -74,7 +77,16 @@ impl MockServer {
     /// # Errors
     /// When the address cannot be bound.
     pub async fn bind(addr: SocketAddr, script: Script) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        // A provider takes a thousand agents' requests at once; a backlog of 128 (what
+        // `TcpListener::bind` asks for) would drop the connections beyond it for a second.
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(LISTEN_BACKLOG)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             rules: script.rules,

@@ -75,6 +75,12 @@ pub struct ServerOptions {
     /// Open TCP connections at once (API calls, event streams and WebSockets alike); at the
     /// limit, new connections wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Room in the listen backlog: connections the kernel has completed that the server has
+    /// not accepted yet (a burst of clients connecting at once, or connections waiting at
+    /// `max_connections`). Beyond it the kernel drops new connection attempts, which the
+    /// clients retry only after a second or more. 1 to 65535 (default 4096); the kernel caps
+    /// it at `net.core.somaxconn`.
+    pub listen_backlog: u32,
     /// Open event streams at once (SSE, NDJSON, WebSocket); beyond, `503 overloaded` with
     /// `Retry-After`.
     pub max_streams: usize,
@@ -133,6 +139,7 @@ impl Default for ServerOptions {
             max_body: 1 << 20,
             max_event: 256 << 10,
             max_connections: 20_000,
+            listen_backlog: 4096,
             max_streams: 10_000,
             shutdown_grace: Duration::from_secs(10),
             retention: Duration::from_secs(7 * 86_400),
@@ -548,6 +555,9 @@ impl Config {
         }
         if s.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if !(1..=65_535).contains(&s.listen_backlog) {
+            return Err(invalid("server.listen_backlog", "must be from 1 to 65535"));
         }
         if s.max_streams == 0 {
             return Err(invalid("server.max_streams", "must be at least 1"));
@@ -1094,6 +1104,8 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
             ("shutdown_grace = \"2h\"", "server.shutdown_grace"),
             ("max_streams = 0", "server.max_streams"),
             ("max_connections = 0", "server.max_connections"),
+            ("listen_backlog = 0", "server.listen_backlog"),
+            ("listen_backlog = 70000", "server.listen_backlog"),
             ("body_timeout = \"50ms\"", "server.body_timeout"),
             (
                 "sqlite_synchronous = \"sometimes\"",

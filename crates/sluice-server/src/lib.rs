@@ -22,9 +22,10 @@
 //!
 //! ```no_run
 //! # async fn demo(engine: sluice_engine::Engine) -> std::io::Result<()> {
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let options = sluice_server::config::ServerOptions::default();
+//! let listener = sluice_server::bind("127.0.0.1:0".parse().unwrap(), options.listen_backlog)?;
 //! let shutdown = tokio_util::sync::CancellationToken::new();
-//! let app = sluice_server::App::new(engine, sluice_server::config::ServerOptions::default());
+//! let app = sluice_server::App::new(engine, options);
 //! sluice_server::serve(listener, app, shutdown).await
 //! # }
 //! ```
@@ -87,6 +88,32 @@ impl std::ops::Deref for AppState {
     fn deref(&self) -> &AppInner {
         &self.inner
     }
+}
+
+/// A listening socket on `addr` whose listen backlog has room for `backlog` connections not
+/// accepted yet (`server.listen_backlog`; the kernel caps it at `net.core.somaxconn`).
+///
+/// The standard library's and tokio's `bind` ask for 128. A burst of clients connecting at
+/// once (a thousand agents' streams, a retry storm), or connections waiting while the server
+/// is at `server.max_connections`, overflow that; the kernel then drops the new connection
+/// attempts, and their clients try again only after a second or more.
+///
+/// Must be called within a tokio runtime.
+///
+/// # Errors
+/// The socket could not be created, bound (the address is in use, say) or put to listen.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library does on Unix: a restarted server can bind again at once while
+    // its previous connections sit in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// A configured server, ready to [`serve`].

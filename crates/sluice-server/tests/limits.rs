@@ -202,6 +202,53 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_at_the_limit_fill_the_configured_backlog() {
+    // At the connection limit the server accepts nothing: every further connection waits in
+    // the listen backlog. With tokio's or std's bind (a backlog of 128) the kernel would drop
+    // the attempts beyond ~129, and those clients would hang in SYN retries.
+    const WAITING: usize = 400;
+    let opts = ServerOptions {
+        max_connections: 1,
+        listen_backlog: 1024,
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ticker()]).await;
+    let held = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    // Let the server accept it: its one permit is taken.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let connects: Vec<_> = (0..WAITING)
+        .map(|_| {
+            let addr = s.addr;
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut waiting = Vec::with_capacity(WAITING);
+    for c in connects {
+        let stream = c
+            .await
+            .unwrap()
+            .expect("a connection waiting in the backlog completes its handshake")
+            .unwrap();
+        waiting.push(stream);
+    }
+    assert_eq!(waiting.len(), WAITING);
+    // Once they close, the server works through the backlog and serves a new client.
+    drop(held);
+    drop(waiting);
+    let answer = tokio::time::timeout(Duration::from_secs(10), raw_healthz(s.addr))
+        .await
+        .expect("served once the backlog has drained");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_draining_requests_get_503_and_readyz_says_so() {
     let store = Arc::new(GatedStore::new());
     let opts = ServerOptions {

@@ -239,8 +239,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "recovered runs"
         );
     }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = sluice_server::bind(addr, config.server.listen_backlog)
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
     let names: Vec<String> = engine

@@ -64,7 +64,8 @@ impl TestServer {
         store: Arc<dyn Store>,
     ) -> Self {
         let engine = Engine::new(store, workflows).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener =
+            sluice_server::bind("127.0.0.1:0".parse().unwrap(), options.listen_backlog).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let app = sluice_server::App::new(engine.clone(), options);
