@@ -27,19 +27,71 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             .extensions()
             .get::<BodyLimit>()
             .map_or(usize::MAX, |l| l.0);
-        match axum::Json::<T>::from_request(req, state).await {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| unread_body(&e, limit))?;
+        check_depth(&body, "body")?;
+        match axum::Json::<T>::from_bytes(&body) {
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ApiError::Unprocessable(clean(&e.body_text())))
             }
-            Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(ApiError::BadRequest(clean(&e.body_text())))
-            }
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
-            Err(JsonRejection::BytesRejection(e)) => Err(unread_body(&e, limit)),
-            Err(other) => Err(ApiError::BadRequest(other.body_text())),
+            Err(other) => Err(ApiError::BadRequest(clean(&other.body_text()))),
         }
     }
+}
+
+/// Whether the request says its body is JSON: `application/json` or `application/*+json`.
+pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            let m = m.trim();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+}
+
+/// The deepest nesting of arrays and objects a client's JSON may have. A run keeps what it is
+/// given inside its own records (an event's `data` becomes part of the run's `result`, a few
+/// levels further in), and the store reads records back with serde_json's limit of 128
+/// levels: a value accepted near that limit would make its run unreadable. Nothing a client
+/// sends needs a tenth of this.
+pub(crate) const MAX_JSON_DEPTH: usize = 64;
+
+/// Refuses (400) JSON nested deeper than [`MAX_JSON_DEPTH`]; `what` names it in the message.
+/// Looks at the bytes only (brackets outside strings): malformed JSON is left to the parser.
+pub(crate) fn check_depth(json: &[u8], what: &str) -> Result<(), ApiError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(ApiError::BadRequest(format!(
+                        "{what}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Why a body could not be read: over the size limit (413), past its deadline (408), or

@@ -20,7 +20,7 @@ use sluice_store::RunFilter;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery};
+use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, check_depth, is_json};
 use crate::idempotency::{Claim, fingerprint};
 use crate::metrics::Rejection;
 use crate::openapi::{OPERATIONS, Op, Operation};
@@ -143,17 +143,6 @@ fn parse_bool(v: Option<&str>, what: &str) -> ApiResult<bool> {
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| {
-            let m = m.trim();
-            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-        })
-}
-
 /// Parses an optional JSON body (an empty body is the default value).
 fn optional_json<T: serde::de::DeserializeOwned + Default>(
     headers: &HeaderMap,
@@ -165,6 +154,7 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
+    check_depth(body, "body")?;
     let mut de = serde_json::Deserializer::from_slice(body);
     match T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
         Ok(v) => Ok(v),
@@ -560,13 +550,24 @@ async fn run_events(
 ) -> ApiResult<Response> {
     let after = stream::cursor(&headers, q.after.as_deref())?;
     let types = TypeFilter::parse(q.types.as_deref())?;
+    // A request that asks for a WebSocket gets one or a 400, never an SSE stream instead.
+    let upgrade = match upgrade {
+        Ok(upgrade) => Some(upgrade),
+        Err(e) if wants_websocket(&headers) => {
+            return Err(ApiError::BadRequest(format!(
+                "WebSocket upgrade: {}",
+                e.body_text()
+            )));
+        }
+        Err(_) => None,
+    };
     let rec = visible_run(&state, &who, &id).await?;
     if at_end(&state, rec, after).await? {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     // Admitted (or refused with a 503) before a WebSocket upgrade, not after it.
     let guard = StreamGuard::new(&state)?;
-    if let Ok(upgrade) = upgrade {
+    if let Some(upgrade) = upgrade {
         return Ok(ws::upgrade(state, who, id, after, types, upgrade, guard));
     }
     let opts = StreamOptions {
@@ -576,6 +577,16 @@ async fn run_events(
         heartbeat: state.options.heartbeat,
     };
     Ok(stream_response(&state, id, opts, guard))
+}
+
+/// Whether the request carries `Upgrade: websocket`.
+fn wants_websocket(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
 }
 
 /// Whether a reader at cursor `after` has nothing more to read: the run has ended and the

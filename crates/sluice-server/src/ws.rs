@@ -48,6 +48,18 @@ fn error_frame(e: &ApiError) -> Message {
     ))
 }
 
+/// A client's text frame as a [`SendEvent`], with the codes `POST /v1/runs/{id}/events` gives
+/// its body: `invalid_request` for broken JSON, `invalid_input` for JSON of the wrong shape.
+fn parse_frame(text: &str) -> Result<SendEvent, ApiError> {
+    serde_json::from_str::<SendEvent>(text).map_err(|e| {
+        if e.is_data() {
+            ApiError::Unprocessable(format!("frame: {e}"))
+        } else {
+            ApiError::BadRequest(format!("frame: {e}"))
+        }
+    })
+}
+
 async fn run(
     state: AppState,
     who: Principal,
@@ -76,8 +88,10 @@ async fn run(
             }
             frame = rx.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = match serde_json::from_str::<SendEvent>(text.as_str()) {
-                        Err(e) => error_frame(&ApiError::BadRequest(format!("frame: {e}"))),
+                    let parsed = crate::extract::check_depth(text.as_bytes(), "frame")
+                        .and_then(|()| parse_frame(text.as_str()));
+                    let reply = match parsed {
+                        Err(e) => error_frame(&e),
                         Ok(ev) => match deliver(&state, &who, &run_id, ev).await {
                             Ok(()) => Message::Text(Utf8Bytes::from_static("{\"accepted\":true}")),
                             Err(e) => error_frame(&e),
@@ -94,6 +108,15 @@ async fn run(
                     close = Some(CloseFrame { code: close_code::POLICY, reason: "message too big or malformed".into() });
                     break;
                 }
+                Some(Ok(Message::Binary(_))) => {
+                    let e = ApiError::BadRequest(
+                        "frame: binary frames are not accepted; send {\"type\", \"data\"} as a text frame".into(),
+                    );
+                    if tx.send(error_frame(&e)).await.is_err() {
+                        break;
+                    }
+                }
+                // Pings are answered by the WebSocket layer; pongs need nothing.
                 Some(Ok(_)) => {}
             },
             ev = events.next() => match ev {

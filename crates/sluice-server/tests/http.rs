@@ -914,6 +914,19 @@ async fn websocket_client_frames_are_sent_events() {
             .unwrap();
     use tokio_tungstenite::tungstenite::Message;
     ws.send(Message::Text("not json".into())).await.unwrap();
+    // JSON of the wrong shape: the code a POST of it gets.
+    ws.send(Message::Text(r#"{"data":1}"#.into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(r#"{"type":"input","data":1}"#.into()))
+        .await
+        .unwrap();
+    let deep = format!(
+        r#"{{"type":"input","data":{}1{}}}"#,
+        "[".repeat(70),
+        "]".repeat(70)
+    );
+    ws.send(Message::Text(deep.into())).await.unwrap();
     ws.send(Message::Text(r#"{"type":"input","data":42}"#.into()))
         .await
         .unwrap();
@@ -925,12 +938,132 @@ async fn websocket_client_frames_are_sent_events() {
     }
     let replies: Vec<&Value> = texts.iter().filter(|t| t.get("seq").is_none()).collect();
     assert_eq!(replies[0]["error"]["code"], "invalid_request");
-    assert_eq!(replies[1], &json!({"accepted": true}));
+    assert_eq!(replies[1]["error"]["code"], "invalid_input");
+    assert_eq!(replies[2]["error"]["code"], "invalid_request");
+    assert!(
+        replies[2]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("binary"),
+        "{}",
+        replies[2]
+    );
+    assert_eq!(replies[3]["error"]["code"], "invalid_request");
+    assert_eq!(replies[4], &json!({"accepted": true}));
     assert_eq!(texts.last().unwrap()["type"], "chain-completed");
     assert_eq!(
         texts.last().unwrap()["data"]["result"],
         json!({"answer": 42})
     );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_json_is_refused_and_what_is_accepted_reads_back() {
+    let s = TestServer::with(
+        ServerOptions::default(),
+        vec![builtin::ticker(), builtin::ask_human()],
+    )
+    .await;
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    // Deeper than 64 levels anywhere in a body: 400, nothing started or sent.
+    let post = |path: String, body: String| {
+        s.client
+            .post(s.url(&path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = post(
+        "/v1/workflows/ask-human/runs".into(),
+        format!(r#"{{"metadata":{{"x":{}}}}}"#, nested(70)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested deeper than 64"),
+        "{body}"
+    );
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    // 126 levels parsed before (serde_json stops at 128), and made the run's record unreadable.
+    let r = post(
+        format!("/v1/runs/{id}/events"),
+        format!(r#"{{"type":"input","data":{}}}"#, nested(126)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post(
+        "/v1/sessions".into(),
+        format!(r#"{{"state":{}}}"#, nested(100)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    // Brackets inside strings are text, not nesting.
+    let r = post(
+        format!("/v1/runs/{id}/events"),
+        format!(
+            r#"{{"type":"input","data":{{"text":"{}","v":{}}}}}"#,
+            "[".repeat(500),
+            nested(60)
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    s.wait_status(&id, "completed").await;
+    // The run, its events and the list of runs all read back.
+    let (status, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(rec["result"]["answer"]["text"], "[".repeat(500));
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events")))
+        .header("accept", "application/x-ndjson")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("chain-completed"));
+    let (status, list) = s.get_json("/v1/runs").await;
+    assert_eq!(status, 200);
+    assert!(
+        list["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == json!(id))
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_websocket_upgrade_is_a_400_not_an_event_stream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::with(ServerOptions::default(), vec![builtin::ask_human()]).await;
+    let id = s.start_run("ask-human", json!(null)).await;
+    let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    // No Sec-WebSocket-Key.
+    let req = format!(
+        "GET /v1/runs/{id}/events HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n\
+         connection: upgrade, close\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_request"), "{answer}");
     s.stop().await;
 }
 
