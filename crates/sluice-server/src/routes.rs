@@ -339,19 +339,13 @@ async fn start_in_session(
         Some(s) if who.can_see(s.owner.as_deref()) => s,
         _ => return Err(ApiError::not_found("session", &session_id)),
     };
-    if let Some(active) = &session.active_run {
-        let busy = store
-            .get_run(active)
-            .await?
-            .is_some_and(|r| !r.status.is_terminal());
-        if busy && !enqueue {
+    if let Some(active) = active_run_of(state, &session_id).await? {
+        if !enqueue {
             return Err(ApiError::Conflict(format!(
                 "session {session_id:?} has an active run {active:?} (use ?if_busy=enqueue to queue behind it)"
             )));
         }
-        if busy {
-            start.after_run = Some(active.clone());
-        }
+        start.after_run = Some(active);
     }
     let handle = state.engine.start(workflow, start).await?;
     started();
@@ -365,6 +359,24 @@ async fn start_in_session(
         return Err(e.into());
     }
     Ok(handle)
+}
+
+/// The newest run of session `session_id` that has not ended, if any. A session has one active
+/// run at a time; runs queued behind it (`?if_busy=enqueue`) are active too. The session's
+/// `active_run` alone would not do: it names the newest run, and when that run was a queued
+/// one that got cancelled, the run it was queued behind may still be going.
+async fn active_run_of(state: &AppState, session_id: &str) -> ApiResult<Option<String>> {
+    let page = state
+        .engine
+        .store()
+        .list_runs(&RunFilter {
+            session_id: Some(session_id.to_owned()),
+            statuses: vec![RunStatus::Queued, RunStatus::Running, RunStatus::Waiting],
+            limit: 1,
+            ..RunFilter::default()
+        })
+        .await?;
+    Ok(page.runs.into_iter().next().map(|r| r.id))
 }
 
 async fn create_session(
@@ -430,15 +442,8 @@ async fn delete_session(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     let _guard = state.sessions.lock(&id).await;
-    let session = visible_session(&state, &who, &id).await?;
-    if let Some(active) = &session.active_run
-        && state
-            .engine
-            .store()
-            .get_run(active)
-            .await?
-            .is_some_and(|r| !r.status.is_terminal())
-    {
+    visible_session(&state, &who, &id).await?;
+    if let Some(active) = active_run_of(&state, &id).await? {
         return Err(ApiError::Conflict(format!(
             "session {id:?} has an active run {active:?}; cancel it first"
         )));

@@ -1567,6 +1567,77 @@ async fn a_create_whose_client_disconnects_is_finished_by_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_queued_run_leaves_the_session_busy_with_the_one_before_it() {
+    let s = TestServer::with(ServerOptions::default(), vec![builtin::ask_human()]).await;
+    let sid = s
+        .client
+        .post(s.url("/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let start = |q: &'static str| {
+        s.client
+            .post(s.url(&format!("/v1/workflows/ask-human/runs{q}")))
+            .json(&json!({"session_id": sid}))
+            .send()
+    };
+    let id = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 202);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let a = id(start("").await.unwrap()).await;
+    s.wait_status(&a, "waiting").await;
+    // B queues behind A and is cancelled: the session names B, but A still waits.
+    let b = id(start("?if_busy=enqueue").await.unwrap()).await;
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{b}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    s.wait_status(&b, "cancelled").await;
+    let r = start("").await.unwrap();
+    assert_eq!(r.status(), 409, "A is still the session's active run");
+    let message = r.json::<Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains(&a), "{message}");
+    let r = s
+        .client
+        .delete(s.url(&format!("/v1/sessions/{sid}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "no delete while A waits");
+    // Enqueued now, C follows A (not the cancelled B): it starts once A has its answer.
+    let c = id(start("?if_busy=enqueue").await.unwrap()).await;
+    let (_, rec) = s.get_json(&format!("/v1/runs/{c}")).await;
+    assert_eq!(rec["status"], "queued");
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/runs/{a}/events")))
+        .json(&json!({"type": "input", "data": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    s.wait_status(&a, "completed").await;
+    s.wait_status(&c, "waiting").await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_hold_one_active_run_and_enqueue_on_request() {
     let s = TestServer::start().await;
     let r = s.client.post(s.url("/v1/sessions")).send().await.unwrap();
