@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sluice_protocol::{Timestamp, Usage, kind};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::CollectBuf;
@@ -26,6 +26,9 @@ pub(crate) enum Msg {
         event_type: Cow<'static, str>,
         data: Bytes,
         ts: Timestamp,
+        /// A large event's share of the run's [`STREAM_BYTES`], given back once the driver
+        /// has taken the event.
+        held: Option<OwnedSemaphorePermit>,
     },
     Send {
         event: AnyEvent,
@@ -43,10 +46,21 @@ pub(crate) struct Failure {
     pub panicked: bool,
 }
 
+/// Stream events of at least this many bytes of `data` count against [`STREAM_BYTES`].
+pub(crate) const LARGE_EVENT: usize = 4096;
+
+/// The most bytes of large stream events a run's channel holds: the channel is bounded by
+/// message count (a step that outruns the log waits), and this bounds it by size too, so that
+/// a step writing megabyte events fast holds a few of them in memory, not a thousand. Smaller
+/// events are not counted (a full channel of them is at most 4 MiB).
+pub(crate) const STREAM_BYTES: usize = 8 << 20;
+
 /// State of a run shared by its driver and its step instances.
 pub(crate) struct RunShared {
     pub run_id: String,
     pub tx: mpsc::Sender<Msg>,
+    /// [`STREAM_BYTES`] of room for large stream events on `tx`.
+    pub stream_bytes: Arc<Semaphore>,
     pub state: Mutex<Map<String, Value>>,
     /// `collect_events` buffers, by step name.
     pub collected: Mutex<HashMap<String, CollectBuf>>,
@@ -190,6 +204,18 @@ impl Context {
     }
 
     /// Puts a message on the run's channel on behalf of this step instance.
+    /// Room for a large stream event of `len` bytes on the run's channel (an event larger
+    /// than the whole budget waits for all of it). Fails once the run has ended.
+    async fn reserve(&self, len: usize) -> Result<OwnedSemaphorePermit> {
+        let n = u32::try_from(len.min(STREAM_BYTES)).unwrap_or(u32::MAX);
+        tokio::select! {
+            p = self.shared.stream_bytes.clone().acquire_many_owned(n) => {
+                p.map_err(|_| Error::RunEnded)
+            }
+            () = self.shared.tx.closed() => Err(Error::RunEnded),
+        }
+    }
+
     async fn send(&self, msg: Msg) -> Result<()> {
         let Some(_inside) = self.gate.enter() else {
             return Err(self.completed());
@@ -235,11 +261,17 @@ impl Context {
             return Err(Error::InvalidEventType(event_type.into_owned()));
         }
         let data = encode_data(data)?;
+        let held = if data.len() >= LARGE_EVENT {
+            Some(self.reserve(data.len()).await?)
+        } else {
+            None
+        };
         let msg = Msg::Stream {
             step: Some(self.step),
             event_type,
             data,
             ts: Timestamp::now(),
+            held,
         };
         self.send(msg).await
     }

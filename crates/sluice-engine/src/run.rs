@@ -126,6 +126,7 @@ impl Driver {
         let shared = Arc::new(RunShared {
             run_id: record.id.clone(),
             tx,
+            stream_bytes: Arc::new(tokio::sync::Semaphore::new(crate::context::STREAM_BYTES)),
             state: Mutex::default(),
             collected: Mutex::default(),
             cancel: engine.token.child_token(),
@@ -774,6 +775,7 @@ impl Driver {
                 event_type,
                 data,
                 ts,
+                held,
             } => {
                 let seq = self.next_seq;
                 self.buf.push(match event_type {
@@ -781,6 +783,8 @@ impl Driver {
                     Cow::Owned(t) => self.writer.encode(seq, &t, ts, step, &data),
                 });
                 self.next_seq += 1;
+                // Out of the channel: its room goes back to the steps.
+                drop(held);
                 None
             }
             Msg::Send { event } => self.route(event).err(),

@@ -178,6 +178,9 @@ struct Faulty {
     creates_begun: AtomicUsize,
     /// `create_run` calls returned.
     creates_done: AtomicUsize,
+    /// While set, every append waits (a stuck disk) until `unstuck` is notified.
+    stuck: AtomicBool,
+    unstuck: Notify,
 }
 
 impl Faulty {
@@ -236,6 +239,13 @@ impl Store for Faulty {
         let delay = self.append_delay_us.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_micros(delay as u64)).await;
+        }
+        while self.stuck.load(Ordering::SeqCst) {
+            let unstuck = self.unstuck.notified();
+            if !self.stuck.load(Ordering::SeqCst) {
+                break;
+            }
+            unstuck.await;
         }
         self.inner.append(run_id, events).await
     }
@@ -456,6 +466,63 @@ async fn run_timeout_fires_while_a_step_writes_without_pause() {
     assert_eq!(rec.error.unwrap().code, ErrorCode::Timeout);
     let all = events(store, run.id()).await;
     assert_eq!(all.last().unwrap().event_type, "chain-error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_writing_large_events_waits_for_room_not_memory() {
+    const EVENTS: usize = 40;
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    let wf = Workflow::builder("blobs")
+        .step(
+            Step::new("write", move |c: Context, _s: StartEvent| {
+                let w = w.clone();
+                async move {
+                    let text = "x".repeat(1 << 20);
+                    for i in 0..EVENTS {
+                        c.write_event_to_stream("blob", &json!({"i": i, "text": text}))
+                            .await?;
+                        w.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Emit::stop(EVENTS))
+                }
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    // The log is stuck from the run's first append (its lifecycle events) on, while the step
+    // writes: it gets as far as the channel lets it.
+    let store = Arc::new(Faulty::new());
+    store.stuck.store(true, Ordering::SeqCst);
+    let engine = Engine::new(store.clone(), [wf]).unwrap();
+    let run = engine.start("blobs", input(Value::Null)).await.unwrap();
+    let mut early = 0;
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = written.load(Ordering::SeqCst);
+        if now == early && now > 0 || now == EVENTS {
+            break;
+        }
+        early = now;
+    }
+    // The channel would take 1,024 messages; its byte budget (8 MiB) takes seven of these.
+    let early = written.load(Ordering::SeqCst);
+    assert!(
+        (1..16).contains(&early),
+        "{early} MiB-sized writes returned while the log was stuck"
+    );
+    store.stuck.store(false, Ordering::SeqCst);
+    store.unstuck.notify_waiters();
+    let rec = bounded_for(30, "the run ends", run.wait()).await.unwrap();
+    assert_eq!(rec.status, RunStatus::Completed);
+    let blobs: Vec<u64> = events(store, run.id())
+        .await
+        .iter()
+        .filter(|e| e.event_type == "blob")
+        .map(|e| e.data["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(blobs, (0..EVENTS as u64).collect::<Vec<_>>());
 }
 
 // ---- 4. acknowledged events survive the end of the run ----

@@ -34,7 +34,7 @@ macro_rules! store_conformance_tests {
             finish_closes_log_and_updates_record, finish_checks_its_terminal_event, follow_history_then_live,
             follow_many_readers_identical, follow_join_mid_run, follow_finished_run_ends,
             follow_unknown_run, follow_ends_when_the_run_is_deleted, slow_reader_does_not_block_writer,
-            concurrent_runs_append,
+            large_events_are_followed_in_batches_of_about_a_mebibyte, concurrent_runs_append,
             checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -528,6 +528,52 @@ pub async fn slow_reader_does_not_block_writer(store: Arc<dyn Store>) {
         }
     }
     assert_eq!(next, 20_002);
+}
+
+/// A follower reads large events a few at a time: its batches hold about 1 MiB, not 1,024
+/// events (a slow reader of a run of big events would otherwise hold a thousand of them).
+pub async fn large_events_are_followed_in_batches_of_about_a_mebibyte(store: Arc<dyn Store>) {
+    new_run(&store, "run_a").await;
+    let text = "x".repeat(256 << 10);
+    let big: Vec<RawEvent> = (1..=40)
+        .map(|seq| {
+            RawEvent::encode(
+                seq,
+                "run_a",
+                "blob",
+                Timestamp::now(),
+                Some(1),
+                &format!(r#"{{"text":"{text}"}}"#),
+            )
+        })
+        .collect();
+    for chunk in big.chunks(8) {
+        store.append("run_a", chunk).await.unwrap();
+    }
+    let mut stream = Box::pin(crate::follow_batches(store.clone(), "run_a".into(), 0));
+    let mut next = 1;
+    let mut batches = 0;
+    while next <= 40 {
+        let batch = stream.next().await.unwrap().unwrap();
+        let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
+        // The first read, before the follower knows the sizes, is 16 events at most.
+        let bound = if batches == 0 {
+            16 * (300 << 10)
+        } else {
+            2 << 20
+        };
+        assert!(
+            !batch.is_empty() && bytes <= bound,
+            "batch {batches}: {} events, {bytes} bytes",
+            batch.len()
+        );
+        for e in &batch {
+            assert_eq!(e.seq(), next);
+            next += 1;
+        }
+        batches += 1;
+    }
+    assert!(batches >= 6, "40 events of 256 KiB in {batches} batches");
 }
 
 /// Fifty runs written and followed at once each keep their own contiguous log.

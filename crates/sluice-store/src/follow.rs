@@ -6,8 +6,17 @@ use sluice_protocol::RawEvent;
 
 use crate::{Error, Result, Store};
 
-/// How many events one read of the log fetches.
+/// How many events one read of the log fetches at most.
 const READ_BATCH: usize = 1024;
+
+/// About how many bytes of events one read fetches: a follower reads as many events as fit,
+/// judging by the size of those it read last, so a run of large events (a tool's output, a
+/// document) is read a few at a time, not a thousand (one slow reader would otherwise hold a
+/// thousand of them in memory, and every reader of the run the same).
+const READ_BYTES: usize = 1 << 20;
+
+/// The first read of a follower, before it knows the run's event sizes.
+const FIRST_READ: usize = 16;
 
 /// A run's events with `seq > after`, in order: the stored history first, then live events as
 /// they are committed, with no gap and no duplicate at the switch. Ends after the terminal event.
@@ -46,10 +55,12 @@ struct FollowState {
     /// (which returns at once when more was committed since), not a read that would find
     /// nothing. A live follower thus reads once per wake-up, not twice.
     at_end: bool,
+    /// How many events the next read asks for (see [`READ_BYTES`]).
+    limit: usize,
 }
 
-/// Like [`follow`], in the batches the log is read in (at most 1,024 events each, never empty);
-/// encoders write a whole batch at once.
+/// Like [`follow`], in the batches the log is read in (never empty; at most 1,024 events, and
+/// about 1 MiB: fewer events when they are large); encoders write a whole batch at once.
 pub fn follow_batches(
     store: Arc<dyn Store>,
     run_id: String,
@@ -63,6 +74,7 @@ pub fn follow_batches(
         done: false,
         woken: false,
         at_end: false,
+        limit: FIRST_READ,
     };
     stream::unfold(state, |mut st| async move {
         if st.done {
@@ -77,13 +89,16 @@ pub fn follow_batches(
             st.woken = true;
         }
         loop {
-            match st.store.read(&st.run_id, st.cursor, READ_BATCH).await {
+            match st.store.read(&st.run_id, st.cursor, st.limit).await {
                 Ok(mut batch) if !batch.is_empty() => {
                     // A run with events exists; a terminal event among them ends the stream
                     // (the batch is checked and cut in place: no second vector per read).
                     st.checked = true;
                     st.woken = false;
-                    st.at_end = batch.len() < READ_BATCH;
+                    st.at_end = batch.len() < st.limit;
+                    let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
+                    let each = (bytes / batch.len()).max(1);
+                    st.limit = (READ_BYTES / each).clamp(1, READ_BATCH);
                     let mut keep = batch.len();
                     for (i, ev) in batch.iter().enumerate() {
                         if ev.seq() != st.cursor + 1 {
