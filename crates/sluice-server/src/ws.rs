@@ -1,7 +1,9 @@
 //! The WebSocket transport of `GET /v1/runs/{id}/events`: one text frame per envelope; client
 //! text frames `{type, data}` are handled as `POST /v1/runs/{id}/events`, answered with
-//! `{"accepted": true}` or the protocol's error shape (with its `code`, e.g.
-//! `invalid_request`). While no event is sent, the server pings every `server.heartbeat`.
+//! `{"accepted": true}` or the protocol's error shape (with the code the same body would get
+//! over HTTP: `invalid_request` for broken JSON, `invalid_input` for the wrong shape); a binary
+//! frame is answered `invalid_request`. While no event is sent, the server pings every
+//! `server.heartbeat`.
 //!
 //! A stream is admitted (`server.max_streams`) before the upgrade, so a refused client gets an
 //! HTTP `503`, not a socket that closes at once. Messages from the client larger than
