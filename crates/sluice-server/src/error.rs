@@ -32,9 +32,14 @@ pub enum ApiError {
     /// 409: the resource's state forbids the request.
     #[error("{0}")]
     Conflict(String),
-    /// 413: body over the limit.
-    #[error("request body exceeds the limit of {0} bytes")]
-    TooLarge(usize),
+    /// 413: a body (or an event's `data`, which `what` names) over its limit of `limit` bytes.
+    #[error("{what} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large ("the request body", "the event's data").
+        what: &'static str,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// 415: not JSON.
     #[error("expected Content-Type: application/json")]
     UnsupportedMediaType,
@@ -86,7 +91,7 @@ impl ApiError {
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }

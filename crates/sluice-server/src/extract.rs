@@ -101,7 +101,10 @@ fn unread_body(e: &BytesRejection, limit: usize) -> ApiError {
         return ApiError::RequestTimeout(*after);
     }
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::TooLarge(limit);
+        return ApiError::TooLarge {
+            what: "the request body",
+            limit,
+        };
     }
     ApiError::BadRequest(format!("could not read the body: {}", e.body_text()))
 }

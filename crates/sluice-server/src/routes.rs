@@ -682,7 +682,10 @@ pub(crate) async fn deliver(
         .map(|v| v.len())
         .unwrap_or(usize::MAX);
     if size > state.options.max_event {
-        return Err(ApiError::TooLarge(state.options.max_event));
+        return Err(ApiError::TooLarge {
+            what: "the event's data",
+            limit: state.options.max_event,
+        });
     }
     if ev.event_type.is_empty() || ev.event_type.len() > 64 {
         return Err(ApiError::Unprocessable(

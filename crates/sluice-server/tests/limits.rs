@@ -160,6 +160,10 @@ async fn websocket_messages_are_limited_by_the_event_size() {
     .unwrap();
     let reply = next_reply(&mut ws).await.unwrap();
     assert_eq!(reply["error"]["code"], "too_large");
+    assert_eq!(
+        reply["error"]["message"],
+        "the event's data exceeds the limit of 1024 bytes"
+    );
     // Far over: the WebSocket layer refuses the message and closes the socket.
     let data = "x".repeat(64 * 1024);
     let _ = ws
