@@ -556,7 +556,7 @@ pub async fn large_events_are_followed_in_batches_of_about_a_mebibyte(store: Arc
     while next <= 40 {
         let batch = stream.next().await.unwrap().unwrap();
         let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
-        // The first read, before the follower knows the sizes, is 16 events at most.
+        // The first read, before the follower knows the sizes, is 4 events at most.
         let bound = if batches == 0 {
             16 * (300 << 10)
         } else {

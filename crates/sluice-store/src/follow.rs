@@ -16,7 +16,7 @@ const READ_BATCH: usize = 1024;
 const READ_BYTES: usize = 1 << 20;
 
 /// The first read of a follower, before it knows the run's event sizes.
-const FIRST_READ: usize = 16;
+const FIRST_READ: usize = 4;
 
 /// A run's events with `seq > after`, in order: the stored history first, then live events as
 /// they are committed, with no gap and no duplicate at the switch. Ends after the terminal event.
