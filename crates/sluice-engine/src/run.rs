@@ -70,6 +70,26 @@ enum Outcome {
     Shutdown,
 }
 
+/// The deepest a run's result may nest. The record holding it, and the `chain-completed`
+/// event around it, are read back by stores and clients with JSON parsers that stop at 128
+/// levels (serde_json's default): a deeper result would make the run unreadable.
+const MAX_RESULT_DEPTH: usize = 100;
+
+/// How deeply `v` nests arrays and objects (a scalar is 0), without recursion.
+fn depth(v: &Value) -> usize {
+    let mut deepest = 0;
+    let mut todo = vec![(v, 0usize)];
+    while let Some((v, d)) = todo.pop() {
+        match v {
+            Value::Array(a) => todo.extend(a.iter().map(|c| (c, d + 1))),
+            Value::Object(o) => todo.extend(o.values().map(|c| (c, d + 1))),
+            _ => continue,
+        }
+        deepest = deepest.max(d + 1);
+    }
+    deepest
+}
+
 fn failed(code: ErrorCode, message: impl Into<String>) -> Outcome {
     Outcome::Failed(ErrorInfo {
         code,
@@ -847,6 +867,14 @@ impl Driver {
         );
         for event in emit.events {
             if event.name == StopEvent::NAME {
+                if depth(&event.data) > MAX_RESULT_DEPTH {
+                    return Some(failed(
+                        ErrorCode::Failed,
+                        format!(
+                            "the run's result is nested deeper than {MAX_RESULT_DEPTH} levels (arrays and objects)"
+                        ),
+                    ));
+                }
                 return Some(Outcome::Completed(event.data));
             }
             if let Err(o) = self.route(event) {

@@ -1068,6 +1068,43 @@ async fn admission_queues_then_refuses() {
 }
 
 #[tokio::test]
+async fn a_result_nested_too_deep_fails_the_run() {
+    fn nested(levels: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 0..levels {
+            v = json!([v]);
+        }
+        v
+    }
+    let wf = Workflow::builder("deep")
+        .step(
+            Step::new("nest", |_c: Context, s: StartEvent| async move {
+                let levels = s.0.as_u64().unwrap() as usize;
+                Ok(Emit::stop(nested(levels)))
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    // Deep, but readable back by a parser that stops at 128 levels, with room for the record.
+    let (rec, _) = run_to_end(&engine, "deep", json!(100)).await;
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(rec.result, Some(nested(100)));
+    // Deeper: the run fails, saying why, instead of leaving a record nobody can read.
+    let (rec, evs) = run_to_end(&engine, "deep", json!(101)).await;
+    assert_eq!(rec.status, RunStatus::Failed);
+    let error = rec.error.unwrap();
+    assert_eq!(error.code, ErrorCode::Failed);
+    assert!(
+        error.message.contains("nested deeper than 100"),
+        "{}",
+        error.message
+    );
+    assert_eq!(types(&evs).last(), Some(&"chain-error"));
+}
+
+#[tokio::test]
 async fn steps_may_not_write_lifecycle_types() {
     let wf = Workflow::builder("rude")
         .step(
