@@ -203,7 +203,6 @@ impl Context {
         }
     }
 
-    /// Puts a message on the run's channel on behalf of this step instance.
     /// Room for a large stream event of `len` bytes on the run's channel (an event larger
     /// than the whole budget waits for all of it). Fails once the run has ended.
     async fn reserve(&self, len: usize) -> Result<OwnedSemaphorePermit> {
@@ -216,6 +215,7 @@ impl Context {
         }
     }
 
+    /// Puts a message on the run's channel on behalf of this step instance.
     async fn send(&self, msg: Msg) -> Result<()> {
         let Some(_inside) = self.gate.enter() else {
             return Err(self.completed());
