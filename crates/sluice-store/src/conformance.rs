@@ -558,7 +558,7 @@ pub async fn large_events_are_followed_in_batches_of_about_a_mebibyte(store: Arc
         let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
         // The first read, before the follower knows the sizes, is 4 events at most.
         let bound = if batches == 0 {
-            16 * (300 << 10)
+            4 * (300 << 10)
         } else {
             2 << 20
         };
