@@ -103,6 +103,12 @@ fn random_fraction() -> f64 {
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The default [`ProviderConfig::output_timeout`]: 5 minutes.
+pub const DEFAULT_OUTPUT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The default [`ProviderConfig::max_output`]: 8 MiB.
+pub const DEFAULT_MAX_OUTPUT: usize = 8 << 20;
+
 /// How to reach one provider, and its limits.
 ///
 /// ```
@@ -139,6 +145,15 @@ pub struct ProviderConfig {
     /// bounded by `connect_timeout + idle_timeout` from the send, so a slow connect always ends
     /// as a connect error, never as a timeout.)
     pub idle_timeout: Duration,
+    /// The longest a response may stream without output: text, reasoning or tool-call data, or
+    /// its end. Keep-alive comments, `ping` events and empty chunks reset the idle timeout but
+    /// not this one, so a stream of keep-alives alone ends with
+    /// [`Error::NoOutput`](crate::Error::NoOutput) and frees its slot. Counted from the response
+    /// head. Default 5 min.
+    pub output_timeout: Duration,
+    /// The largest answer, in bytes of text, reasoning and tool-call arguments together; beyond
+    /// it the call fails with [`Error::TooLarge`](crate::Error::TooLarge). Default 8 MiB.
+    pub max_output: usize,
     /// Retries before the first chunk.
     pub retry: RetryPolicy,
     /// Extra request headers (e.g. `OpenAI-Organization`, `anthropic-beta`), sent as given and
@@ -158,6 +173,8 @@ impl std::fmt::Debug for ProviderConfig {
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("connect_timeout", &self.connect_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("output_timeout", &self.output_timeout)
+            .field("max_output", &self.max_output)
             .field("retry", &self.retry)
             .field("headers", &headers)
             .finish()
@@ -188,6 +205,8 @@ impl ProviderConfig {
             max_concurrent_requests: 64,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            output_timeout: DEFAULT_OUTPUT_TIMEOUT,
+            max_output: DEFAULT_MAX_OUTPUT,
             retry: RetryPolicy::default(),
             headers: Vec::new(),
         }
@@ -214,6 +233,18 @@ impl ProviderConfig {
     /// Sets the idle timeout.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the output timeout.
+    pub fn with_output_timeout(mut self, timeout: Duration) -> Self {
+        self.output_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest answer, in bytes.
+    pub fn with_max_output(mut self, bytes: usize) -> Self {
+        self.max_output = bytes;
         self
     }
 

@@ -48,6 +48,18 @@ pub enum Error {
         /// The idle timeout that elapsed.
         idle: Duration,
     },
+    /// The response stream kept the connection alive (keep-alive comments, `ping` events, empty
+    /// chunks) but produced no output (text, reasoning, tool-call data or its end) within the
+    /// output timeout.
+    #[error("provider stream produced no output for {after:?}")]
+    NoOutput {
+        /// The output timeout that elapsed.
+        after: Duration,
+    },
+    /// The answer went past a limit of the provider's config: more than `max_output` bytes of
+    /// text, reasoning and tool-call arguments, or more than [`MAX_TOOL_CALLS`] tool calls.
+    #[error("the model's answer is too large: {0}")]
+    TooLarge(String),
     /// Connecting to the provider failed (refused, DNS, TLS, connect timeout).
     #[error("cannot connect to the provider")]
     Connect(#[source] reqwest::Error),
@@ -68,8 +80,13 @@ pub enum Error {
     Config(String),
 }
 
-/// The largest body excerpt kept in an error, in bytes.
+/// The largest body excerpt kept in an error, in bytes. Provider messages in errors (in-stream
+/// error payloads, bodies of non-JSON answers) are cut to it too.
 pub const BODY_EXCERPT_LIMIT: usize = 2048;
+
+/// The most tool calls one answer may hold; a stream with more fails with
+/// [`Error::TooLarge`].
+pub const MAX_TOOL_CALLS: usize = 128;
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -85,6 +102,10 @@ pub enum ErrorKind {
     Timeout,
     /// [`Error::Stalled`].
     Stalled,
+    /// [`Error::NoOutput`].
+    NoOutput,
+    /// [`Error::TooLarge`].
+    TooLarge,
     /// [`Error::Connect`].
     Connect,
     /// [`Error::Transport`].
@@ -105,6 +126,8 @@ impl Error {
             Self::RateLimited { .. } => ErrorKind::RateLimited,
             Self::Timeout { .. } => ErrorKind::Timeout,
             Self::Stalled { .. } => ErrorKind::Stalled,
+            Self::NoOutput { .. } => ErrorKind::NoOutput,
+            Self::TooLarge(_) => ErrorKind::TooLarge,
             Self::Connect(_) => ErrorKind::Connect,
             Self::Transport(_) => ErrorKind::Transport,
             Self::Protocol(_) => ErrorKind::Protocol,

@@ -61,8 +61,10 @@ mod secret;
 mod sse;
 
 pub use chunk::{ChatChunk, ChatResponse, ChatStream};
-pub use config::{ProviderConfig, ProviderKind, RetryPolicy};
-pub use error::{BODY_EXCERPT_LIMIT, Error, ErrorKind, Result};
+pub use config::{
+    DEFAULT_MAX_OUTPUT, DEFAULT_OUTPUT_TIMEOUT, ProviderConfig, ProviderKind, RetryPolicy,
+};
+pub use error::{BODY_EXCERPT_LIMIT, Error, ErrorKind, MAX_TOOL_CALLS, Result};
 pub use message::{ChatRequest, Message, ToolCall, ToolSpec};
 pub use provider::Provider;
 pub use secret::ApiKey;

@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::assemble::Assembler;
 use crate::config::without_userinfo;
 use crate::error::{BODY_EXCERPT_LIMIT, from_reqwest};
-use crate::providers::{Flow, Parser, anthropic, excerpt, openai};
+use crate::providers::{Flow, Parser, RAW_EXCERPT_LIMIT, anthropic, excerpt, openai, truncate};
 use crate::sse::SseDecoder;
 use crate::{
     ChatChunk, ChatRequest, ChatResponse, ChatStream, Error, ProviderConfig, ProviderKind, Result,
@@ -98,6 +98,18 @@ impl Provider {
         if config.connect_timeout.is_zero() {
             return Err(Error::Config(format!(
                 "provider {}: connect_timeout must be more than zero",
+                config.name
+            )));
+        }
+        if config.output_timeout.is_zero() {
+            return Err(Error::Config(format!(
+                "provider {}: output_timeout must be more than zero",
+                config.name
+            )));
+        }
+        if config.max_output == 0 {
+            return Err(Error::Config(format!(
+                "provider {}: max_output must be more than zero",
                 config.name
             )));
         }
@@ -207,7 +219,7 @@ impl Provider {
             started: None,
             attempts: 0,
             state: State::Start,
-            asm: Assembler::default(),
+            asm: Assembler::new(self.inner.config.max_output),
         };
         ChatStream::new(stream::unfold(call, |mut call| async move {
             let item = call.next().await?;
@@ -275,17 +287,29 @@ fn build_headers(config: &ProviderConfig) -> Result<HeaderMap> {
 }
 
 impl Inner {
-    /// Removes the API key from provider-supplied text kept in an error.
+    /// Makes provider-supplied text kept in an error fit to show: removes the API key from it
+    /// (as sent, and as it reads inside a JSON string), then cuts it to [`BODY_EXCERPT_LIMIT`].
+    ///
+    /// The text comes in longer than the limit (up to `RAW_EXCERPT_LIMIT`), so a key that starts
+    /// inside the kept part is whole and replaced before the cut; a key cut where the text was
+    /// read off is removed by [`strip_key_prefix`].
     fn scrub(&self, error: Error) -> Error {
-        let Some(key) = self.config.api_key.as_ref().filter(|k| !k.is_empty()) else {
-            return error;
-        };
-        let clean = |s: String| {
-            if s.contains(key.expose()) {
-                s.replace(key.expose(), "***")
-            } else {
-                s
+        let key = self
+            .config
+            .api_key
+            .as_ref()
+            .map(|k| k.expose())
+            .filter(|k| !k.is_empty());
+        let clean = |mut s: String| {
+            if let Some(key) = key {
+                for form in key_forms(key) {
+                    if s.contains(form.as_str()) {
+                        s = s.replace(form.as_str(), "***");
+                    }
+                    strip_key_prefix(&mut s, &form);
+                }
             }
+            truncate(s, BODY_EXCERPT_LIMIT)
         };
         match error {
             Error::Http {
@@ -313,6 +337,35 @@ impl Inner {
                 message: clean(message),
             },
             other => other,
+        }
+    }
+}
+
+/// The ways `key` can appear in a provider's text: as it is, and escaped inside a JSON string
+/// (with `/` escaped or not).
+fn key_forms(key: &str) -> Vec<String> {
+    let mut forms = vec![key.to_owned()];
+    let quoted = serde_json::to_string(key).unwrap_or_default();
+    let escaped = quoted
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or_default();
+    for form in [escaped.to_owned(), escaped.replace('/', "\\/")] {
+        if !form.is_empty() && !forms.contains(&form) {
+            forms.push(form);
+        }
+    }
+    forms
+}
+
+/// Removes the end of `s` when it is the start of `key`, four bytes or more: what is left of a
+/// key where a text was cut.
+fn strip_key_prefix(s: &mut String, key: &str) {
+    let longest = key.len().saturating_sub(1).min(s.len());
+    for len in (4..=longest).rev() {
+        if key.is_char_boundary(len) && s.ends_with(&key[..len]) {
+            s.truncate(s.len() - len);
+            return;
         }
     }
 }
@@ -346,6 +399,10 @@ struct Active {
     decoder: SseDecoder,
     parser: Parser,
     eof: bool,
+    /// The assembler's output count when last seen, and when it last moved (or the response
+    /// head came): the output timeout counts from there.
+    outputs_seen: u64,
+    last_output: Instant,
     /// Held while the response streams; dropping it frees the slot.
     _permit: OwnedSemaphorePermit,
 }
@@ -366,8 +423,7 @@ impl Call {
                     Err(error) => self.state = State::Failed(error),
                 },
                 State::Streaming(mut active) => {
-                    let idle = self.inner.config.idle_timeout;
-                    match active.read(&mut self.asm, idle).await {
+                    match active.read(&mut self.asm, &self.inner.config).await {
                         Ok(Flow::Continue) => self.state = State::Streaming(active),
                         Ok(Flow::Done) => {
                             active.drain();
@@ -389,7 +445,7 @@ impl Call {
                             {
                                 self.log_retry(&error, delay);
                                 tokio::time::sleep(delay).await;
-                                self.asm = Assembler::default();
+                                self.asm = Assembler::new(self.inner.config.max_output);
                                 self.state = State::Start;
                                 continue;
                             }
@@ -424,6 +480,8 @@ impl Call {
                         decoder: SseDecoder::default(),
                         parser: Parser::new(self.inner.config.kind),
                         eof: false,
+                        outputs_seen: 0,
+                        last_output: Instant::now(),
                         _permit: permit,
                     });
                 }
@@ -518,15 +576,32 @@ async fn send(inner: &Inner, body: Bytes) -> Result<reqwest::Response> {
 }
 
 impl Active {
-    /// Handles one buffered event, or reads more bytes.
-    async fn read(&mut self, asm: &mut Assembler, idle: Duration) -> Result<Flow> {
+    /// Handles one buffered event, or reads more bytes: within the idle timeout, and before the
+    /// output timeout runs out.
+    async fn read(&mut self, asm: &mut Assembler, config: &ProviderConfig) -> Result<Flow> {
+        if asm.outputs() != self.outputs_seen {
+            self.outputs_seen = asm.outputs();
+            self.last_output = Instant::now();
+        }
         if let Some(event) = self.decoder.next_event()? {
             return self.parser.on_event(&event, asm);
         }
         if self.eof {
             return self.parser.on_eof(asm);
         }
-        match tokio::time::timeout(idle, self.body.next()).await {
+        let idle = config.idle_timeout;
+        let no_output = Error::NoOutput {
+            after: config.output_timeout,
+        };
+        let wait = match self.last_output.checked_add(config.output_timeout) {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left.min(idle),
+                _ => return Err(no_output),
+            },
+            None => idle,
+        };
+        match tokio::time::timeout(wait, self.body.next()).await {
+            Err(_) if wait < idle => Err(no_output),
             Err(_) => Err(Error::Stalled { idle }),
             Ok(None) => {
                 self.decoder.finish();
@@ -549,18 +624,23 @@ impl Active {
     }
 }
 
-/// Reads at most [`BODY_EXCERPT_LIMIT`] bytes of a body, each read within `idle`.
+/// Reads the start of a body, at most [`RAW_EXCERPT_LIMIT`] bytes (cut to
+/// [`BODY_EXCERPT_LIMIT`] once scrubbed), all within `idle`: a body that trickles in is cut
+/// where it stands when the time is up.
 async fn read_excerpt(response: reqwest::Response, idle: Duration) -> String {
     let mut body = response.bytes_stream();
     let mut bytes = Vec::new();
-    while bytes.len() < BODY_EXCERPT_LIMIT {
-        match tokio::time::timeout(idle, body.next()).await {
-            Ok(Some(Ok(chunk))) => bytes.extend_from_slice(&chunk),
-            _ => break,
+    let read = async {
+        while bytes.len() < RAW_EXCERPT_LIMIT {
+            match body.next().await {
+                Some(Ok(chunk)) => bytes.extend_from_slice(&chunk),
+                _ => break,
+            }
         }
-    }
-    let text = String::from_utf8_lossy(&bytes);
-    excerpt(&text, BODY_EXCERPT_LIMIT).to_owned()
+    };
+    let _ = tokio::time::timeout(idle, read).await;
+    bytes.truncate(RAW_EXCERPT_LIMIT);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// [`Error::Http`] or [`Error::RateLimited`] from a non-success response.
@@ -665,6 +745,34 @@ mod tests {
         });
         assert!(!format!("{error} {error:?}").contains("sk-secret"));
         assert!(!format!("{provider:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn scrubbing_removes_escaped_and_cut_keys_then_cuts() {
+        let forms = key_forms(r#"k/e"y\z"#);
+        assert_eq!(forms, [r#"k/e"y\z"#, r#"k/e\"y\\z"#, r#"k\/e\"y\\z"#]);
+        assert_eq!(key_forms("sk-plain"), ["sk-plain"]);
+
+        let mut cut = "the key was sk-secr".to_owned();
+        strip_key_prefix(&mut cut, "sk-secret");
+        assert_eq!(cut, "the key was ");
+        // Three bytes or fewer of a key are left (they are no secret), and the whole key is
+        // not a prefix of itself here: `scrub` replaces it first.
+        let mut short = "request sk-".to_owned();
+        strip_key_prefix(&mut short, "sk-secret");
+        assert_eq!(short, "request sk-");
+
+        let config = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1")
+            .with_api_key(ApiKey::new("sk-secret"));
+        let provider = Provider::new(config).unwrap();
+        let long = format!("{}sk-secret{}sk-sec", "a".repeat(2000), "b".repeat(1000));
+        let Error::Provider { message } = provider.inner.scrub(Error::Provider { message: long })
+        else {
+            unreachable!()
+        };
+        assert_eq!(message.len(), BODY_EXCERPT_LIMIT);
+        assert!(message.contains("a***b"), "{message}");
+        assert!(!message.contains("sk-s"));
     }
 
     #[test]

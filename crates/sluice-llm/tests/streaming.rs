@@ -821,3 +821,260 @@ async fn the_api_key_is_sent_but_never_shown() {
     assert!(logs.contains("retrying"), "the retry was logged: {logs}");
     assert!(!logs.contains(KEY), "{logs}");
 }
+
+/// `count` keep-alives, `every` apart.
+fn keep_alives(count: usize, every: Duration) -> Vec<Step> {
+    (0..count)
+        .flat_map(|_| [Step::Ping, Step::Delay(every)])
+        .collect()
+}
+
+#[tokio::test]
+async fn keep_alives_alone_end_with_no_output_and_free_the_slot() {
+    for kind in BOTH {
+        let mut steps = keep_alives(200, Duration::from_millis(20));
+        steps.push(Step::Finish(FinishReason::Stop));
+        let script = Script::new()
+            .when(
+                |r| r.last_message_text().as_deref() == Some("pings"),
+                Turn::new(steps),
+            )
+            .fallback(Turn::text("after"));
+        let mock = MockServer::start(script).await.unwrap();
+        let config = config(&mock, kind)
+            .with_max_concurrent_requests(1)
+            .with_output_timeout(Duration::from_millis(300));
+        let provider = Provider::new(config).unwrap();
+        let pings = ChatRequest::new("m", vec![Message::user("pings")]);
+        let (chunks, error) = drain(provider.stream_chat(&pings)).await;
+        assert!(chunks.is_empty(), "{chunks:?}");
+        assert!(
+            matches!(error, Some(Error::NoOutput { after }) if after == Duration::from_millis(300)),
+            "{kind:?}: {error:?}"
+        );
+        assert_eq!(error.unwrap().kind(), ErrorKind::NoOutput);
+        assert_eq!(mock.request_count(), 1, "not retried");
+        // The slot is free again.
+        assert_eq!(provider.available_permits(), 1);
+        let response = provider.chat(&request()).await.unwrap();
+        assert_eq!(response.message.text(), "after");
+    }
+}
+
+#[tokio::test]
+async fn output_restarts_the_output_timeout_and_keep_alives_do_not() {
+    for kind in BOTH {
+        // Output every ~200 ms with keep-alives between: within a 400 ms output timeout.
+        let mut steps = Vec::new();
+        for word in ["a", "b", "c", "d"] {
+            steps.push(Step::Text(word.into()));
+            steps.extend(keep_alives(4, Duration::from_millis(50)));
+        }
+        steps.push(Step::Finish(FinishReason::Stop));
+        // The same, then keep-alives only.
+        let mut stuck = vec![Step::Text("a".into()), Step::Text("b".into())];
+        stuck.extend(keep_alives(100, Duration::from_millis(20)));
+        let script = Script::new().turn(Turn::new(steps)).turn(Turn::new(stuck));
+        let mock = MockServer::start(script).await.unwrap();
+        let provider =
+            Provider::new(config(&mock, kind).with_output_timeout(Duration::from_millis(400)))
+                .unwrap();
+        let (chunks, error) = drain(provider.stream_chat(&request())).await;
+        assert!(error.is_none(), "{kind:?}: {error:?}");
+        assert_eq!(text_of(&chunks), "abcd");
+
+        let (chunks, error) = drain(provider.stream_chat(&request())).await;
+        assert_eq!(text_of(&chunks), "ab");
+        assert!(matches!(error, Some(Error::NoOutput { .. })), "{error:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_past_max_output_fails_with_too_large() {
+    for kind in BOTH {
+        let long_text = Turn::text(&"x".repeat(5_000));
+        let long_call = Turn::new(vec![
+            Step::ToolCall {
+                id: "call_1".into(),
+                name: "f".into(),
+                arguments: format!(r#"{{"a": "{}"}}"#, "y".repeat(5_000)),
+            },
+            Step::Finish(FinishReason::ToolCalls),
+        ]);
+        let script = Script::new().turn(long_text).turn(long_call);
+        let mock = MockServer::start(script).await.unwrap();
+        let provider = Provider::new(config(&mock, kind).with_max_output(1_000)).unwrap();
+        for what in ["text", "tool-call arguments"] {
+            let (chunks, error) = drain(provider.stream_chat(&request())).await;
+            let error = error.unwrap_or_else(|| panic!("{kind:?} {what}: no error"));
+            assert_eq!(error.kind(), ErrorKind::TooLarge, "{what}: {error}");
+            assert!(error.to_string().contains("1000 bytes"), "{error}");
+            assert!(!error.is_retryable());
+            let passed: usize = chunks
+                .iter()
+                .map(|c| match c {
+                    ChatChunk::TextDelta(t) => t.len(),
+                    ChatChunk::ToolCallDelta { arguments, .. } => arguments.len(),
+                    _ => 0,
+                })
+                .sum();
+            assert!(
+                passed > 0 && passed <= 1_000,
+                "{what}: {passed} bytes passed"
+            );
+        }
+        assert_eq!(mock.request_count(), 2);
+    }
+}
+
+#[tokio::test]
+async fn more_tool_calls_than_the_limit_fail_with_too_large() {
+    for kind in BOTH {
+        let calls = (0..=sluice_llm::MAX_TOOL_CALLS)
+            .map(|i| ToolCallSpec::new(format!("call_{i}"), "f", "{}"))
+            .collect();
+        let turn = Turn::new(vec![
+            Step::ParallelToolCalls(calls),
+            Step::Finish(FinishReason::ToolCalls),
+        ]);
+        let mock = MockServer::start(Script::new().turn(turn)).await.unwrap();
+        let (_, error) = drain(provider(&mock, kind).stream_chat(&request())).await;
+        assert!(
+            matches!(&error, Some(Error::TooLarge(m)) if m.contains("tool calls")),
+            "{kind:?}: {error:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn in_stream_error_messages_are_cut_to_the_excerpt_limit() {
+    for kind in BOTH {
+        let turn = Turn::new(vec![
+            Step::Text("a".into()),
+            Step::MidStreamError("e".repeat(1 << 20)),
+        ]);
+        let mock = MockServer::start(Script::new().turn(turn)).await.unwrap();
+        let (_, error) = drain(provider(&mock, kind).stream_chat(&request())).await;
+        let Some(Error::Provider { message }) = error else {
+            panic!("{kind:?}: {error:?}")
+        };
+        assert!(
+            message.len() <= sluice_llm::BODY_EXCERPT_LIMIT,
+            "{}",
+            message.len()
+        );
+        assert!(message.ends_with("eeee"), "{}", &message[..40]);
+    }
+}
+
+#[tokio::test]
+async fn the_key_is_removed_before_an_excerpt_is_cut() {
+    // The key straddles the 2 KiB cut: scrubbing the cut text would leave its first half.
+    let at = sluice_llm::BODY_EXCERPT_LIMIT - KEY.len() / 2;
+    let straddling = format!("{}{KEY} and more", "x".repeat(at));
+    // A key with characters JSON escapes, as the provider echoes it inside a JSON string.
+    let odd_key = "sk-odd/\"quoted\"\\key";
+    let echoed =
+        serde_json::json!({"error": {"message": format!("bad key {odd_key}")}}).to_string();
+    let escaped_slash = echoed.replace('/', "\\/");
+    let script = Script::new()
+        .turn(Turn::http_error(401, &straddling, None))
+        .turn(Turn::http_error(401, &echoed, None))
+        .turn(Turn::http_error(401, &escaped_slash, None));
+    let mock = MockServer::start(script).await.unwrap();
+
+    let error = provider(&mock, ProviderKind::OpenAi)
+        .chat(&request())
+        .await
+        .unwrap_err();
+    let Error::Http { body_excerpt, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert!(body_excerpt.len() <= sluice_llm::BODY_EXCERPT_LIMIT);
+    assert!(
+        !body_excerpt.contains(&KEY[..5]),
+        "{}",
+        &body_excerpt[at - 10..]
+    );
+    assert!(
+        body_excerpt[at - 10..].starts_with("xxxxxxxxxx*** and"),
+        "{}",
+        &body_excerpt[at - 10..]
+    );
+
+    let odd = Provider::new(config(&mock, ProviderKind::OpenAi).with_api_key(ApiKey::new(odd_key)))
+        .unwrap();
+    for _ in 0..2 {
+        let error = odd.chat(&request()).await.unwrap_err();
+        let shown = format!("{error} {error:?}");
+        assert!(shown.contains("bad key ***"), "{shown}");
+        assert!(!shown.contains("quoted"), "{shown}");
+    }
+}
+
+/// A model server that answers `500` with a body of `len` bytes, sent one byte every `every`.
+async fn dripping_server(len: usize, every: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: {len}\r\n\r\n"
+                );
+                if socket.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..len {
+                    tokio::time::sleep(every).await;
+                    if socket.write_all(b"z").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn an_error_body_that_trickles_in_is_read_for_one_idle_timeout_only() {
+    let base_url = dripping_server(100_000, Duration::from_millis(20)).await;
+    let config = ProviderConfig::new("drip", ProviderKind::OpenAi, base_url)
+        .with_idle_timeout(Duration::from_millis(500))
+        .with_retry(RetryPolicy::none());
+    let t0 = Instant::now();
+    let error = Provider::new(config)
+        .unwrap()
+        .chat(&request())
+        .await
+        .unwrap_err();
+    let elapsed = t0.elapsed();
+    let Error::Http {
+        status,
+        body_excerpt,
+        ..
+    } = &error
+    else {
+        panic!("{error:?}")
+    };
+    assert_eq!(*status, 500);
+    // What arrived within the idle timeout, no more: reading the limit's 2,048 bytes would
+    // take 40 s at this pace (and, with a wait per read, up to 2,048 idle timeouts).
+    assert!(
+        !body_excerpt.is_empty() && body_excerpt.len() < 100,
+        "{}",
+        body_excerpt.len()
+    );
+    assert!(body_excerpt.bytes().all(|b| b == b'z'));
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+}

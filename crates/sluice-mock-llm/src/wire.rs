@@ -406,7 +406,7 @@ impl Emitter {
     fn finish(&mut self, reason: FinishReason) {
         let usage = self.usage.map(|mut u| {
             if u.total_tokens == 0 {
-                u.total_tokens = u.input_tokens + u.output_tokens;
+                u.total_tokens = u.input_tokens.saturating_add(u.output_tokens);
             }
             u
         });

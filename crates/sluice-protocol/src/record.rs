@@ -75,14 +75,15 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Adds `other` into `self`.
+    /// Adds `other` into `self`. The counts come from providers, so the sums saturate rather
+    /// than wrap.
     pub fn add(&mut self, other: &Usage) {
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.total_tokens += other.total_tokens;
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.total_tokens = self.total_tokens.saturating_add(other.total_tokens);
         let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
             (None, None) => None,
-            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
         };
         self.reasoning_tokens = sum(self.reasoning_tokens, other.reasoning_tokens);
         self.cached_input_tokens = sum(self.cached_input_tokens, other.cached_input_tokens);
@@ -265,6 +266,29 @@ mod tests {
             ErrorCode::ToolError => ErrorCodeSchema::ToolError,
             ErrorCode::MaxSteps => ErrorCodeSchema::MaxSteps,
         }
+    }
+
+    #[test]
+    fn usage_sums_saturate() {
+        let mut total = Usage {
+            input_tokens: u64::MAX - 1,
+            output_tokens: 1,
+            total_tokens: u64::MAX,
+            reasoning_tokens: Some(u64::MAX),
+            cached_input_tokens: None,
+        };
+        total.add(&Usage {
+            input_tokens: 5,
+            output_tokens: 2,
+            total_tokens: 7,
+            reasoning_tokens: Some(1),
+            cached_input_tokens: Some(3),
+        });
+        assert_eq!(total.input_tokens, u64::MAX);
+        assert_eq!(total.output_tokens, 3);
+        assert_eq!(total.total_tokens, u64::MAX);
+        assert_eq!(total.reasoning_tokens, Some(u64::MAX));
+        assert_eq!(total.cached_input_tokens, Some(3));
     }
 
     #[test]

@@ -185,6 +185,18 @@ pub struct ProviderOptions {
     /// [`ProviderOptions::effective_idle_timeout`].
     #[serde(default, deserialize_with = "opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// Longest the answer may stream without output (text, reasoning, tool-call data, or its
+    /// end); keep-alives do not count, so a stream of them alone ends and frees its slot.
+    /// Default 5m.
+    #[serde(
+        default = "default_provider_output_timeout",
+        deserialize_with = "duration"
+    )]
+    pub output_timeout: Duration,
+    /// Largest answer of one model call: its text, reasoning and tool-call arguments together.
+    /// Default 8MiB.
+    #[serde(default = "default_provider_max_output", deserialize_with = "size")]
+    pub max_output: usize,
     /// Retries of a failed call before its first token (429, 408, 5xx, connection failures);
     /// 0 = none. Default 2 (3 attempts in all).
     #[serde(default = "default_provider_max_retries")]
@@ -224,6 +236,17 @@ fn default_provider_timeout() -> Duration {
 
 fn default_provider_connect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+// The provider defaults are sluice-llm's (`ProviderConfig::new`); the `sluice` binary's tests
+// check that the two agree.
+
+fn default_provider_output_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_provider_max_output() -> usize {
+    8 << 20
 }
 
 fn default_provider_max_retries() -> u32 {
@@ -620,6 +643,12 @@ impl Config {
             if p.connect_timeout.is_zero() {
                 return Err(invalid(key("connect_timeout"), "must be more than zero"));
             }
+            if p.output_timeout.is_zero() {
+                return Err(invalid(key("output_timeout"), "must be more than zero"));
+            }
+            if p.max_output < 1024 {
+                return Err(invalid(key("max_output"), "must be at least 1KiB"));
+            }
             if p.max_retries > MAX_PROVIDER_RETRIES {
                 return Err(invalid(
                     key("max_retries"),
@@ -987,6 +1016,9 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
                 "retry_max_backoff = \"100ms\"",
                 "providers.local.retry_max_backoff",
             ),
+            ("output_timeout = \"0s\"", "providers.local.output_timeout"),
+            ("max_output = \"512\"", "providers.local.max_output"),
+            ("max_output = \"lots\"", "max_output"),
             ("read_timeout = \"1s\"", "read_timeout"),
         ] {
             check(&*provider_key(extra), key);

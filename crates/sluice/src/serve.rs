@@ -66,6 +66,8 @@ fn providers(config: &Config, env: Env<'_>) -> anyhow::Result<BTreeMap<String, P
             .with_max_concurrent_requests(p.max_concurrent_requests)
             .with_connect_timeout(p.connect_timeout)
             .with_idle_timeout(p.effective_idle_timeout())
+            .with_output_timeout(p.output_timeout)
+            .with_max_output(p.max_output)
             .with_retry(RetryPolicy {
                 max_attempts: p.max_retries.saturating_add(1),
                 initial_backoff: p.retry_initial_backoff,
@@ -364,7 +366,13 @@ kind = "ticker"
         let defaults = ProviderConfig::new("p", ProviderKind::OpenAi, "http://127.0.0.1:1/v1");
         assert_eq!(p.config().connect_timeout, defaults.connect_timeout);
         assert_eq!(p.config().idle_timeout, defaults.idle_timeout);
+        assert_eq!(p.config().output_timeout, defaults.output_timeout);
+        assert_eq!(p.config().max_output, defaults.max_output);
         assert_eq!(p.config().retry, RetryPolicy::default());
+
+        let p = provider_of("output_timeout = \"90s\"\nmax_output = \"64KiB\"");
+        assert_eq!(p.config().output_timeout, Duration::from_secs(90));
+        assert_eq!(p.config().max_output, 64 << 10);
 
         // `timeout` is the older name of `idle_timeout`; it no longer sets the connect limit.
         let p = provider_of("timeout = \"5s\"");

@@ -12,10 +12,11 @@
 use std::collections::HashMap;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sluice_protocol::payload::FinishReason;
 
-use super::{Flow, error_message, merge_extra, parse_json};
+use super::{Flow, error_text, merge_extra, parse_json};
 use crate::assemble::Assembler;
 use crate::sse::SseEvent;
 use crate::{ChatRequest, Error, Message, Result};
@@ -187,13 +188,59 @@ struct Event {
     #[serde(default)]
     message: Option<StartMessage>,
     #[serde(default)]
-    content_block: Option<Value>,
+    content_block: Option<Block>,
     #[serde(default)]
-    delta: Option<Value>,
+    delta: Option<Delta>,
     #[serde(default)]
     usage: Option<WireUsage>,
+    /// Kept as text: parsed only when small (see [`error_text`]).
     #[serde(default)]
-    error: Option<Value>,
+    error: Option<Box<RawValue>>,
+}
+
+/// A `content_block_start`'s block. Typed, so that fields of no use are skipped rather than
+/// built into a `serde_json::Value`.
+#[derive(Debug, Default, Deserialize)]
+struct Block {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    thinking: String,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    name: String,
+    /// A `tool_use` block's input, as its JSON text.
+    #[serde(default)]
+    input: Option<Box<RawValue>>,
+}
+
+/// A `content_block_delta`'s or `message_delta`'s delta.
+#[derive(Debug, Default, Deserialize)]
+struct Delta {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    thinking: String,
+    #[serde(default)]
+    signature: String,
+    #[serde(default)]
+    partial_json: String,
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// Whether `raw` is a JSON object with at least one member.
+fn non_empty_object(raw: &RawValue) -> bool {
+    raw.get()
+        .trim()
+        .strip_prefix('{')
+        .and_then(|inner| inner.strip_suffix('}'))
+        .is_some_and(|inner| !inner.trim().is_empty())
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,58 +290,44 @@ impl StreamParser {
             }
             "content_block_start" => {
                 let index = parsed.index.unwrap_or(0);
-                let block = parsed.content_block.unwrap_or(Value::Null);
-                match block["type"].as_str().unwrap_or_default() {
-                    "text" => asm.text(block["text"].as_str().unwrap_or_default()),
-                    "thinking" => asm.reasoning(block["thinking"].as_str().unwrap_or_default()),
+                let block = parsed.content_block.unwrap_or_default();
+                match block.kind.as_str() {
+                    "text" => asm.text(&block.text)?,
+                    "thinking" => asm.reasoning(&block.thinking)?,
                     "tool_use" => {
                         let tool_index = u32::try_from(self.tool_blocks.len()).unwrap_or(u32::MAX);
-                        self.tool_blocks.insert(index, tool_index);
                         // Real streams start with `input: {}` and send the input in deltas;
                         // a non-empty input here is passed on as the first fragment.
-                        let arguments = match &block["input"] {
-                            Value::Object(map) if !map.is_empty() => block["input"].to_string(),
-                            _ => String::new(),
+                        let arguments = match &block.input {
+                            Some(input) if non_empty_object(input) => input.get(),
+                            _ => "",
                         };
-                        asm.tool_call(
-                            tool_index,
-                            Some(block["id"].as_str().unwrap_or_default()),
-                            Some(block["name"].as_str().unwrap_or_default()),
-                            &arguments,
-                        );
+                        asm.tool_call(tool_index, Some(&block.id), Some(&block.name), arguments)?;
+                        self.tool_blocks.insert(index, tool_index);
                     }
                     _ => {}
                 }
             }
             "content_block_delta" => {
                 let index = parsed.index.unwrap_or(0);
-                let delta = parsed.delta.unwrap_or(Value::Null);
-                match delta["type"].as_str().unwrap_or_default() {
-                    "text_delta" => asm.text(delta["text"].as_str().unwrap_or_default()),
-                    "thinking_delta" => {
-                        asm.reasoning(delta["thinking"].as_str().unwrap_or_default());
-                    }
-                    "signature_delta" => {
-                        asm.signature(delta["signature"].as_str().unwrap_or_default());
-                    }
+                let delta = parsed.delta.unwrap_or_default();
+                match delta.kind.as_str() {
+                    "text_delta" => asm.text(&delta.text)?,
+                    "thinking_delta" => asm.reasoning(&delta.thinking)?,
+                    "signature_delta" => asm.signature(&delta.signature)?,
                     "input_json_delta" => {
                         let Some(tool_index) = self.tool_blocks.get(&index).copied() else {
                             return Err(Error::Protocol(format!(
                                 "input_json_delta for block {index}, which is not a tool_use block"
                             )));
                         };
-                        let fragment = delta["partial_json"].as_str().unwrap_or_default();
-                        asm.tool_call(tool_index, None, None, fragment);
+                        asm.tool_call(tool_index, None, None, &delta.partial_json)?;
                     }
                     _ => {}
                 }
             }
             "message_delta" => {
-                if let Some(reason) = parsed
-                    .delta
-                    .as_ref()
-                    .and_then(|d| d["stop_reason"].as_str())
-                {
+                if let Some(reason) = parsed.delta.as_ref().and_then(|d| d.stop_reason.as_deref()) {
                     asm.finish_reason = Some(map_stop_reason(reason));
                 }
                 if let Some(usage) = parsed.usage {
@@ -303,10 +336,11 @@ impl StreamParser {
             }
             "message_stop" => return Ok(Flow::Done),
             "error" => {
-                let error = parsed.error.unwrap_or(Value::Null);
-                return Err(Error::Provider {
-                    message: error_message(&error),
-                });
+                let message = match &parsed.error {
+                    Some(error) => error_text(error.get()),
+                    None => "an error event with no error".to_owned(),
+                };
+                return Err(Error::Provider { message });
             }
             // `ping`, `content_block_stop` and event types added later.
             _ => {}
@@ -328,10 +362,13 @@ impl StreamParser {
         if let Some(n) = usage.output_tokens {
             self.output = n;
         }
-        let input = self.uncached_input + self.cache_read.unwrap_or(0) + self.cache_write;
+        let input = self
+            .uncached_input
+            .saturating_add(self.cache_read.unwrap_or(0))
+            .saturating_add(self.cache_write);
         asm.usage.input_tokens = input;
         asm.usage.output_tokens = self.output;
-        asm.usage.total_tokens = input + self.output;
+        asm.usage.total_tokens = input.saturating_add(self.output);
         asm.usage.cached_input_tokens = self.cache_read;
     }
 
@@ -360,7 +397,7 @@ mod tests {
     fn run(body: &str) -> (Vec<ChatChunk>, Result<()>) {
         let mut decoder = SseDecoder::default();
         let mut parser = StreamParser::default();
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::new(crate::DEFAULT_MAX_OUTPUT);
         let mut out = Vec::new();
         decoder.push(body.as_bytes());
         decoder.finish();
@@ -549,6 +586,57 @@ mod tests {
         assert!(matches!(result, Err(Error::Protocol(_))));
         let (_, result) = run("event: message_start\ndata: {oops\n\n");
         assert!(matches!(result, Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn usage_near_the_maximum_saturates() {
+        let max = u64::MAX;
+        let body = ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": max, "cache_read_input_tokens": max, "output_tokens": 1}}}),
+        ) + &ev(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": max}}),
+        ) + &ev("message_stop", json!({"type": "message_stop"}));
+        let (chunks, result) = run(&body);
+        result.unwrap();
+        let Some(ChatChunk::Finished { usage, .. }) = chunks.last() else {
+            panic!("{chunks:?}")
+        };
+        assert_eq!(
+            (usage.input_tokens, usage.output_tokens, usage.total_tokens),
+            (max, max, max)
+        );
+    }
+
+    #[test]
+    fn a_tool_use_block_with_its_input_given_at_the_start() {
+        let body = ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 1}}}),
+        ) + &ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t1", "name": "f", "input": {"city": "Paris"}}}),
+        ) + &ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t2", "name": "g", "input": {}}}),
+        ) + &ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"n\": 2}"}}),
+        ) + &ev(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 3}}),
+        ) + &ev("message_stop", json!({"type": "message_stop"}));
+        let (chunks, result) = run(&body);
+        result.unwrap();
+        let Some(ChatChunk::Finished { message, .. }) = chunks.last() else {
+            panic!("{chunks:?}")
+        };
+        let calls = message.tool_calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!((calls[0].id.as_str(), calls[0].name.as_str()), ("t1", "f"));
+        assert_eq!(calls[0].arguments, json!({"city": "Paris"}));
+        assert_eq!(calls[1].arguments, json!({"n": 2}));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::assemble::Assembler;
 use crate::sse::SseEvent;
-use crate::{Error, Result};
+use crate::{BODY_EXCERPT_LIMIT, Error, Result};
 
 /// What a parser says after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,37 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(data: &str) -> Result<T
             excerpt(data, 200)
         ))
     })
+}
+
+/// The most of a provider's text an error is built with, in bytes: the kept excerpt
+/// ([`BODY_EXCERPT_LIMIT`]) and room for an API key that starts inside it, so that the key can be
+/// removed whole before the text is cut to the excerpt (see `Inner::scrub`).
+pub(crate) const RAW_EXCERPT_LIMIT: usize = BODY_EXCERPT_LIMIT + 1024;
+
+/// Error payloads larger than this are not parsed (a `serde_json::Value` costs tens of times
+/// its text): their message is the start of their text.
+const MAX_PARSED_ERROR: usize = 64 << 10;
+
+/// The message of an error payload given as JSON text, `{"error": …}` or the error itself:
+/// see [`error_message`]. Text that is not JSON, or too large to parse, is its own message.
+/// At most [`RAW_EXCERPT_LIMIT`] bytes.
+pub(crate) fn error_text(raw: &str) -> String {
+    let raw = raw.trim();
+    let parsed = (raw.len() <= MAX_PARSED_ERROR)
+        .then(|| serde_json::from_str::<Value>(raw).ok())
+        .flatten();
+    let message = match parsed {
+        Some(value) => error_message(value.get("error").unwrap_or(&value)),
+        None => raw.to_owned(),
+    };
+    truncate(message, RAW_EXCERPT_LIMIT)
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
+    let len = excerpt(&s, max).len();
+    s.truncate(len);
+    s
 }
 
 /// The message of a provider error payload: `{"message": …, "type": …}`, a bare string, or
@@ -123,5 +154,24 @@ mod tests {
         assert_eq!(error_message(&json!("plain")), "plain");
         assert_eq!(excerpt("héllo", 2), "h");
         assert_eq!(excerpt("hé", 10), "hé");
+    }
+
+    #[test]
+    fn error_texts_are_bounded() {
+        assert_eq!(
+            error_text(r#"{"error": {"type": "server_error", "message": "boom"}}"#),
+            "server_error: boom"
+        );
+        assert_eq!(error_text(r#" {"message": "bad"} "#), "bad");
+        assert_eq!(error_text("not json"), "not json");
+        let long = format!(r#"{{"error": {{"message": "{}"}}}}"#, "é".repeat(100_000));
+        let text = error_text(&long);
+        assert!(text.len() <= RAW_EXCERPT_LIMIT && text.len() > RAW_EXCERPT_LIMIT - 4);
+        assert!(
+            text.starts_with("{\"error\""),
+            "too large to parse: kept as text"
+        );
+        let small = format!(r#"{{"error": {{"message": "{}"}}}}"#, "x".repeat(10_000));
+        assert_eq!(error_text(&small), "x".repeat(RAW_EXCERPT_LIMIT));
     }
 }

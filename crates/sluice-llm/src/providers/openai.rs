@@ -8,10 +8,11 @@
 //! ends the call with [`Error::Provider`].
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sluice_protocol::payload::FinishReason;
 
-use super::{Flow, error_message, merge_extra, parse_json};
+use super::{Flow, error_text, merge_extra, parse_json};
 use crate::assemble::Assembler;
 use crate::message::arguments_text;
 use crate::sse::SseEvent;
@@ -131,8 +132,9 @@ struct Chunk {
     choices: Option<Vec<Choice>>,
     #[serde(default)]
     usage: Option<WireUsage>,
+    /// Kept as text: parsed only when small (see [`error_text`]).
     #[serde(default)]
-    error: Option<Value>,
+    error: Option<Box<RawValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,11 +213,9 @@ impl StreamParser {
     pub(crate) fn on_event(&mut self, event: &SseEvent, asm: &mut Assembler) -> Result<Flow> {
         let data = event.data.trim();
         if event.event.as_deref() == Some("error") {
-            let message = match serde_json::from_str::<Value>(data) {
-                Ok(value) => error_message(value.get("error").unwrap_or(&value)),
-                Err(_) => data.to_owned(),
-            };
-            return Err(Error::Provider { message });
+            return Err(Error::Provider {
+                message: error_text(data),
+            });
         }
         if data == "[DONE]" {
             return Ok(Flow::Done);
@@ -224,9 +224,9 @@ impl StreamParser {
             return Ok(Flow::Continue);
         }
         let chunk: Chunk = parse_json(data)?;
-        if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
+        if let Some(error) = chunk.error.filter(|e| e.get() != "null") {
             return Err(Error::Provider {
-                message: error_message(&error),
+                message: error_text(error.get()),
             });
         }
         self.saw_chunk = true;
@@ -236,10 +236,10 @@ impl StreamParser {
             }
             let delta = choice.delta.unwrap_or_default();
             if let Some(text) = delta.reasoning_content.or(delta.reasoning) {
-                asm.reasoning(&text);
+                asm.reasoning(&text)?;
             }
             if let Some(text) = delta.content {
-                asm.text(&text);
+                asm.text(&text)?;
             }
             for (position, call) in delta.tool_calls.unwrap_or_default().into_iter().enumerate() {
                 let index = call
@@ -249,7 +249,7 @@ impl StreamParser {
                     Some(f) => (f.name, f.arguments.unwrap_or_default()),
                     None => (None, String::new()),
                 };
-                asm.tool_call(index, call.id.as_deref(), name.as_deref(), &arguments);
+                asm.tool_call(index, call.id.as_deref(), name.as_deref(), &arguments)?;
             }
             if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {
                 asm.finish_reason = Some(map_finish_reason(&reason));
@@ -260,7 +260,7 @@ impl StreamParser {
             asm.usage.output_tokens = usage.completion_tokens;
             asm.usage.total_tokens = usage
                 .total_tokens
-                .unwrap_or(usage.prompt_tokens + usage.completion_tokens);
+                .unwrap_or(usage.prompt_tokens.saturating_add(usage.completion_tokens));
             asm.usage.cached_input_tokens =
                 usage.prompt_tokens_details.and_then(|d| d.cached_tokens);
             asm.usage.reasoning_tokens = usage
@@ -298,7 +298,7 @@ mod tests {
     fn run(body: &str) -> (Vec<ChatChunk>, Result<()>) {
         let mut decoder = SseDecoder::default();
         let mut parser = StreamParser::default();
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::new(crate::DEFAULT_MAX_OUTPUT);
         let mut out = Vec::new();
         decoder.push(body.as_bytes());
         decoder.finish();
@@ -434,6 +434,22 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn usage_near_the_maximum_saturates() {
+        let max = u64::MAX;
+        let body = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"a\"}},\"finish_reason\":\"stop\"}}]}}\n\n\
+             data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{max},\"completion_tokens\":9}}}}\n\n\
+             data: [DONE]\n\n"
+        );
+        let (chunks, result) = run(&body);
+        result.unwrap();
+        let Some(ChatChunk::Finished { usage, .. }) = chunks.last() else {
+            panic!("{chunks:?}")
+        };
+        assert_eq!((usage.input_tokens, usage.total_tokens), (max, max));
     }
 
     #[test]

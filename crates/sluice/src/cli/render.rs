@@ -574,7 +574,8 @@ fn fmt_usage(u: &Usage) -> String {
     } else {
         format!(
             "usage: {} tokens ({} in, {} out)",
-            u.total_tokens.max(u.input_tokens + u.output_tokens),
+            u.total_tokens
+                .max(u.input_tokens.saturating_add(u.output_tokens)),
             u.input_tokens,
             u.output_tokens
         )
