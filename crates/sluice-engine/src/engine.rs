@@ -64,6 +64,12 @@ impl Slot {
         self.avg_ms.store(new, Ordering::Relaxed);
     }
 
+    /// Counts a run that was admitted before (woken from `waiting`, or recovered) while it
+    /// waits for a slot again. It is not refused: the queue limit applies to new runs.
+    pub fn enter_queue(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub fn leave_queue(&self) {
         let _ = self
             .queued
@@ -255,9 +261,10 @@ impl std::fmt::Debug for Engine {
 /// What [`Engine::recover`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovered {
-    /// Runs found `running`, resumed from their checkpoint.
+    /// Runs found `running`, or `queued` after they had started (input had woken them and they
+    /// waited for a slot), resumed from their checkpoint.
     pub resumed: usize,
-    /// Runs found `queued`, queued again.
+    /// Runs found `queued` that had not started, queued again.
     pub requeued: usize,
     /// Runs that could not continue and ended with `chain-error` `interrupted`.
     pub interrupted: usize,
@@ -600,7 +607,9 @@ impl Engine {
                 let Ok(_spawning) = self.inner.guard() else {
                     return Ok(out);
                 };
-                let mode = if record.status == RunStatus::Queued {
+                // A queued run that had started (woken from `waiting` and waiting for a slot
+                // again) goes on from its checkpoint; one that never started starts afresh.
+                let mode = if record.status == RunStatus::Queued && record.started_at.is_none() {
                     out.requeued += 1;
                     slot.queued.fetch_add(1, Ordering::AcqRel);
                     Mode::Fresh(None)

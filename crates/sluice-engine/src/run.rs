@@ -230,10 +230,10 @@ impl Driver {
                         ))
                         .await;
                 }
-                let Some(permit) = self.acquire().await? else {
-                    return Ok(());
-                };
-                self.permit = Some(permit);
+                match self.resume_slot().await? {
+                    Ok(permit) => self.permit = Some(permit),
+                    Err(outcome) => return self.end(outcome).await,
+                }
                 self.resume().await?;
             }
         }
@@ -346,16 +346,62 @@ impl Driver {
         }
     }
 
-    /// A slot for a run that was already admitted once (resume after a pause or restart).
-    async fn acquire(&mut self) -> Result<Option<OwnedSemaphorePermit>> {
-        let sem = self.slot.semaphore.clone();
-        tokio::select! {
-            _ = self.engine.token.cancelled() => {
-                self.engine.release(&self.record.id);
-                Ok(None)
-            }
-            p = sem.acquire_owned() => Ok(p.ok()),
+    /// A slot for a run that was admitted before and goes on now: woken from `waiting` with its
+    /// input, or recovered after a restart. When none is free, the run becomes `queued` until
+    /// one is, and first checkpoints what it has accepted, so that the deliveries that woke it
+    /// are durable and answered now rather than when a slot frees. Meanwhile further deliveries
+    /// are accepted and checkpointed the same way. `Err` with the outcome to end with when a
+    /// cancel (`Cancelled`) or shutdown (`Shutdown`: the `queued` run then goes on from its
+    /// checkpoint at the next start) comes first.
+    async fn resume_slot(&mut self) -> Result<std::result::Result<OwnedSemaphorePermit, Outcome>> {
+        if let Ok(permit) = self.slot.semaphore.clone().try_acquire_owned() {
+            return Ok(Ok(permit));
         }
+        self.record.status = RunStatus::Queued;
+        self.record.last_seq = self.next_seq - 1;
+        self.record.usage = self.usage();
+        // Into the queue count before the record says `queued`, out of the waiting one.
+        self.waiting = None;
+        if !self.in_queue {
+            self.in_queue = true;
+            self.slot.enter_queue();
+        }
+        self.engine.store.put_run(&self.record).await?;
+        self.checkpoint().await?;
+        let acquire = self.slot.semaphore.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let mut open = true;
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = self.engine.token.cancelled() => break Outcome::Shutdown,
+                c = self.ctl.recv(), if open => match c {
+                    Some(Control::Cancel { reason }) => break Outcome::Cancelled(reason),
+                    Some(Control::Deliver { event_type, data, reply }) => {
+                        match self.accept_delivery(&event_type, data) {
+                            Ok(()) => {
+                                self.acks.push(reply);
+                                self.checkpoint().await?;
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                p = &mut acquire => match p {
+                    Ok(permit) => {
+                        self.leave_queue();
+                        return Ok(Ok(permit));
+                    }
+                    // The engine closed the workflow's slots: it is going away.
+                    Err(_closed) => break Outcome::Shutdown,
+                },
+            }
+        };
+        self.leave_queue();
+        Ok(Err(outcome))
     }
 
     // ---- starting ----
@@ -540,10 +586,10 @@ impl Driver {
                     }
                     Ok(()) => {
                         self.acks.push(reply);
-                        let Some(permit) = self.acquire().await? else {
-                            return Ok(Some(Outcome::Shutdown));
-                        };
-                        self.permit = Some(permit);
+                        match self.resume_slot().await? {
+                            Ok(permit) => self.permit = Some(permit),
+                            Err(outcome) => return Ok(Some(outcome)),
+                        }
                         self.resume().await?;
                         // The delivery is durable once checkpointed; only then is it acknowledged.
                         self.checkpoint().await?;

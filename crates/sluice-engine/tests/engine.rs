@@ -1312,3 +1312,148 @@ async fn update_is_atomic_across_concurrent_steps() {
     assert_eq!(rec.status, RunStatus::Completed, "{:?}", rec.error);
     assert_eq!(rec.result, Some(json!(800)), "no update was lost");
 }
+
+/// One slot: a run given `"hold"` holds it until `gate` opens; any other asks for input and
+/// completes with the answer.
+fn one_slot(gate: tokio::sync::watch::Receiver<bool>) -> Workflow {
+    Workflow::builder("one-slot")
+        .step(
+            Step::new("start", move |_c: Context, s: StartEvent| {
+                let mut open = gate.clone();
+                async move {
+                    if s.0 == json!("hold") {
+                        open.wait_for(|o| *o).await.unwrap();
+                        return Ok(Emit::stop("held"));
+                    }
+                    Ok(Emit::none().request_input(Default::default()))
+                }
+            })
+            .requests_input()
+            .emits::<StopEvent>(),
+        )
+        .step(
+            Step::new("answer", |_c: Context, input: InputEvent| async move {
+                Ok(Emit::stop(input.0))
+            })
+            .emits::<StopEvent>(),
+        )
+        .max_concurrent_runs(1)
+        .queue(4)
+        .build()
+        .unwrap()
+}
+
+/// A run of `one-slot` paused for input, and another holding the only slot.
+async fn waiting_behind_a_full_workflow(engine: &Engine) -> (String, String) {
+    let asking = engine.start("one-slot", input(json!("ask"))).await.unwrap();
+    until_status(engine, asking.id(), RunStatus::Waiting).await;
+    until_idle(engine).await;
+    let holder = engine
+        .start("one-slot", input(json!("hold")))
+        .await
+        .unwrap();
+    until_status(engine, holder.id(), RunStatus::Running).await;
+    assert_eq!(engine.stats()[0].running, 1);
+    (asking.id().to_owned(), holder.id().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_to_a_waiting_run_is_taken_at_once_while_its_workflow_is_full() {
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    let engine = engine_with(vec![one_slot(gate_rx)]);
+    let (asking, holder) = waiting_behind_a_full_workflow(&engine).await;
+
+    // Answered now, not when the slot frees: the input is checkpointed and the run queues.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.send(&asking, "input", json!("yes")),
+    )
+    .await
+    .expect("the send is answered while the slot is taken")
+    .unwrap();
+    let record = engine.handle(&asking).record().await.unwrap();
+    assert_eq!(record.status, RunStatus::Queued);
+    let stats = &engine.stats()[0];
+    assert_eq!((stats.running, stats.queued, stats.waiting), (1, 1, 0));
+    // It waits for nothing more.
+    assert!(matches!(
+        engine.send(&asking, "input", json!("again")).await,
+        Err(Error::NotWaiting { .. })
+    ));
+
+    gate.send_replace(true);
+    let done = engine.handle(&asking).wait().await.unwrap();
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(done.result, Some(json!("yes")));
+    assert_eq!(
+        engine.handle(&holder).wait().await.unwrap().result,
+        Some(json!("held"))
+    );
+    assert_eq!(
+        types(&events(&engine, &asking).await),
+        [
+            "chain-started",
+            "step-started",
+            "input-requested",
+            "step-completed",
+            "chain-resumed",
+            "step-started",
+            "step-completed",
+            "chain-completed"
+        ]
+    );
+    let stats = &engine.stats()[0];
+    assert_eq!((stats.queued, stats.waiting), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_queued_after_its_input_can_be_cancelled_and_outlives_a_restart() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (_closed, gate_rx) = tokio::sync::watch::channel(false);
+    let first = Engine::new(store.clone(), [one_slot(gate_rx)]).unwrap();
+    let kept = first.start("one-slot", input(json!("ask"))).await.unwrap();
+    until_status(&first, kept.id(), RunStatus::Waiting).await;
+    let (cancelled, _holder) = waiting_behind_a_full_workflow(&first).await;
+    first.send(&cancelled, "input", json!(1)).await.unwrap();
+    until_status(&first, &cancelled, RunStatus::Queued).await;
+    // A cancel does not wait for the slot either.
+    let handle = first.handle(&cancelled);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        handle.cancel().await.unwrap();
+        handle.wait().await.unwrap()
+    })
+    .await
+    .expect("the cancel is taken while the slot is taken");
+    assert_eq!(handle.record().await.unwrap().status, RunStatus::Cancelled);
+    assert_eq!(first.stats()[0].queued, 0);
+
+    // Queued with its input when the engine stops: it goes on from its checkpoint.
+    first
+        .send(kept.id(), "input", json!("later"))
+        .await
+        .unwrap();
+    until_status(&first, kept.id(), RunStatus::Queued).await;
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+
+    let (gate, gate_rx) = tokio::sync::watch::channel(true);
+    let second = Engine::new(store.clone(), [one_slot(gate_rx)]).unwrap();
+    let recovered = second.recover().await.unwrap();
+    assert_eq!(
+        (recovered.resumed, recovered.requeued),
+        (2, 0),
+        "{recovered:?}"
+    );
+    let done = second.handle(kept.id()).wait().await.unwrap();
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(
+        done.result,
+        Some(json!("later")),
+        "the input was not asked again"
+    );
+    let seen = types(&events(&second, kept.id()).await)
+        .into_iter()
+        .filter(|t| *t == "input-requested")
+        .count();
+    assert_eq!(seen, 1);
+    drop(gate);
+}
