@@ -399,10 +399,11 @@ struct Active {
     decoder: SseDecoder,
     parser: Parser,
     eof: bool,
-    /// The assembler's output count when last seen, and when it last moved (or the response
-    /// head came): the output timeout counts from there.
+    /// The assembler's output count when last seen, and how long reads have waited for bytes
+    /// since it last moved (or the response head came): the output timeout counts this, so
+    /// time the caller takes between polls is not held against the provider.
     outputs_seen: u64,
-    last_output: Instant,
+    quiet: Duration,
     /// Held while the response streams; dropping it frees the slot.
     _permit: OwnedSemaphorePermit,
 }
@@ -481,7 +482,7 @@ impl Call {
                         parser: Parser::new(self.inner.config.kind),
                         eof: false,
                         outputs_seen: 0,
-                        last_output: Instant::now(),
+                        quiet: Duration::ZERO,
                         _permit: permit,
                     });
                 }
@@ -581,7 +582,7 @@ impl Active {
     async fn read(&mut self, asm: &mut Assembler, config: &ProviderConfig) -> Result<Flow> {
         if asm.outputs() != self.outputs_seen {
             self.outputs_seen = asm.outputs();
-            self.last_output = Instant::now();
+            self.quiet = Duration::ZERO;
         }
         if let Some(event) = self.decoder.next_event()? {
             return self.parser.on_event(&event, asm);
@@ -593,14 +594,15 @@ impl Active {
         let no_output = Error::NoOutput {
             after: config.output_timeout,
         };
-        let wait = match self.last_output.checked_add(config.output_timeout) {
-            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => left.min(idle),
-                _ => return Err(no_output),
-            },
-            None => idle,
-        };
-        match tokio::time::timeout(wait, self.body.next()).await {
+        let left = config.output_timeout.saturating_sub(self.quiet);
+        if left.is_zero() {
+            return Err(no_output);
+        }
+        let wait = left.min(idle);
+        let t0 = Instant::now();
+        let read = tokio::time::timeout(wait, self.body.next()).await;
+        self.quiet = self.quiet.saturating_add(t0.elapsed());
+        match read {
             Err(_) if wait < idle => Err(no_output),
             Err(_) => Err(Error::Stalled { idle }),
             Ok(None) => {
