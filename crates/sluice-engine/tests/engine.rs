@@ -51,6 +51,18 @@ fn input(v: Value) -> StartRun {
     }
 }
 
+/// The log of a run that asked for input once, got it, and completed.
+const ASKED_AND_ANSWERED: [&str; 8] = [
+    "chain-started",
+    "step-started",
+    "input-requested",
+    "step-completed",
+    "chain-resumed",
+    "step-started",
+    "step-completed",
+    "chain-completed",
+];
+
 /// Every event of the run, checking `seq` is 1, 2, 3… and only the last is terminal.
 async fn events(engine: &Engine, id: &str) -> Vec<Event> {
     let all: Vec<Event> = engine
@@ -665,19 +677,7 @@ async fn waits_for_input_holding_no_task_and_resumes() {
     assert_eq!(rec.status, RunStatus::Completed);
     assert_eq!(rec.result, Some(json!({"answer": {"ok": true}})));
     let all = events(&engine, run.id()).await;
-    assert_eq!(
-        types(&all),
-        [
-            "chain-started",
-            "step-started",
-            "input-requested",
-            "step-completed",
-            "chain-resumed",
-            "step-started",
-            "step-completed",
-            "chain-completed"
-        ]
-    );
+    assert_eq!(types(&all), ASKED_AND_ANSWERED);
     assert_eq!(all[4].data, json!({"from_step": 1}));
     // A second answer is refused: the run is over.
     assert!(matches!(
@@ -1389,19 +1389,7 @@ async fn input_to_a_waiting_run_is_taken_at_once_while_its_workflow_is_full() {
         engine.handle(&holder).wait().await.unwrap().result,
         Some(json!("held"))
     );
-    assert_eq!(
-        types(&events(&engine, &asking).await),
-        [
-            "chain-started",
-            "step-started",
-            "input-requested",
-            "step-completed",
-            "chain-resumed",
-            "step-started",
-            "step-completed",
-            "chain-completed"
-        ]
-    );
+    assert_eq!(types(&events(&engine, &asking).await), ASKED_AND_ANSWERED);
     let stats = &engine.stats()[0];
     assert_eq!((stats.queued, stats.waiting), (0, 0));
 }
