@@ -112,9 +112,13 @@ async fn call_inner(
             }
         }
     }
+    // JSON nested deeper than the run's records can hold is kept as its text, like a body
+    // that is not JSON.
     Ok(match serde_json::from_slice::<Value>(&bytes) {
-        Ok(value) => value,
-        Err(_) => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+        Ok(value) if sluice_protocol::json::depth(&value) <= sluice_protocol::json::MAX_DEPTH => {
+            value
+        }
+        _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
     })
 }
 

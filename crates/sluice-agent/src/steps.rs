@@ -225,6 +225,8 @@ pub(crate) async fn model(
             })) => break (finish_reason, usage, message, latency),
         }
     };
+    let mut message = message;
+    unique_call_ids(&mut message, calls);
     drop(stream);
     ctx.add_usage(&usage);
     ctx.write_event_to_stream(
@@ -249,6 +251,30 @@ pub(crate) async fn model(
     Ok(Emit::stop(
         json!({"message": {"role": "assistant", "content": text}}),
     ))
+}
+
+/// Gives each tool call of the model's `turn`-th answer an id of its own: one with no id
+/// (some OpenAI-compatible servers send none) or repeating an earlier one becomes
+/// `call_{turn}_{index}`, so that each result finds its call, and the provider is sent ids it
+/// can match.
+fn unique_call_ids(message: &mut Message, turn: u32) {
+    let Message::Assistant { tool_calls, .. } = message else {
+        return;
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (index, call) in tool_calls.iter_mut().enumerate() {
+        if !call.id.is_empty() && seen.insert(call.id.clone()) {
+            continue;
+        }
+        let mut id = format!("call_{turn}_{index}");
+        let mut n = 0;
+        while seen.contains(&id) {
+            n += 1;
+            id = format!("call_{turn}_{index}_{n}");
+        }
+        seen.insert(id.clone());
+        call.id = id;
+    }
 }
 
 /// Stores the conversation in the session's state (`{"messages": […]}`, other keys kept).
@@ -297,10 +323,20 @@ pub(crate) async fn tools(
                 call.name,
                 agent.tool_names()
             )),
-            Some(_) if call.arguments.is_string() => Job::Reject(format!(
-                "the arguments are not valid JSON: {}",
-                call.arguments.as_str().unwrap_or_default()
-            )),
+            Some(_) if call.arguments.is_string() => {
+                // The text as the model sent it (see `ToolCall::arguments`).
+                let raw = call.arguments.as_str().unwrap_or_default();
+                Job::Reject(
+                    if serde_json::from_str::<serde::de::IgnoredAny>(raw).is_ok() {
+                        format!(
+                            "the arguments must be a JSON object nested at most {} levels deep, got {raw}",
+                            sluice_protocol::json::MAX_DEPTH
+                        )
+                    } else {
+                        format!("the arguments are not valid JSON: {raw}")
+                    },
+                )
+            }
             Some(_) if !call.arguments.is_object() => Job::Reject(format!(
                 "the arguments must be a JSON object, got {}",
                 call.arguments

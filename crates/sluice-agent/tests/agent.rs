@@ -1218,3 +1218,166 @@ async fn waiting_for_a_tool_slot_counts_against_the_timeout() {
     assert_eq!(summary(&evs).last().unwrap(), "chain-completed Too slow.");
     server.stop().await;
 }
+
+/// Arrays nested `levels` deep, as JSON text.
+fn nested(levels: usize) -> String {
+    format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+}
+
+#[tokio::test]
+async fn json_nested_too_deeply_is_kept_as_text_and_the_run_goes_on() {
+    // Near serde_json's 128 levels: stored as values, they would make the events that carry
+    // them, and the checkpoint the paused run resumes from, unreadable.
+    let tools = ToolServer::start().await;
+    let deep_args = format!(r#"{{"a":{}}}"#, nested(124));
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::ParallelToolCalls(vec![
+                    ToolCallSpec::new("h1", "deep", r#"{"levels":125}"#),
+                    ToolCallSpec::new("c1", "confirm", &deep_args),
+                    ToolCallSpec::new("c2", "confirm", "{}"),
+                ]),
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("OK.")),
+    )
+    .await
+    .unwrap();
+    let options = options(&mock)
+        .with_tool(tools.tool("deep", "/deep"))
+        .with_tool(Tool::client("confirm"));
+    let server = Server::start(vec![assistant(options)]).await;
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    let requested = sse.until("tools-requested").await;
+    let tools_requested = &requested.last().unwrap()["data"]["tools"];
+    assert_eq!(tools_requested.as_array().unwrap().len(), 1);
+    assert_eq!(tools_requested[0]["id"], "c2");
+    server.wait_status(&id, "waiting").await;
+    let (status, body) = server
+        .post_json(
+            &format!("/v1/runs/{id}/events"),
+            json!({"type": "tool-results", "data": {"results": [{"id": "c2", "output": "yes"}]}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let rest = sse.rest().await;
+    assert_eq!(rest.last().unwrap()["type"], "chain-completed");
+    // Every event parses (`log` reads each one), the record too.
+    let all = server.log(&id).await;
+    check_log(&all);
+    let completed = |call: &str| {
+        all.iter()
+            .find(|e| e["type"] == "tool-completed" && e["data"]["id"] == call)
+            .unwrap_or_else(|| panic!("no tool-completed for {call}"))["data"]
+            .clone()
+    };
+    assert_eq!(completed("h1")["output"], json!(nested(125)));
+    let c1 = completed("c1");
+    assert_eq!(c1["is_error"], true);
+    let message = c1["output"].as_str().unwrap();
+    assert!(
+        message.starts_with("the arguments must be a JSON object nested at most 64 levels deep"),
+        "{message}"
+    );
+    let (_, record) = server.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(record["status"], "completed");
+    // The model is sent back what it sent.
+    let t = transcript(&mock.requests()[1]);
+    assert!(
+        t[2].contains(&format!("c1:confirm{deep_args}")),
+        "{}",
+        &t[2][..80]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tool_calls_without_an_id_or_repeating_one_get_ids_of_their_own() {
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::new(vec![
+                Step::ParallelToolCalls(vec![
+                    ToolCallSpec::new("", "confirm", r#"{"action":"a"}"#),
+                    ToolCallSpec::new("", "confirm", r#"{"action":"b"}"#),
+                    ToolCallSpec::new("x", "confirm", r#"{"action":"c"}"#),
+                    ToolCallSpec::new("x", "confirm", r#"{"action":"d"}"#),
+                ]),
+                Step::Finish(FinishReason::ToolCalls),
+            ]))
+            .turn(Turn::text("OK.")),
+    )
+    .await
+    .unwrap();
+    let options = options(&mock).with_tool(Tool::client("confirm"));
+    let server = Server::start(vec![assistant(options)]).await;
+    let (id, mut sse) = server
+        .start_streaming("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    let requested = sse.until("tools-requested").await;
+    let ids: Vec<String> = requested.last().unwrap()["data"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["call_0_0", "call_0_1", "x", "call_0_3"]);
+    server.wait_status(&id, "waiting").await;
+    let results: Vec<Value> = ids
+        .iter()
+        .zip(["A", "B", "C", "D"])
+        .map(|(id, output)| json!({"id": id, "output": output}))
+        .collect();
+    let (status, _) = server
+        .post_json(
+            &format!("/v1/runs/{id}/events"),
+            json!({"type": "tool-results", "data": {"results": results}}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    sse.rest().await;
+    assert_eq!(
+        transcript(&mock.requests()[1])[2..],
+        [
+            r#"assistant calls call_0_0:confirm{"action":"a"} call_0_1:confirm{"action":"b"} x:confirm{"action":"c"} call_0_3:confirm{"action":"d"}"#,
+            "tool call_0_0: A",
+            "tool call_0_1: B",
+            "tool x: C",
+            "tool call_0_3: D",
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn arguments_that_are_a_json_string_are_not_called_invalid_and_go_back_as_sent() {
+    let tools = ToolServer::start().await;
+    let double = r#""{\"city\":\"Rome\"}""#;
+    let mock = MockServer::start(
+        Script::new()
+            .turn(Turn::tool_call("c1", "get_weather", double))
+            .turn(Turn::text("OK.")),
+    )
+    .await
+    .unwrap();
+    let options = options(&mock).with_tool(tools.tool("get_weather", "/weather"));
+    let server = Server::start(vec![assistant(options)]).await;
+    let record = server
+        .run_to_end("assistant", json!({"input": {"message": "Go"}}))
+        .await;
+    let all = server.log(record["id"].as_str().unwrap()).await;
+    let completed = all.iter().find(|e| e["type"] == "tool-completed").unwrap();
+    assert_eq!(completed["data"]["is_error"], true);
+    assert_eq!(
+        completed["data"]["output"],
+        format!("the arguments must be a JSON object nested at most 64 levels deep, got {double}")
+    );
+    assert_eq!(
+        transcript(&mock.requests()[1])[2],
+        format!("assistant calls c1:get_weather{double}")
+    );
+    assert!(tools.paths().is_empty());
+    server.stop().await;
+}

@@ -75,21 +75,6 @@ enum Outcome {
 /// levels (serde_json's default): a deeper result would make the run unreadable.
 const MAX_RESULT_DEPTH: usize = 100;
 
-/// How deeply `v` nests arrays and objects (a scalar is 0), without recursion.
-fn depth(v: &Value) -> usize {
-    let mut deepest = 0;
-    let mut todo = vec![(v, 0usize)];
-    while let Some((v, d)) = todo.pop() {
-        match v {
-            Value::Array(a) => todo.extend(a.iter().map(|c| (c, d + 1))),
-            Value::Object(o) => todo.extend(o.values().map(|c| (c, d + 1))),
-            _ => continue,
-        }
-        deepest = deepest.max(d + 1);
-    }
-    deepest
-}
-
 fn failed(code: ErrorCode, message: impl Into<String>) -> Outcome {
     Outcome::Failed(ErrorInfo {
         code,
@@ -913,7 +898,7 @@ impl Driver {
         );
         for event in emit.events {
             if event.name == StopEvent::NAME {
-                if depth(&event.data) > MAX_RESULT_DEPTH {
+                if sluice_protocol::json::depth(&event.data) > MAX_RESULT_DEPTH {
                     return Some(failed(
                         ErrorCode::Failed,
                         format!(

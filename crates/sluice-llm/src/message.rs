@@ -242,17 +242,28 @@ impl ChatRequest {
     }
 }
 
-/// Parses assembled tool-call argument text: `{}` when empty, the JSON value when valid, the
-/// raw text as a JSON string otherwise.
+/// Parses assembled tool-call argument text: `{}` when empty, the JSON value when valid (and
+/// nested at most [`json::MAX_DEPTH`](sluice_protocol::json::MAX_DEPTH) levels), otherwise the
+/// raw text as a JSON string. So a string value always holds the text as the model sent it:
+/// invalid JSON, JSON nested too deeply, or a JSON string literal (quotes included) — never
+/// the contents of a string the model sent.
 pub(crate) fn parse_arguments(raw: &str) -> Value {
     if raw.trim().is_empty() {
         return Value::Object(Map::new());
     }
-    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
+    match serde_json::from_str::<Value>(raw) {
+        Ok(value)
+            if !value.is_string()
+                && sluice_protocol::json::depth(&value) <= sluice_protocol::json::MAX_DEPTH =>
+        {
+            value
+        }
+        _ => Value::String(raw.to_owned()),
+    }
 }
 
 /// The argument text of a tool call as sent back to a provider: a string value is sent as its
-/// raw text (it was not valid JSON when received), anything else as its JSON text.
+/// raw text (see [`parse_arguments`]), anything else as its JSON text.
 pub(crate) fn arguments_text(arguments: &Value) -> String {
     match arguments {
         Value::String(raw) => raw.clone(),
@@ -303,5 +314,14 @@ mod tests {
         assert_eq!(parse_arguments("{\"a\":"), json!("{\"a\":"));
         assert_eq!(arguments_text(&json!("{\"a\":")), "{\"a\":");
         assert_eq!(arguments_text(&json!({"a": 1})), "{\"a\":1}");
+        // A JSON string literal stays the text as sent, quotes included, and goes back so.
+        let double = r#""{\"city\":\"Rome\"}""#;
+        assert_eq!(parse_arguments(double), json!(double));
+        assert_eq!(arguments_text(&parse_arguments(double)), double);
+        // Nested past the limit: kept as text, not as a value records could not hold.
+        let limit = sluice_protocol::json::MAX_DEPTH;
+        let deep = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        assert!(parse_arguments(&deep(limit)).is_array());
+        assert_eq!(parse_arguments(&deep(limit + 1)), json!(deep(limit + 1)));
     }
 }

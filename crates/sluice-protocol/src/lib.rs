@@ -25,6 +25,7 @@
 
 pub mod api;
 mod event;
+pub mod json;
 pub mod kind;
 pub mod payload;
 pub mod record;

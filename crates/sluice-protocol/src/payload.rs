@@ -188,7 +188,9 @@ pub struct ToolCall {
     pub id: String,
     /// Tool name.
     pub name: String,
-    /// Arguments (parsed JSON when valid, else the raw text).
+    /// Arguments: the parsed JSON when the model sent valid JSON that is not a string and nests
+    /// at most [`json::MAX_DEPTH`](crate::json::MAX_DEPTH) levels; otherwise a string holding
+    /// the text exactly as the model sent it.
     pub arguments: Value,
 }
 

@@ -61,7 +61,7 @@ pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
 /// levels further in), and the store reads records back with serde_json's limit of 128
 /// levels: a value accepted near that limit would make its run unreadable. Nothing a client
 /// sends needs a tenth of this.
-pub(crate) const MAX_JSON_DEPTH: usize = 64;
+pub(crate) const MAX_JSON_DEPTH: usize = sluice_protocol::json::MAX_DEPTH;
 
 /// Refuses (400) JSON nested deeper than [`MAX_JSON_DEPTH`]; `what` names it in the message.
 /// Looks at the bytes only (brackets outside strings): malformed JSON is left to the parser.

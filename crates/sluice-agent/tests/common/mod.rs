@@ -412,7 +412,7 @@ pub fn transcript(request: &sluice_mock_llm::RecordedRequest) -> Vec<String> {
 /// `together: n`, first waits until `n` calls are in flight, for at most 5 s), `/fail` (500
 /// after 50 ms), `/big` (100 bytes after 150 ms), `/bigfail` (503 with 5,000 bytes),
 /// `/redirect` (302 to `/weather`), `/gate` (answers once [`ToolServer::open_gate`] is called),
-/// `/hang` (10 s). Records every body, and how many calls are in flight.
+/// `/deep` (JSON arrays nested `levels` deep), `/hang` (10 s). Records every body, and how many calls are in flight.
 pub struct ToolServer {
     pub base: String,
     pub bodies: Arc<Mutex<Vec<(String, Value)>>>,
@@ -519,6 +519,15 @@ impl ToolServer {
                             "moved",
                         )
                             .into_response(),
+                        "/deep" => {
+                            let levels = body["levels"].as_u64().unwrap_or(1) as usize;
+                            let nested = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+                            (
+                                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                                nested,
+                            )
+                                .into_response()
+                        }
                         "/gate" => {
                             let _ = gate.wait_for(|open| *open).await;
                             Json(json!({"passed": true})).into_response()
@@ -540,6 +549,7 @@ impl ToolServer {
             "/bigfail",
             "/redirect",
             "/gate",
+            "/deep",
             "/hang",
         ] {
             app = app.route(path, post(record(path)));
