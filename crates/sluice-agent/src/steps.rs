@@ -247,10 +247,11 @@ pub(crate) async fn model(
     if !tool_calls.is_empty() {
         return Ok(RunTools { calls: tool_calls }.into());
     }
-    save_session(&ctx, &conversation).await?;
-    Ok(Emit::stop(
-        json!({"message": {"role": "assistant", "content": text}}),
-    ))
+    let done = Emit::stop(json!({"message": {"role": "assistant", "content": text}}));
+    Ok(match session_state(&ctx, &conversation).await? {
+        Some(state) => done.with_session_state(state),
+        None => done,
+    })
 }
 
 /// Gives each tool call of the model's `turn`-th answer an id of its own: one with no id
@@ -278,17 +279,19 @@ fn unique_call_ids(message: &mut Message, turn: u32) {
 }
 
 /// Stores the conversation in the session's state (`{"messages": […]}`, other keys kept).
-async fn save_session(ctx: &Context, conversation: &[Message]) -> Result<(), StepError> {
+async fn session_state(
+    ctx: &Context,
+    conversation: &[Message],
+) -> Result<Option<Value>, StepError> {
     if ctx.session_id().is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let mut state = match ctx.session_state().await? {
         Some(Value::Object(state)) => state,
         _ => Map::new(),
     };
     state.insert(MESSAGES.to_owned(), serde_json::to_value(conversation)?);
-    ctx.set_session_state(Value::Object(state)).await?;
-    Ok(())
+    Ok(Some(Value::Object(state)))
 }
 
 /// What to do for one tool call.

@@ -409,18 +409,10 @@ impl Context {
     /// # Errors
     /// A store error, or [`Error::Store`] with `NotFound` if the session was deleted.
     pub async fn set_session_state(&self, state: Value) -> Result<()> {
-        let Some(id) = &self.shared.session_id else {
-            return Ok(());
-        };
-        let store = &self.shared.store;
-        let mut session = store
-            .get_session(id)
-            .await?
-            .ok_or_else(|| Error::Store(sluice_store::Error::session_not_found(id)))?;
-        session.state = state;
-        session.updated_at = Timestamp::now();
-        store.put_session(&session).await?;
-        Ok(())
+        match &self.shared.session_id {
+            Some(id) => put_session_state(&*self.shared.store, id, state).await,
+            None => Ok(()),
+        }
     }
 
     /// Adds model token usage to the run's total (reported in `chain-completed` and the record).
@@ -436,4 +428,20 @@ impl Context {
     pub async fn cancelled(&self) {
         self.shared.cancel.cancelled().await;
     }
+}
+
+/// Replaces the state of session `id`.
+pub(crate) async fn put_session_state(
+    store: &dyn sluice_store::Store,
+    id: &str,
+    state: Value,
+) -> Result<()> {
+    let mut session = store
+        .get_session(id)
+        .await?
+        .ok_or_else(|| Error::Store(sluice_store::Error::session_not_found(id)))?;
+    session.state = state;
+    session.updated_at = Timestamp::now();
+    store.put_session(&session).await?;
+    Ok(())
 }

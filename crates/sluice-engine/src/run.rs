@@ -63,7 +63,8 @@ pub(crate) enum Mode {
 }
 
 enum Outcome {
-    Completed(Value),
+    /// The result, and the session's new state to write first (see `Emit::with_session_state`).
+    Completed(Value, Option<Value>),
     Failed(ErrorInfo),
     Cancelled(Option<String>),
     Sleep,
@@ -896,6 +897,7 @@ impl Driver {
                 duration_ms: duration.as_millis() as u64,
             },
         );
+        let mut session_state = emit.session_state;
         for event in emit.events {
             if event.name == StopEvent::NAME {
                 if sluice_protocol::json::depth(&event.data) > MAX_RESULT_DEPTH {
@@ -906,7 +908,7 @@ impl Driver {
                         ),
                     ));
                 }
-                return Some(Outcome::Completed(event.data));
+                return Some(Outcome::Completed(event.data, session_state.take()));
             }
             if let Err(o) = self.route(event) {
                 return Some(o);
@@ -1087,7 +1089,10 @@ impl Driver {
         let started = self.record.started_at.unwrap_or(self.record.created_at);
         let duration_ms = now.millis_since(started);
         let (event_type, data) = match outcome {
-            Outcome::Completed(result) => {
+            Outcome::Completed(result, session_state) => {
+                if let (Some(state), Some(id)) = (session_state, &self.record.session_id) {
+                    crate::context::put_session_state(&*self.engine.store, id, state).await?;
+                }
                 self.record.status = RunStatus::Completed;
                 self.record.result = Some(result.clone());
                 self.record.error = None;

@@ -95,6 +95,7 @@ pub struct Emit {
     pub(crate) events: Vec<AnyEvent>,
     pub(crate) waits: Vec<WaitRequest>,
     pub(crate) error: Option<String>,
+    pub(crate) session_state: Option<Value>,
 }
 
 impl Emit {
@@ -134,6 +135,20 @@ impl Emit {
                 ..Self::none()
             },
         }
+    }
+
+    /// With [`Emit::stop`]: the session's new state, written when the run completes — after
+    /// its last step, before its terminal event is visible (so the next run of the session
+    /// reads it), and only if it does complete: a run cancelled, timed out or failed before the
+    /// driver takes the stop leaves the session as it was. (Writing it from the step with
+    /// [`Context::set_session_state`](crate::Context::set_session_state) would change the
+    /// session even then.) Ignored for a run outside a session, or without a stop.
+    pub fn with_session_state(mut self, state: impl Serialize) -> Self {
+        match serde_json::to_value(state) {
+            Ok(v) => self.session_state = Some(v),
+            Err(e) => self.error = Some(format!("session state could not be serialised: {e}")),
+        }
+        self
     }
 
     /// Pauses the run for human input: emits `input-requested`; the run goes `waiting` until an

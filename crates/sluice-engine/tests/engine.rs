@@ -1270,6 +1270,92 @@ async fn steps_read_and_write_their_session_state() {
     assert_eq!(outside.result, Some(json!({"session": null, "runs": 1})));
 }
 
+#[tokio::test]
+async fn a_session_state_given_with_the_stop_is_written_only_if_the_run_completes() {
+    // Input "deep": a result nested too deeply, so the run fails after the step returned its
+    // stop and the state. "plain": a new state with the stop. "none": a state without a stop.
+    let wf = Workflow::builder("later")
+        .step(
+            Step::new("end", |_c: Context, s: StartEvent| async move {
+                let mut result = json!("ok");
+                if s.0 == json!("deep") {
+                    for _ in 0..200 {
+                        result = json!([result]);
+                    }
+                }
+                if s.0 == json!("none") {
+                    return Ok(Emit::event(Other(1)).with_session_state(json!({"by": "none"})));
+                }
+                Ok(Emit::stop(result).with_session_state(json!({"by": s.0})))
+            })
+            .emits::<StopEvent>()
+            .emits::<Other>(),
+        )
+        .step(
+            Step::new("other", |_c: Context, _o: Other| async move {
+                Ok(Emit::stop("other"))
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let now = sluice_protocol::Timestamp::now();
+    let session = sluice_protocol::SessionRecord {
+        id: "ses_2".into(),
+        created_at: now,
+        updated_at: now,
+        state: json!({"by": "nobody"}),
+        active_run: None,
+        owner: None,
+    };
+    engine.store().create_session(&session).await.unwrap();
+    let state = || async {
+        let s = engine.store().get_session("ses_2").await.unwrap().unwrap();
+        s.state
+    };
+    let run = |input: &'static str| {
+        let start = StartRun {
+            input: json!(input),
+            session_id: Some("ses_2".into()),
+            ..Default::default()
+        };
+        let engine = engine.clone();
+        async move {
+            engine
+                .start("later", start)
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(run("deep").await.status, RunStatus::Failed);
+    assert_eq!(
+        state().await,
+        json!({"by": "nobody"}),
+        "a failed run leaves it"
+    );
+    assert_eq!(run("none").await.result, Some(json!("other")));
+    assert_eq!(state().await, json!({"by": "nobody"}), "no stop, no state");
+
+    // Written before the terminal event: whoever sees the run end reads the new state.
+    let start = StartRun {
+        input: json!("plain"),
+        session_id: Some("ses_2".into()),
+        ..Default::default()
+    };
+    let handle = engine.start("later", start).await.unwrap();
+    let mut events = std::pin::pin!(handle.envelopes(0));
+    while let Some(e) = events.next().await {
+        if e.unwrap().is_terminal() {
+            break;
+        }
+    }
+    assert_eq!(state().await, json!({"by": "plain"}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_is_atomic_across_concurrent_steps() {
     let wf = Workflow::builder("counter-race")
