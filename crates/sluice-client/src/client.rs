@@ -61,7 +61,10 @@ pub const DEFAULT_MAX_EVENT_SIZE: usize = 16 << 20;
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientBuilder")
-            .field("base_url", &self.base_url)
+            .field(
+                "base_url",
+                &sluice_protocol::without_userinfo(&self.base_url),
+            )
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -177,16 +180,19 @@ impl ClientBuilder {
         self
     }
 
-    /// Consecutive failed reconnects (without an event or keep-alive in between) after which an
-    /// event stream gives up with the last error. Default: no limit by count; the
-    /// [`reconnect_timeout`](Self::reconnect_timeout) applies either way.
+    /// Consecutive failed reconnects (without an event in between, or a keep-alive on a
+    /// connection that stayed up for 2 s) after which an event stream gives up with the last
+    /// error. Default: no limit by count; the [`reconnect_timeout`](Self::reconnect_timeout)
+    /// applies either way. The server's `Retry-After` can lengthen the wait before a reconnect
+    /// (up to [`max_retry_after`](Self::max_retry_after)), never shorten it below the backoff.
     pub fn max_reconnect_attempts(mut self, attempts: u32) -> Self {
         self.max_reconnect_attempts = Some(attempts);
         self
     }
 
     /// How long an event stream keeps trying to reconnect, counted from the first failure since
-    /// it last received an event or keep-alive, before it gives up with the last error.
+    /// it last received an event (or a keep-alive on a connection that stayed up for 2 s),
+    /// before it gives up with the last error.
     /// Default 2 minutes: a stream rides out a server restart of a minute or so.
     pub fn reconnect_timeout(mut self, timeout: Duration) -> Self {
         self.reconnect_timeout = timeout;
@@ -312,7 +318,10 @@ pub struct Client {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("base_url", &self.inner.base.as_str())
+            .field(
+                "base_url",
+                &sluice_protocol::without_userinfo(self.inner.base.as_str()),
+            )
             .field("api_key", &self.inner.auth.as_ref().map(|_| "<redacted>"))
             .finish_non_exhaustive()
     }
@@ -722,10 +731,11 @@ impl Client {
             .execute(req)
             .await
             .map_err(|e| Error::from_reqwest(&doing, e))?;
-        check(resp, &doing).await
+        check(resp, &doing, self.inner.request_timeout).await
     }
 
-    /// Sends a request whose answer is a stream: the timeout covers the headers only.
+    /// Sends a request whose answer is a stream: the timeout covers the headers only (and the
+    /// body of an error answer).
     pub(crate) async fn send_stream(&self, req: RequestBuilder, doing: &str) -> Result<Response> {
         let (client, req) = req.build_split();
         let req = req.map_err(|e| Error::from_reqwest("building the request", e))?;
@@ -740,7 +750,7 @@ impl Client {
                 )));
             }
         };
-        check(resp, &doing).await
+        check(resp, &doing, self.inner.request_timeout).await
     }
 
     async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T> {
@@ -819,8 +829,13 @@ fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
     (era * 146_097 + doe).saturating_sub(719_468)
 }
 
-/// Passes a success answer through; turns any other into its [`Error`].
-async fn check(resp: Response, doing: &str) -> Result<Response> {
+/// The most of an error answer's body read: the protocol's error JSON is far smaller.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
+
+/// Passes a success answer through; turns any other into its [`Error`], reading at most
+/// [`ERROR_BODY_LIMIT`] bytes of its body within `timeout` (what came by then is used: a body
+/// that never ends, or trickles, cannot hold the caller or fill its memory).
+async fn check(mut resp: Response, doing: &str, timeout: Duration) -> Result<Response> {
     let status = resp.status();
     if status.is_success() {
         return Ok(resp);
@@ -830,10 +845,22 @@ async fn check(resp: Response, doing: &str) -> Result<Response> {
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| Error::from_reqwest(doing, e))?;
+    let mut body = Vec::new();
+    let read = async {
+        while body.len() < ERROR_BODY_LIMIT {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Err(e)) if body.is_empty() => return Err(Error::from_reqwest(doing, e)),
+        Ok(_) | Err(_) => {}
+    }
+    body.truncate(ERROR_BODY_LIMIT);
     Err(Error::from_answer(status.as_u16(), retry_after, &body))
 }
 
@@ -888,6 +915,16 @@ mod tests {
         assert_eq!(err.kind(), crate::ErrorKind::Config);
         let c = Client::builder().api_key("secret").build().unwrap();
         assert!(!format!("{c:?}").contains("secret"));
+        // Credentials in the base URL are not shown either.
+        let b = Client::builder().base_url("http://admin:hunter2@127.0.0.1:1/");
+        let c = b.clone().build().unwrap();
+        for shown in [format!("{b:?}"), format!("{c:?}")] {
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("admin"),
+                "{shown}"
+            );
+            assert!(shown.contains("http://***@127.0.0.1:1/"), "{shown}");
+        }
     }
 
     #[test]

@@ -79,8 +79,8 @@ impl Parser {
     /// The next complete frame, or `None` until more bytes arrive.
     ///
     /// # Errors
-    /// [`Error::Decode`] for a line that is not UTF-8, a `retry:` that is not a number, or a
-    /// line or event's data longer than the maximum.
+    /// [`Error::Decode`] for a line that is not UTF-8, or a line or event's data longer than
+    /// the maximum.
     pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>> {
         loop {
             let Some(nl) = self.buf[self.scanned..]
@@ -133,11 +133,15 @@ impl Parser {
                 },
                 "id" => self.id = Some(value.to_owned()),
                 "event" => self.event = Some(value.to_owned()),
+                // As the SSE specification says: ASCII digits only, or the field is ignored
+                // (so is a number too large to hold).
                 "retry" => {
-                    let ms = value.trim().parse().map_err(|_| {
-                        Error::decode("the event stream", format!("retry: {value:?}"))
-                    })?;
-                    return Ok(Some(Frame::Retry(ms)));
+                    if !value.is_empty()
+                        && value.bytes().all(|b| b.is_ascii_digit())
+                        && let Ok(ms) = value.parse()
+                    {
+                        return Ok(Some(Frame::Retry(ms)));
+                    }
                 }
                 // Unknown fields are ignored, as the SSE specification says.
                 _ => {}
@@ -194,8 +198,10 @@ mod tests {
         assert_eq!(p.next_frame().unwrap(), None);
         p.push(b"\n");
         assert!(matches!(p.next_frame().unwrap(), Some(Frame::Event { .. })));
-        p.push(b"retry: soon\n");
-        assert!(p.next_frame().is_err());
+        // A `retry:` that is not ASCII digits, or too large, is ignored, as the SSE
+        // specification says.
+        p.push(b"retry: soon\nretry: 99999999999999999999999\nretry: -1\nretry: 250\n");
+        assert_eq!(p.next_frame().unwrap(), Some(Frame::Retry(250)));
         p.reset();
         p.push(b"data: \xff\n\n");
         assert!(p.next_frame().is_err());

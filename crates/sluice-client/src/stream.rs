@@ -17,6 +17,10 @@ use crate::client::{Client, is_event_stream};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sse::{Frame, Parser};
 
+/// How long a connection must have stayed up before a keep-alive on it counts as health
+/// (resetting the failures that limit reconnects).
+const STABLE: Duration = Duration::from_secs(2);
+
 type Body = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 type Items = Pin<Box<dyn Stream<Item = Result<(Event, Bytes)>> + Send>>;
 
@@ -75,6 +79,7 @@ impl EventStream<Event> {
             parser,
             failures: 0,
             failing_since: None,
+            opened_at: None,
             connected: false,
             retry_after: None,
             last_error: None,
@@ -203,6 +208,8 @@ struct Follower {
     failures: u32,
     /// When the first of those failures happened.
     failing_since: Option<Instant>,
+    /// When the current connection opened.
+    opened_at: Option<Instant>,
     /// Whether a connection was ever established.
     connected: bool,
     retry_after: Option<Duration>,
@@ -236,8 +243,13 @@ impl Follower {
                             return Ok(Some(item));
                         }
                     }
-                    // A keep-alive proves the connection healthy.
-                    Frame::Comment => self.healthy(),
+                    // A keep-alive proves the connection healthy once it has stayed up a
+                    // while: one that sends a keep-alive and closes at once is still failing.
+                    Frame::Comment => {
+                        if self.opened_at.is_some_and(|t| t.elapsed() >= STABLE) {
+                            self.healthy();
+                        }
+                    }
                     // The client's own backoff applies, not the server's hint.
                     Frame::Retry(_) => {}
                 }
@@ -333,9 +345,12 @@ impl Follower {
                         ))
                     }));
                 }
+                // The server's hint can lengthen the wait, never shorten it: a `Retry-After: 0`
+                // (or a date in the past, from a skewed clock) must not make a reconnect loop.
+                let backoff = inner.backoff.delay(self.failures);
                 let delay = match self.retry_after.take() {
-                    Some(hint) => hint.min(inner.max_retry_after),
-                    None => inner.backoff.delay(self.failures),
+                    Some(hint) => hint.min(inner.max_retry_after).max(backoff),
+                    None => backoff,
                 };
                 // The last attempt happens when the time is up, not after it.
                 tokio::time::sleep(delay.min(left)).await;
@@ -350,6 +365,7 @@ impl Follower {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     self.connected = true;
+                    self.opened_at = Some(Instant::now());
                     self.parser.reset();
                     self.body = Some(Box::pin(resp.bytes_stream()));
                     return Ok(true);

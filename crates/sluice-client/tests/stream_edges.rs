@@ -278,3 +278,71 @@ async fn an_endless_line_is_an_error_not_a_growing_buffer() {
     assert!(events.next().await.is_none());
     assert_eq!(s.requests.lock().unwrap().len(), 1, "not retried");
 }
+
+#[tokio::test]
+async fn an_error_answer_whose_body_never_ends_is_read_for_the_request_timeout_only() {
+    // A 503 that announces a large body and sends the start of it, then nothing.
+    let stuck = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\nconnection: close\r\n\r\n{\"error\":{\"code\":\"shutting_down\"".to_owned();
+    let s = Scripted::start_with(vec![
+        (sse_response(&[(1, "chain-started")]), false),
+        (stuck, true),
+    ])
+    .await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .request_timeout(Duration::from_millis(300))
+        .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(10))
+        .max_reconnect_attempts(1)
+        .build()
+        .unwrap();
+    let mut events = c.events("run_x", 0);
+    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
+    let err = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("waited for the rest of the error body")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Server, "{err}");
+    assert!(err.to_string().contains("Service Unavailable"), "{err}");
+}
+
+#[tokio::test]
+async fn a_retry_after_of_zero_does_not_shorten_the_backoff() {
+    let zero = || retry_after_response("503 Service Unavailable", "0");
+    let s = Scripted::start(vec![
+        sse_response(&[(1, "chain-started")]),
+        zero(),
+        zero(),
+        zero(),
+        sse_response(&[(2, "chain-completed")]),
+    ])
+    .await;
+    let c = Client::builder()
+        .base_url(&s.base)
+        .reconnect_backoff(Duration::from_millis(200), Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(seqs_of(c.events("run_x", 0)).await, [1, 2]);
+    // Four reconnects (after the close, then after each 503), each at least half the backoff.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn keep_alives_on_connections_that_close_at_once_do_not_reset_the_limits() {
+    // After the first event, every connection sends a keep-alive and closes.
+    let ping = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 21\r\nconnection: close\r\n\r\nretry: 1000\n\n: ping\n\n".to_owned();
+    let mut script = vec![sse_response(&[(1, "chain-started")])];
+    script.extend(std::iter::repeat_n(ping, 10));
+    let s = Scripted::start(script).await;
+    let mut events = client(&s.base).events("run_x", 0);
+    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
+    let err = events.next().await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transport, "{err}");
+    // The stream, then the 3 reconnect attempts allowed.
+    assert_eq!(s.requests.lock().unwrap().len(), 4);
+}

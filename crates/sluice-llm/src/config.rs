@@ -168,7 +168,10 @@ impl std::fmt::Debug for ProviderConfig {
         f.debug_struct("ProviderConfig")
             .field("name", &self.name)
             .field("kind", &self.kind)
-            .field("base_url", &without_userinfo(&self.base_url))
+            .field(
+                "base_url",
+                &sluice_protocol::without_userinfo(&self.base_url),
+            )
             .field("api_key", &self.api_key)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("connect_timeout", &self.connect_timeout)
@@ -178,19 +181,6 @@ impl std::fmt::Debug for ProviderConfig {
             .field("retry", &self.retry)
             .field("headers", &headers)
             .finish()
-    }
-}
-
-/// `url` with the `user:pass@` of its authority replaced by `***@`, for showing it.
-pub(crate) fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
-    let Some(scheme_end) = url.find("://") else {
-        return url.into();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..scheme_end + 3], &rest[at..]).into(),
-        None => url.into(),
     }
 }
 
@@ -288,16 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn userinfo_is_hidden() {
-        for (url, shown) in [
-            ("http://u:p@h:1/v1", "http://***@h:1/v1"),
-            ("http://u@h/v1?x=a@b", "http://***@h/v1?x=a@b"),
-            ("http://h:1/v1/a@b", "http://h:1/v1/a@b"),
-            ("https://a@b:c@h", "https://***@h"),
-            ("not a url @", "not a url @"),
-        ] {
-            assert_eq!(without_userinfo(url), shown, "{url}");
-        }
+    fn debug_output_hides_the_base_url_credentials() {
         let config = ProviderConfig::new("p", ProviderKind::OpenAi, "http://user:hunter2@h:1/v1");
         let shown = format!("{config:?}");
         assert!(

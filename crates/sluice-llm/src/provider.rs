@@ -12,13 +12,13 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::assemble::Assembler;
-use crate::config::without_userinfo;
 use crate::error::{BODY_EXCERPT_LIMIT, from_reqwest};
 use crate::providers::{Flow, Parser, RAW_EXCERPT_LIMIT, anthropic, excerpt, openai, truncate};
 use crate::sse::SseDecoder;
 use crate::{
     ChatChunk, ChatRequest, ChatResponse, ChatStream, Error, ProviderConfig, ProviderKind, Result,
 };
+use sluice_protocol::without_userinfo;
 
 /// A configured model provider: cheap to clone, shared by every call to it.
 ///

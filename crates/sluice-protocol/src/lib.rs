@@ -30,7 +30,9 @@ pub mod kind;
 pub mod payload;
 pub mod record;
 mod time;
+mod url;
 
 pub use event::{EnvelopeWriter, Event, EventNameError, RawEvent, validate_custom_name};
 pub use record::{IdempotencyKey, RunRecord, RunStatus, SessionRecord, Usage};
 pub use time::{Timestamp, TimestampError};
+pub use url::without_userinfo;

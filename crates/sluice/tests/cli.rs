@@ -1039,3 +1039,72 @@ async fn a_follow_survives_a_server_restart() {
     );
     assert_eq!(evs.last().unwrap()["type"], "chain-completed");
 }
+
+/// A scripted server for one run, `run_gap`: its event stream skips from seq 1 to 3; a cancel
+/// is answered `202` and recorded.
+fn gap_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let cancels = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = cancels.clone();
+    std::thread::spawn(move || {
+        let event = |seq: u64, ty: &str| {
+            format!(
+                "id: {seq}\nevent: {ty}\ndata: {{\"seq\":{seq},\"run_id\":\"run_gap\",\"type\":\"{ty}\",\"ts\":\"2026-01-01T00:00:00.000000Z\",\"data\":{{}}}}\n\n"
+            )
+        };
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head);
+            let (status, kind, body) = if head.starts_with("POST /v1/runs/run_gap/cancel") {
+                seen.fetch_add(1, Ordering::SeqCst);
+                ("202 Accepted", "application/json", "{}".to_owned())
+            } else if head.starts_with("GET /v1/runs/run_gap/events") {
+                let body = format!("{}{}", event(1, "chain-started"), event(3, "tick"));
+                ("200 OK", "text/event-stream", body)
+            } else {
+                (
+                    "404 Not Found",
+                    "application/json",
+                    r#"{"error":{"code":"not_found","message":"no"}}"#.to_owned(),
+                )
+            };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    (base, cancels)
+}
+
+#[test]
+fn cancel_on_exit_cancels_when_the_stream_breaks_for_good() {
+    use std::sync::atomic::Ordering;
+    let (base, cancels) = gap_server();
+    for args in [
+        &["tail", "run_gap", "--cancel-on-exit"][..],
+        &["tail", "run_gap", "--json", "--cancel-on-exit"][..],
+    ] {
+        let before = cancels.load(Ordering::SeqCst);
+        let out = finish(cli_command(&base, args).spawn().unwrap(), args).expect(2);
+        assert!(out.stderr.contains("from seq 1 to 3"), "{out:?}");
+        assert_eq!(cancels.load(Ordering::SeqCst), before + 1, "{out:?}");
+    }
+    // Without the flag, the run is left alone.
+    let args = ["tail", "run_gap", "--json"];
+    let before = cancels.load(Ordering::SeqCst);
+    finish(cli_command(&base, &args).spawn().unwrap(), &args).expect(2);
+    assert_eq!(cancels.load(Ordering::SeqCst), before);
+}

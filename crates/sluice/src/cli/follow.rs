@@ -37,6 +37,9 @@ enum Leave {
     Interrupted,
     /// Writing stdout failed (its reader went away, or another error).
     Output(io::Error),
+    /// The stream broke for good (a gap, an event it cannot decode, the server gone for longer
+    /// than the reconnect limits); the reason is reported, this is the exit code.
+    Broken(u8),
 }
 
 /// Follows the stream to its end and answers the exit code.
@@ -80,7 +83,10 @@ async fn follow_json(
                         outcome = Some(o);
                     }
                 }
-                Some(Err(e)) => return ctx.refused(&e),
+                Some(Err(e)) => {
+                    let code = ctx.refused(&e);
+                    return leave(ctx, &run_id, opts, Leave::Broken(code), interrupt).await;
+                }
                 None => break,
             },
         }
@@ -167,7 +173,8 @@ async fn follow_human(
                     Some(Ok(raw)) => raw,
                     Some(Err(e)) => {
                         let _ = view.finish();
-                        return ctx.refused(&e);
+                        let code = ctx.refused(&e);
+                        return leave(ctx, &run_id, opts, Leave::Broken(code), interrupt).await;
                     }
                     None => break,
                 };
@@ -176,7 +183,7 @@ async fn follow_human(
                     Err(e) => {
                         let _ = view.finish();
                         say!("cannot decode event {} of run {run_id}: {e}", raw.seq());
-                        return EXIT_USAGE;
+                        return leave(ctx, &run_id, opts, Leave::Broken(EXIT_USAGE), interrupt).await;
                     }
                 };
                 if ev.is_terminal()
@@ -420,6 +427,7 @@ async fn leave(
     let code = match &why {
         Leave::Interrupted => EXIT_CANCELLED,
         Leave::Output(e) => output::failed(e),
+        Leave::Broken(code) => *code,
     };
     if opts.cancel_on_exit {
         if matches!(why, Leave::Interrupted) {

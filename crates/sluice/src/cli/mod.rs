@@ -97,7 +97,10 @@ pub async fn execute(mut connect: Connect, command: Command) -> ExitCode {
     let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
-            say!("--server {}: {e}", connect.server);
+            say!(
+                "--server {}: {e}",
+                sluice_protocol::without_userinfo(&connect.server)
+            );
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -131,7 +134,7 @@ impl Ctx {
             ErrorKind::Transport => {
                 say!(
                     "is `sluice serve` running at {}? (set --server or SLUICE_URL)",
-                    self.server
+                    sluice_protocol::without_userinfo(&self.server)
                 );
             }
             ErrorKind::Unauthorized => {
