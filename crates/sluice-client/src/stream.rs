@@ -81,6 +81,7 @@ impl EventStream<Event> {
             failing_since: None,
             opened_at: None,
             connected: false,
+            answered: false,
             retry_after: None,
             last_error: None,
             stats: stats.clone(),
@@ -212,6 +213,9 @@ struct Follower {
     opened_at: Option<Instant>,
     /// Whether a connection was ever established.
     connected: bool,
+    /// Whether the server answered a retryable 408, 429 or 5xx before any connection: it is
+    /// there (restarting, say), so what fails after that is retried too.
+    answered: bool,
     retry_after: Option<Duration>,
     last_error: Option<Error>,
     stats: Arc<Stats>,
@@ -321,7 +325,9 @@ impl Follower {
     /// more to read (204).
     ///
     /// Retries stop after `reconnect_timeout` of failures in a row (or `max_reconnect_attempts`
-    /// when set); before the first successful connection only 408, 429 and 5xx answers are retried.
+    /// when set); before the first successful connection only 408, 429 and 5xx answers are
+    /// retried, and, once one came, any failure after it (a server restarting answers 503, then
+    /// refuses connections for a moment).
     async fn connect(&mut self) -> Result<bool> {
         loop {
             if self.failures > 0 {
@@ -330,9 +336,10 @@ impl Follower {
                     self.last_error.as_ref().map(Error::kind),
                     Some(ErrorKind::Rejected { .. } | ErrorKind::Server | ErrorKind::Timeout)
                 );
+                self.answered |= early;
                 let elapsed = self.failing_since.map_or(Duration::ZERO, |t| t.elapsed());
                 let left = inner.reconnect_timeout.saturating_sub(elapsed);
-                let may_retry = (self.connected || early)
+                let may_retry = (self.connected || self.answered)
                     && !left.is_zero()
                     && inner
                         .max_reconnect_attempts

@@ -346,3 +346,28 @@ async fn keep_alives_on_connections_that_close_at_once_do_not_reset_the_limits()
     // The stream, then the 3 reconnect attempts allowed.
     assert_eq!(s.requests.lock().unwrap().len(), 4);
 }
+
+#[tokio::test]
+async fn a_server_that_answered_503_is_retried_through_a_broken_connection() {
+    // Before any connection: a 503 (the server is there), then a connection that closes with
+    // no answer (a transport error, as a refused connect while it restarts), then the stream.
+    let s = Scripted::start(vec![
+        unavailable(),
+        String::new(),
+        sse_response(&[(1, "chain-started"), (2, "chain-completed")]),
+    ])
+    .await;
+    assert_eq!(seqs_of(client(&s.base).events("run_x", 0)).await, [1, 2]);
+    assert_eq!(s.requests.lock().unwrap().len(), 3);
+
+    // A transport error alone, before any answer, is not retried: a wrong address fails fast.
+    let s = Scripted::start(vec![String::new(), sse_response(&[(1, "chain-started")])]).await;
+    let err = client(&s.base)
+        .events("run_x", 0)
+        .next()
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transport, "{err}");
+    assert_eq!(s.requests.lock().unwrap().len(), 1);
+}
