@@ -1040,59 +1040,77 @@ async fn a_follow_survives_a_server_restart() {
     assert_eq!(evs.last().unwrap()["type"], "chain-completed");
 }
 
-/// A scripted server for one run, `run_gap`: its event stream skips from seq 1 to 3; a cancel
-/// is answered `202` and recorded.
-fn gap_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A scripted HTTP server: `answer` gets each request's head and gives the whole response, or
+/// `None` to hold the connection open without answering. One thread per connection.
+fn script_server(answer: fn(&str) -> Option<String>) -> String {
     use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let cancels = std::sync::Arc::new(AtomicUsize::new(0));
-    let seen = cancels.clone();
     std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                match answer(&String::from_utf8_lossy(&head)) {
+                    Some(response) => {
+                        let _ = conn.write_all(response.as_bytes());
+                    }
+                    None => std::thread::sleep(Duration::from_secs(60)),
+                }
+            });
+        }
+    });
+    base
+}
+
+/// A complete HTTP/1.1 response.
+fn http_response(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Cancels of `run_gap` seen by [`gap_server`].
+static GAP_CANCELS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A server for one run, `run_gap`: its event stream skips from seq 1 to 3; a cancel is
+/// answered `202` and counted in [`GAP_CANCELS`].
+fn gap_server() -> String {
+    script_server(|head| {
         let event = |seq: u64, ty: &str| {
             format!(
                 "id: {seq}\nevent: {ty}\ndata: {{\"seq\":{seq},\"run_id\":\"run_gap\",\"type\":\"{ty}\",\"ts\":\"2026-01-01T00:00:00.000000Z\",\"data\":{{}}}}\n\n"
             )
         };
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&head);
-            let (status, kind, body) = if head.starts_with("POST /v1/runs/run_gap/cancel") {
-                seen.fetch_add(1, Ordering::SeqCst);
-                ("202 Accepted", "application/json", "{}".to_owned())
-            } else if head.starts_with("GET /v1/runs/run_gap/events") {
-                let body = format!("{}{}", event(1, "chain-started"), event(3, "tick"));
-                ("200 OK", "text/event-stream", body)
-            } else {
-                (
-                    "404 Not Found",
-                    "application/json",
-                    r#"{"error":{"code":"not_found","message":"no"}}"#.to_owned(),
-                )
-            };
-            let answer = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(answer.as_bytes());
-        }
-    });
-    (base, cancels)
+        Some(if head.starts_with("POST /v1/runs/run_gap/cancel") {
+            GAP_CANCELS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            http_response("202 Accepted", "application/json", "{}")
+        } else if head.starts_with("GET /v1/runs/run_gap/events") {
+            let body = format!("{}{}", event(1, "chain-started"), event(3, "tick"));
+            http_response("200 OK", "text/event-stream", &body)
+        } else {
+            http_response(
+                "404 Not Found",
+                "application/json",
+                r#"{"error":{"code":"not_found","message":"no"}}"#,
+            )
+        })
+    })
 }
 
 #[test]
 fn cancel_on_exit_cancels_when_the_stream_breaks_for_good() {
     use std::sync::atomic::Ordering;
-    let (base, cancels) = gap_server();
+    let base = gap_server();
+    let cancels = &GAP_CANCELS;
     for args in [
         &["tail", "run_gap", "--cancel-on-exit"][..],
         &["tail", "run_gap", "--json", "--cancel-on-exit"][..],
@@ -1107,4 +1125,22 @@ fn cancel_on_exit_cancels_when_the_stream_breaks_for_good() {
     let before = cancels.load(Ordering::SeqCst);
     finish(cli_command(&base, &args).spawn().unwrap(), &args).expect(2);
     assert_eq!(cancels.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn ctrl_c_while_the_end_of_a_stream_is_checked_exits_130() {
+    // The stream ends with 204 (nothing after the cursor); the run's record then never comes.
+    let base = script_server(|head| {
+        head.starts_with("GET /v1/runs/run_quiet/events")
+            .then(|| "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n".to_owned())
+    });
+    let args = ["tail", "run_quiet", "--json"];
+    let f = Running::spawn(cli_command(&base, &args), &args, false);
+    // Give it time to reach the record request (the interrupt is listened for before the
+    // stream opens, so an earlier Ctrl-C ends it with 130 too).
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    f.interrupt();
+    f.finish().expect(130);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }

@@ -93,7 +93,7 @@ async fn follow_json(
     }
     match outcome {
         Some(o) => o.exit_code(),
-        None => status_code(ctx, &run_id, None).await,
+        None => status_code(ctx, &run_id, None, interrupt).await,
     }
 }
 
@@ -191,7 +191,15 @@ async fn follow_human(
                 {
                     // The answer's reply can come after the end of the run it ended: report it
                     // before the end.
-                    if let Ok((wait, sent)) = tokio::time::timeout(SEND_REPLY_WAIT, in_flight).await {
+                    let reply = tokio::select! {
+                        biased;
+                        () = interrupt.recv() => {
+                            let _ = view.finish();
+                            return EXIT_CANCELLED;
+                        }
+                        reply = tokio::time::timeout(SEND_REPLY_WAIT, in_flight) => reply,
+                    };
+                    if let Ok((wait, sent)) = reply {
                         let _ = view.note(&sent_note(&run_id, &wait, sent));
                     }
                 }
@@ -291,7 +299,7 @@ async fn follow_human(
     let _ = view.finish();
     match outcome {
         Some(o) => o.exit_code(),
-        None => status_code(ctx, &run_id, Some(&mut view)).await,
+        None => status_code(ctx, &run_id, Some(&mut view), interrupt).await,
     }
 }
 
@@ -461,10 +469,20 @@ pub async fn cancel_run(ctx: &Ctx, run_id: &str, interrupt: &mut Interrupt) {
 
 /// The stream ended without a terminal event (a cursor already at a finished run's end): the
 /// exit code of the run's status.
-async fn status_code(ctx: &Ctx, run_id: &str, view: Option<&mut Renderer<std::io::Stdout>>) -> u8 {
-    let rec = match ctx.client.run(run_id).await {
-        Ok(r) => r,
-        Err(e) => return ctx.refused(&e),
+/// Ctrl-C during the request ends the command at once (130).
+async fn status_code(
+    ctx: &Ctx,
+    run_id: &str,
+    view: Option<&mut Renderer<std::io::Stdout>>,
+    interrupt: &mut Interrupt,
+) -> u8 {
+    let rec = tokio::select! {
+        biased;
+        () = interrupt.recv() => return EXIT_CANCELLED,
+        rec = ctx.client.run(run_id) => match rec {
+            Ok(r) => r,
+            Err(e) => return ctx.refused(&e),
+        },
     };
     if let Some(view) = view {
         let style = view.style();
