@@ -33,11 +33,16 @@ pub(crate) enum Msg {
     Send {
         event: AnyEvent,
     },
-    Done {
-        step: u32,
-        outcome: Result<Emit, Failure>,
-        duration: Duration,
-    },
+    /// Boxed: a step ends once, its stream events are many, and every slot of the run's
+    /// channel is as large as the largest message.
+    Done(Box<Done>),
+}
+
+/// A step instance's end.
+pub(crate) struct Done {
+    pub step: u32,
+    pub outcome: Result<Emit, Failure>,
+    pub duration: Duration,
 }
 
 /// A step's final failure.
