@@ -226,7 +226,8 @@ pub(crate) async fn model(
         }
     };
     let mut message = message;
-    unique_call_ids(&mut message, calls);
+    // Numbered by the answer's place in the conversation: unique across the session's runs.
+    unique_call_ids(&mut message, conversation.len());
     drop(stream);
     ctx.add_usage(&usage);
     ctx.write_event_to_stream(
@@ -254,11 +255,11 @@ pub(crate) async fn model(
     })
 }
 
-/// Gives each tool call of the model's `turn`-th answer an id of its own: one with no id
-/// (some OpenAI-compatible servers send none) or repeating an earlier one becomes
-/// `call_{turn}_{index}`, so that each result finds its call, and the provider is sent ids it
-/// can match.
-fn unique_call_ids(message: &mut Message, turn: u32) {
+/// Gives each tool call of an answer an id of its own: one with no id (some OpenAI-compatible
+/// servers send none) or repeating an earlier one of the answer becomes
+/// `call_{turn}_{index}` (`turn`: the answer's place in the conversation), so that each result
+/// finds its call, and the provider is sent ids it can match.
+fn unique_call_ids(message: &mut Message, turn: usize) {
     let Message::Assistant { tool_calls, .. } = message else {
         return;
     };

@@ -1323,7 +1323,7 @@ async fn tool_calls_without_an_id_or_repeating_one_get_ids_of_their_own() {
         .iter()
         .map(|t| t["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(ids, ["call_0_0", "call_0_1", "x", "call_0_3"]);
+    assert_eq!(ids, ["call_1_0", "call_1_1", "x", "call_1_3"]);
     server.wait_status(&id, "waiting").await;
     let results: Vec<Value> = ids
         .iter()
@@ -1341,11 +1341,11 @@ async fn tool_calls_without_an_id_or_repeating_one_get_ids_of_their_own() {
     assert_eq!(
         transcript(&mock.requests()[1])[2..],
         [
-            r#"assistant calls call_0_0:confirm{"action":"a"} call_0_1:confirm{"action":"b"} x:confirm{"action":"c"} call_0_3:confirm{"action":"d"}"#,
-            "tool call_0_0: A",
-            "tool call_0_1: B",
+            r#"assistant calls call_1_0:confirm{"action":"a"} call_1_1:confirm{"action":"b"} x:confirm{"action":"c"} call_1_3:confirm{"action":"d"}"#,
+            "tool call_1_0: A",
+            "tool call_1_1: B",
             "tool x: C",
-            "tool call_0_3: D",
+            "tool call_1_3: D",
         ]
     );
     server.stop().await;

@@ -72,6 +72,7 @@ pub(crate) struct RunShared {
     pub cancel: CancellationToken,
     pub usage: Mutex<Usage>,
     pub store: std::sync::Arc<dyn sluice_store::Store>,
+    pub sessions: std::sync::Arc<crate::sessions::SessionLocks>,
     pub session_id: Option<String>,
 }
 
@@ -415,7 +416,11 @@ impl Context {
     /// A store error, or [`Error::Store`] with `NotFound` if the session was deleted.
     pub async fn set_session_state(&self, state: Value) -> Result<()> {
         match &self.shared.session_id {
-            Some(id) => put_session_state(&*self.shared.store, id, state).await,
+            Some(id) => {
+                let shared = &self.shared;
+                put_session_state(&*shared.store, &shared.sessions, id, state).await?;
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -435,18 +440,20 @@ impl Context {
     }
 }
 
-/// Replaces the state of session `id`.
+/// Replaces the state of session `id`, under its lock; answers the state it replaced.
 pub(crate) async fn put_session_state(
     store: &dyn sluice_store::Store,
+    sessions: &crate::sessions::SessionLocks,
     id: &str,
     state: Value,
-) -> Result<()> {
+) -> Result<Value> {
+    let _locked = sessions.lock(id).await;
     let mut session = store
         .get_session(id)
         .await?
         .ok_or_else(|| Error::Store(sluice_store::Error::session_not_found(id)))?;
-    session.state = state;
+    let previous = std::mem::replace(&mut session.state, state);
     session.updated_at = Timestamp::now();
     store.put_session(&session).await?;
-    Ok(())
+    Ok(previous)
 }

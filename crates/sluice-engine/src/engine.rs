@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 use crate::run::{Control, Driver, Mode};
+use crate::sessions::{SessionGuard, SessionLocks};
 use crate::workflow::Workflow;
 use crate::{Error, Result};
 
@@ -161,6 +162,8 @@ pub(crate) struct EngineInner {
     abandon_notify: Notify,
     /// Whether [`Engine::recover`] has counted the runs found `waiting`.
     waiting_counted: AtomicBool,
+    /// Held by whoever writes a session record: see [`Engine::lock_session`].
+    pub sessions: Arc<SessionLocks>,
 }
 
 impl EngineInner {
@@ -316,6 +319,7 @@ impl Engine {
             abandoned: Mutex::default(),
             abandon_notify: Notify::new(),
             waiting_counted: AtomicBool::new(false),
+            sessions: Arc::default(),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -325,6 +329,13 @@ impl Engine {
     /// The store runs are kept in.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// Waits for the lock of session `id`. Hold it from reading a session record to writing
+    /// it back: the engine takes it too when a run writes its session's state (at completion,
+    /// or from a step), so a writer holding it cannot undo another's change.
+    pub async fn lock_session(&self, id: &str) -> SessionGuard<'_> {
+        self.inner.sessions.lock(id).await
     }
 
     /// Deployed workflows, by name.

@@ -51,6 +51,7 @@ mod engine;
 mod error;
 mod event;
 mod run;
+mod sessions;
 mod step;
 mod workflow;
 
@@ -58,6 +59,7 @@ pub use context::Context;
 pub use engine::{Engine, Recovered, Retention, RunHandle, StartRun, WorkflowStats, new_run_id};
 pub use error::{Error, Result, StepError};
 pub use event::{AnyEvent, InputEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent};
+pub use sessions::SessionGuard;
 pub use step::{Emit, RetryPolicy, Step};
 pub use workflow::{InputValidator, Limits, Workflow, WorkflowBuilder};
 

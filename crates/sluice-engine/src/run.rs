@@ -117,6 +117,9 @@ pub(crate) struct Driver {
     waiting: Option<WaitingRun>,
     /// A run that must end before this one starts.
     pub(crate) after_run: Option<String>,
+    /// The state the run's session had before the run's completion wrote it, until the end is
+    /// written: put back if the end fails.
+    session_before: Option<Value>,
 }
 
 impl Driver {
@@ -138,6 +141,7 @@ impl Driver {
             cancel: engine.token.child_token(),
             usage: Mutex::new(record.usage),
             store: engine.store.clone(),
+            sessions: engine.sessions.clone(),
             session_id: record.session_id.clone(),
         });
         let n = wf.inner.steps.len();
@@ -168,6 +172,7 @@ impl Driver {
             acks: Vec::new(),
             waiting: None,
             after_run: None,
+            session_before: None,
         }
     }
 
@@ -1095,7 +1100,15 @@ impl Driver {
         let (event_type, data) = match outcome {
             Outcome::Completed(result, session_state) => {
                 if let (Some(state), Some(id)) = (session_state, &self.record.session_id) {
-                    crate::context::put_session_state(&*self.engine.store, id, state).await?;
+                    let engine = &self.engine;
+                    let previous = crate::context::put_session_state(
+                        &*engine.store,
+                        &engine.sessions,
+                        id,
+                        state,
+                    )
+                    .await?;
+                    self.session_before = Some(previous);
                 }
                 self.record.status = RunStatus::Completed;
                 self.record.result = Some(result.clone());
@@ -1140,6 +1153,7 @@ impl Driver {
         self.record.finished_at = Some(now);
         self.record.last_seq = self.next_seq;
         self.engine.store.finish(&self.record, &terminal).await?;
+        self.session_before = None;
         self.engine.count_events(1);
         self.let_go();
         Ok(())
@@ -1225,9 +1239,21 @@ impl Driver {
             && rec.status.is_terminal()
         {
             // An earlier `finish` went through after all.
+            self.session_before = None;
             self.record = rec;
             self.let_go();
             return Ok(());
+        }
+        // The run will not complete after all: its session gets back the state it had.
+        if let (Some(previous), Some(session)) =
+            (self.session_before.take(), self.record.session_id.clone())
+        {
+            let sessions = &self.engine.sessions;
+            if let Err(e) =
+                crate::context::put_session_state(&*store, sessions, &session, previous).await
+            {
+                tracing::error!(run_id = %id, session_id = %session, error = %error_chain(&e), "could not restore the session of a run that failed at its end");
+            }
         }
         let last = store.last_seq(&id).await?;
         // Numbered events the store has are done; the rest go in if they still continue the log.

@@ -1354,6 +1354,22 @@ async fn a_session_state_given_with_the_stop_is_written_only_if_the_run_complete
         }
     }
     assert_eq!(state().await, json!({"by": "plain"}));
+
+    // The write takes the session's lock: while someone else holds it (the server, between
+    // reading the session and writing it back), the run's end waits.
+    let held = engine.lock_session("ses_2").await;
+    let start = StartRun {
+        input: json!("again"),
+        session_id: Some("ses_2".into()),
+        ..Default::default()
+    };
+    let handle = engine.start("later", start).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(handle.record().await.unwrap().status, RunStatus::Running);
+    assert_eq!(state().await, json!({"by": "plain"}));
+    drop(held);
+    assert_eq!(handle.wait().await.unwrap().status, RunStatus::Completed);
+    assert_eq!(state().await, json!({"by": "again"}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

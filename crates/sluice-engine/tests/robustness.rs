@@ -166,6 +166,8 @@ struct Faulty {
     fail_finish: AtomicBool,
     /// `finish` of this run fails.
     fail_finish_of: Mutex<Option<String>>,
+    /// The next `finish` calls that fail.
+    finish_failures: AtomicUsize,
     /// The next `list_runs` calls that fail.
     list_failures: AtomicUsize,
     /// Events handed out by `read`.
@@ -251,7 +253,14 @@ impl Store for Faulty {
     }
     async fn finish(&self, record: &RunRecord, terminal: &RawEvent) -> sluice_store::Result<()> {
         let of = self.fail_finish_of.lock().unwrap().clone();
-        if self.fail_finish.load(Ordering::SeqCst) || of.as_deref() == Some(record.id.as_str()) {
+        let counted = self
+            .finish_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if counted
+            || self.fail_finish.load(Ordering::SeqCst)
+            || of.as_deref() == Some(record.id.as_str())
+        {
             return Err(Self::boom("finish"));
         }
         self.inner.finish(record, terminal).await
@@ -330,6 +339,49 @@ async fn a_store_failure_ends_the_run_with_chain_error() {
         Err(Error::RunFinished { .. })
     ));
     assert_eq!(engine.active_runs(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_written_at_completion_is_put_back_when_the_end_cannot_be_written() {
+    let wf = Workflow::builder("remember")
+        .step(
+            Step::new("end", |_c: Context, _s: StartEvent| async move {
+                Ok(Emit::stop("done").with_session_state(json!({"by": "run"})))
+            })
+            .emits::<StopEvent>(),
+        )
+        .build()
+        .unwrap();
+    let store = Arc::new(Faulty::new());
+    let engine = Engine::new(store.clone(), [wf]).unwrap();
+    let now = sluice_protocol::Timestamp::now();
+    let session = SessionRecord {
+        id: "ses_f".into(),
+        created_at: now,
+        updated_at: now,
+        state: json!({"by": "before"}),
+        active_run: None,
+        owner: None,
+    };
+    store.create_session(&session).await.unwrap();
+    let state = || async { store.get_session("ses_f").await.unwrap().unwrap().state };
+    let start = || StartRun {
+        session_id: Some("ses_f".into()),
+        ..StartRun::default()
+    };
+
+    // The completed end fails once; the run then ends `failed`, and the session is as it was.
+    store.finish_failures.store(1, Ordering::SeqCst);
+    let run = engine.start("remember", start()).await.unwrap();
+    let rec = bounded("failed end", run.wait()).await.unwrap();
+    assert_eq!(rec.status, RunStatus::Failed, "{:?}", rec.error);
+    assert_eq!(state().await, json!({"by": "before"}));
+
+    // When it goes through, the state is the run's.
+    let run = engine.start("remember", start()).await.unwrap();
+    let rec = bounded("end", run.wait()).await.unwrap();
+    assert_eq!(rec.status, RunStatus::Completed);
+    assert_eq!(state().await, json!({"by": "run"}));
 }
 
 /// A shutdown that begins while a run is being created waits for the run's driver, which

@@ -14,7 +14,8 @@
 //! - `stream.rs`: the SSE / NDJSON encoders over the log.
 //! - `routes.rs`: the handlers, and the router built from `openapi.rs`'s route table.
 //! - `ws.rs`: the WebSocket transport.
-//! - `idempotency.rs`: `Idempotency-Key`s; `locks.rs`: per-session locks.
+//! - `idempotency.rs`: `Idempotency-Key`s. (Per-session locks are the engine's:
+//!   `Engine::lock_session`.)
 //! - `conn.rs`: the TCP connection limit, and the timers of the header read and idle
 //!   timeouts.
 //! - `metrics.rs`, `openapi.rs` (the document, generated from the route table and the body
@@ -37,7 +38,6 @@ mod error;
 mod extract;
 mod hash;
 mod idempotency;
-mod locks;
 mod metrics;
 mod openapi;
 mod routes;
@@ -78,7 +78,6 @@ pub(crate) struct AppInner {
     /// [`serve`] starts.
     pub(crate) idempotency: idempotency::Idempotency,
     /// Serialises changes of one session (one active run per session).
-    pub(crate) sessions: locks::SessionLocks,
     /// Open TCP connections.
     pub(crate) connections: Arc<conn::Connections>,
 }
@@ -132,7 +131,6 @@ impl App {
             metrics: Metrics::default(),
             draining: CancellationToken::new(),
             idempotency: idempotency::Idempotency::new(idempotency::TTL, idempotency::CAPACITY),
-            sessions: locks::SessionLocks::default(),
             connections: Arc::default(),
         };
         Self {

@@ -333,7 +333,7 @@ async fn start_in_session(
         started();
         return Ok(handle);
     };
-    let _guard = state.sessions.lock(&session_id).await;
+    let _guard = state.engine.lock_session(&session_id).await;
     let store = state.engine.store();
     let mut session = match store.get_session(&session_id).await? {
         Some(s) if who.can_see(s.owner.as_deref()) => s,
@@ -441,7 +441,7 @@ async fn delete_session(
     who: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let _guard = state.sessions.lock(&id).await;
+    let _guard = state.engine.lock_session(&id).await;
     visible_session(&state, &who, &id).await?;
     if let Some(active) = active_run_of(&state, &id).await? {
         return Err(ApiError::Conflict(format!(

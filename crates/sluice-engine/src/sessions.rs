@@ -1,6 +1,8 @@
-//! One lock per session: changes to a session (start a run in it, delete it) are serialised per
-//! session, so the "one active run per session" check and the start are atomic, while requests
-//! for different sessions never wait for each other.
+//! One lock per session: changes to a session are serialised per session — the server's (start
+//! a run in it, delete it: the "one active run per session" check and the start are atomic) and
+//! the engine's own (a run writing the session's state) — while different sessions never wait
+//! for each other. Whoever writes a session record holds its lock from the read to the write,
+//! so no write undoes another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ pub(crate) struct SessionLocks {
 }
 
 /// Holds one session's lock; dropping it releases the lock (and the entry when unused).
-pub(crate) struct SessionGuard<'a> {
+pub struct SessionGuard<'a> {
     locks: &'a SessionLocks,
     id: String,
     guard: Option<OwnedMutexGuard<()>>,
