@@ -115,6 +115,20 @@ async fn gives_up_after_the_configured_attempts() {
     assert_eq!(s.requests.lock().unwrap().len(), 4);
 }
 
+/// Takes the stream's first event (seq 1), then the error it ends with, within 20 s (else the
+/// test fails with `stuck`).
+async fn error_after_the_first(
+    events: &mut sluice_client::EventStream,
+    stuck: &str,
+) -> sluice_client::Error {
+    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
+    tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect(stuck)
+        .unwrap()
+        .unwrap_err()
+}
+
 fn unavailable() -> String {
     status_response(
         "503 Service Unavailable",
@@ -196,12 +210,7 @@ async fn gives_up_after_the_reconnect_timeout() {
         .build()
         .unwrap();
     let mut events = c.events("run_x", 0);
-    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
-    let err = tokio::time::timeout(Duration::from_secs(20), events.next())
-        .await
-        .expect("the stream never gave up")
-        .unwrap()
-        .unwrap_err();
+    let err = error_after_the_first(&mut events, "the stream never gave up").await;
     assert_eq!(err.kind(), ErrorKind::Server, "{err}");
     let attempts = s.requests.lock().unwrap().len() - 1;
     assert!(
@@ -263,12 +272,7 @@ async fn an_endless_line_is_an_error_not_a_growing_buffer() {
         .build()
         .unwrap();
     let mut events = c.events("run_x", 0);
-    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
-    let err = tokio::time::timeout(Duration::from_secs(20), events.next())
-        .await
-        .expect("kept buffering")
-        .unwrap()
-        .unwrap_err();
+    let err = error_after_the_first(&mut events, "kept buffering").await;
     assert_eq!(err.kind(), ErrorKind::Decode, "{err}");
     assert!(
         err.to_string()
@@ -296,12 +300,7 @@ async fn an_error_answer_whose_body_never_ends_is_read_for_the_request_timeout_o
         .build()
         .unwrap();
     let mut events = c.events("run_x", 0);
-    assert_eq!(events.next().await.unwrap().unwrap().seq, 1);
-    let err = tokio::time::timeout(Duration::from_secs(20), events.next())
-        .await
-        .expect("waited for the rest of the error body")
-        .unwrap()
-        .unwrap_err();
+    let err = error_after_the_first(&mut events, "waited for the rest of the error body").await;
     assert_eq!(err.kind(), ErrorKind::Server, "{err}");
     assert!(err.to_string().contains("Service Unavailable"), "{err}");
 }

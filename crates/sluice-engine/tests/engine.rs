@@ -1213,6 +1213,20 @@ async fn sweep_removes_finished_runs_beyond_retention() {
     );
 }
 
+/// Creates session `id` with `state` in the engine's store.
+async fn new_session(engine: &Engine, id: &str, state: Value) {
+    let now = sluice_protocol::Timestamp::now();
+    let session = sluice_protocol::SessionRecord {
+        id: id.into(),
+        created_at: now,
+        updated_at: now,
+        state,
+        active_run: None,
+        owner: None,
+    };
+    engine.store().create_session(&session).await.unwrap();
+}
+
 #[tokio::test]
 async fn steps_read_and_write_their_session_state() {
     let wf = Workflow::builder("counter")
@@ -1233,16 +1247,7 @@ async fn steps_read_and_write_their_session_state() {
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
-    let now = sluice_protocol::Timestamp::now();
-    let session = sluice_protocol::SessionRecord {
-        id: "ses_1".into(),
-        created_at: now,
-        updated_at: now,
-        state: Value::Null,
-        active_run: None,
-        owner: None,
-    };
-    engine.store().create_session(&session).await.unwrap();
+    new_session(&engine, "ses_1", Value::Null).await;
     for expected in 1..=2u64 {
         let start = StartRun {
             session_id: Some("ses_1".into()),
@@ -1300,16 +1305,7 @@ async fn a_session_state_given_with_the_stop_is_written_only_if_the_run_complete
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
-    let now = sluice_protocol::Timestamp::now();
-    let session = sluice_protocol::SessionRecord {
-        id: "ses_2".into(),
-        created_at: now,
-        updated_at: now,
-        state: json!({"by": "nobody"}),
-        active_run: None,
-        owner: None,
-    };
-    engine.store().create_session(&session).await.unwrap();
+    new_session(&engine, "ses_2", json!({"by": "nobody"})).await;
     let state = || async {
         let s = engine.store().get_session("ses_2").await.unwrap().unwrap();
         s.state
