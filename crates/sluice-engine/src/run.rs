@@ -343,7 +343,8 @@ impl Driver {
     /// are durable and answered now rather than when a slot frees. Meanwhile further deliveries
     /// are accepted and checkpointed the same way. `Err` with the outcome to end with when a
     /// cancel (`Cancelled`) or shutdown (`Shutdown`: the `queued` run then goes on from its
-    /// checkpoint at the next start) comes first.
+    /// checkpoint at the next start) comes first, or `Failed` when the run's `run_timeout` runs
+    /// out meanwhile.
     async fn resume_slot(&mut self) -> Result<std::result::Result<OwnedSemaphorePermit, Outcome>> {
         if let Ok(permit) = self.slot.semaphore.clone().try_acquire_owned() {
             return Ok(Ok(permit));
@@ -362,10 +363,14 @@ impl Driver {
         let acquire = self.slot.semaphore.clone().acquire_owned();
         tokio::pin!(acquire);
         let mut open = true;
+        // The run's `run_timeout` counts from its start, and goes on counting while it queues.
+        self.set_deadline();
+        let deadline = self.deadline;
         let outcome = loop {
             tokio::select! {
                 biased;
                 _ = self.engine.token.cancelled() => break Outcome::Shutdown,
+                () = sleep_until(deadline) => break self.timeout(),
                 c = self.ctl.recv(), if open => match c {
                     Some(Control::Cancel { reason }) => break Outcome::Cancelled(reason),
                     Some(Control::Deliver { event_type, data, reply }) => {

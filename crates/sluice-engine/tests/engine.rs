@@ -1414,6 +1414,10 @@ async fn update_is_atomic_across_concurrent_steps() {
 /// One slot: a run given `"hold"` holds it until `gate` opens; any other asks for input and
 /// completes with the answer.
 fn one_slot(gate: tokio::sync::watch::Receiver<bool>) -> Workflow {
+    one_slot_builder(gate).build().unwrap()
+}
+
+fn one_slot_builder(gate: tokio::sync::watch::Receiver<bool>) -> sluice_engine::WorkflowBuilder {
     Workflow::builder("one-slot")
         .step(
             Step::new("start", move |_c: Context, s: StartEvent| {
@@ -1437,8 +1441,6 @@ fn one_slot(gate: tokio::sync::watch::Receiver<bool>) -> Workflow {
         )
         .max_concurrent_runs(1)
         .queue(4)
-        .build()
-        .unwrap()
 }
 
 /// A run of `one-slot` paused for input, and another holding the only slot.
@@ -1542,4 +1544,37 @@ async fn a_run_queued_after_its_input_can_be_cancelled_and_outlives_a_restart() 
         .count();
     assert_eq!(seen, 1);
     drop(gate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_queued_after_its_input_still_times_out() {
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    let wf = one_slot_builder(gate_rx)
+        .run_timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    let engine = engine_with(vec![wf]);
+    let asking = engine.start("one-slot", input(json!("ask"))).await.unwrap();
+    until_status(&engine, asking.id(), RunStatus::Waiting).await;
+    // The holder starts well after: its own timeout comes 400 ms after the asking run's.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let holder = engine
+        .start("one-slot", input(json!("hold")))
+        .await
+        .unwrap();
+    until_status(&engine, holder.id(), RunStatus::Running).await;
+    engine
+        .send(asking.id(), "input", json!("late"))
+        .await
+        .unwrap();
+    // The run times out in the queue, while the slot is still taken.
+    let done = tokio::time::timeout(Duration::from_secs(10), asking.wait())
+        .await
+        .expect("the queued run did not time out")
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Failed);
+    assert_eq!(done.error.unwrap().code, ErrorCode::Timeout);
+    assert_eq!(holder.record().await.unwrap().status, RunStatus::Running);
+    assert_eq!(engine.stats()[0].queued, 0);
+    gate.send_replace(true);
 }
