@@ -4,9 +4,10 @@
 #   2. starts `sluice serve` on an ephemeral loopback port with a fresh data dir,
 #   3. runs `sluice-bench all` against it (S1 with the raw-socket reference, S2, S3, S5),
 #   4. starts a second server with bench/configs/s4.toml and runs `sluice-bench s4`,
-#   5. starts the scripted model server (`sluice-mock-llm --stamp`, 250 tokens at 50/s) and a
+#   5. runs S2 against the raw-socket reference (its floor: no engine, store or HTTP stack),
+#   6. starts the scripted model server (`sluice-mock-llm --stamp`, 250 tokens at 50/s) and a
 #      third server with one agent on it, and runs `sluice-bench agents` (1,000 agent runs),
-#   6. stops every server and prints every table.
+#   7. stops every server and prints every table.
 # Options: --big adds S2 at C=10,000 (the main server then runs with bench/configs/big.toml).
 # Everything is bounded: each bench invocation has a hard deadline, servers are stopped on exit.
 set -euo pipefail
@@ -89,6 +90,23 @@ if [ -s "$WORK/s4.err" ]; then
   echo "-- s4 server stderr (last 20 lines):"; tail -n 20 "$WORK/s4.err"
 fi
 
+# S2's floor on this machine: the same S2 against the raw reference in a process of its own,
+# pacing its ticks like the ticker and writing each as it is made (no engine, store or HTTP stack).
+target/release/sluice-bench raw-reference --listen 127.0.0.1:0 >"$WORK/raw.out" 2>"$WORK/raw.err" &
+RAW_PID=$!
+PIDS+=("$RAW_PID")
+RAW_URL=""
+for _ in $(seq 1 100); do
+  RAW_URL="$(sed -n 's/^listening on \(http:\/\/[^ ]*\)$/\1/p' "$WORK/raw.out" | head -n1)"
+  [ -n "$RAW_URL" ] && break
+  sleep 0.1
+done
+[ -n "$RAW_URL" ] || { echo "the raw reference did not start" >&2; cat "$WORK/raw.err" >&2; exit 1; }
+target/release/sluice-bench s2 --server "$RAW_URL" --runs 1000 --rate 50 --server-pid "$RAW_PID" \
+  --deadline-secs 300 | sed 's/^### S2$/### S2 floor: the raw reference, paced/' \
+  | tee "$WORK/floor.md" || STATUS=$?
+stop_server "$RAW_PID"
+
 # The agent scenario: a scripted model streaming 250 stamped tokens at 50/s to each of 1,000
 # concurrent runs of one agent.
 target/release/sluice-mock-llm --tokens 250 --rate 50 --stamp >"$WORK/mock.out" 2>"$WORK/mock.err" &
@@ -117,6 +135,8 @@ echo "==================== summary ===================="
 sed -n '/^### /,$p' "$WORK/all.md"
 echo
 sed -n '/^### /,$p' "$WORK/s4.md"
+echo
+sed -n '/^### /,$p' "$WORK/floor.md"
 echo
 sed -n '/^### /,$p' "$WORK/agents.md"
 exit "$STATUS"

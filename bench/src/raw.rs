@@ -105,8 +105,16 @@ async fn handle(mut stream: TcpStream, opts: RawOptions) -> anyhow::Result<()> {
     let body = &buf[head_end..head_end + len];
     let n = field(body, b"\"n\":").unwrap_or(opts.default_events);
     let text_len = field(body, b"\"text_len\":").unwrap_or(16).min(1 << 20) as usize;
-    let input = format!(r#"{{"n":{n},"delay_ms":0,"text_len":{text_len}}}"#);
-    write_run(&mut stream, n, text_len, &input, opts.batch_bytes).await
+    let delay_ms = field(body, b"\"delay_ms\":").unwrap_or(0).min(60_000);
+    let input = format!(r#"{{"n":{n},"delay_ms":{delay_ms},"text_len":{text_len}}}"#);
+    // Paced like the ticker, a tick is written as soon as it is made: a streaming server's
+    // floor for S2, where there is nothing to gather.
+    let (batch_bytes, delay) = if delay_ms > 0 {
+        (1, Some(Duration::from_millis(delay_ms)))
+    } else {
+        (opts.batch_bytes, None)
+    };
+    write_run(&mut stream, n, text_len, &input, batch_bytes, delay).await
 }
 
 fn field(body: &[u8], key: &[u8]) -> Option<u64> {
@@ -127,8 +135,10 @@ async fn write_run(
     text_len: usize,
     input: &str,
     batch_bytes: usize,
+    delay: Option<Duration>,
 ) -> anyhow::Result<()> {
     let (start_ns, _) = now();
+    let t0 = tokio::time::Instant::now();
     let run_id = format!("run_{:032x}", u128::from(start_ns) << 16 | 0x7a3);
     let head = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
@@ -162,6 +172,10 @@ async fn write_run(
         out.extend_from_slice(br#"{"name":"tick"}"#);
     });
     for i in 0..n {
+        if let Some(delay) = delay.filter(|_| i > 0) {
+            // The ticker's own schedule: tick i is due at i × delay from the first.
+            tokio::time::sleep_until(t0 + delay.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX))).await;
+        }
         event(&mut body, "tick", Some(1), &|out, t| {
             push_tick(out, i, t, &text)
         });
@@ -280,5 +294,70 @@ mod tests {
             String::from_utf8_lossy(&mine),
             String::from_utf8_lossy(&theirs)
         );
+    }
+}
+
+#[cfg(test)]
+mod paced_tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    /// The chunks of a chunked HTTP/1.1 response, after its head.
+    fn chunks(resp: &[u8]) -> Vec<Vec<u8>> {
+        let mut rest = &resp[memmem::find(resp, b"\r\n\r\n").expect("a head") + 4..];
+        let mut out = Vec::new();
+        loop {
+            let eol = memmem::find(rest, b"\r\n").expect("a chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16)
+                .expect("a hex chunk size");
+            if size == 0 {
+                return out;
+            }
+            out.push(rest[eol + 2..eol + 2 + size].to_vec());
+            rest = &rest[eol + 2 + size + 2..];
+        }
+    }
+
+    fn request(body: &str) -> Vec<Vec<u8>> {
+        let addr = spawn_thread(RawOptions {
+            default_events: 10,
+            batch_bytes: 64 * 1024,
+        })
+        .unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /v1/runs HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        chunks(&resp)
+    }
+
+    fn ticks_per_chunk(chunks: &[Vec<u8>]) -> Vec<usize> {
+        chunks
+            .iter()
+            .map(|c| memmem::find_iter(c, b"event: tick\n").count())
+            .filter(|&n| n > 0)
+            .collect()
+    }
+
+    #[test]
+    fn paced_ticks_leave_one_by_one() {
+        let got = request(r#"{"workflow":"ticker","input":{"n":4,"delay_ms":1}}"#);
+        assert_eq!(ticks_per_chunk(&got), [1, 1, 1, 1]);
+        let all = got.concat();
+        assert!(memmem::find(&all, br#""input":{"n":4,"delay_ms":1,"text_len":16}"#).is_some());
+        assert!(memmem::find(&all, b"event: chain-completed\n").is_some());
+    }
+
+    #[test]
+    fn unpaced_ticks_are_gathered() {
+        let got = request(r#"{"workflow":"ticker","input":{"n":4}}"#);
+        assert_eq!(ticks_per_chunk(&got), [4]);
     }
 }
