@@ -174,7 +174,10 @@ async fn write_run(
     for i in 0..n {
         if let Some(delay) = delay.filter(|_| i > 0) {
             // The ticker's own schedule: tick i is due at i × delay from the first.
-            tokio::time::sleep_until(t0 + delay.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX))).await;
+            tokio::time::sleep_until(
+                t0 + delay.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)),
+            )
+            .await;
         }
         event(&mut body, "tick", Some(1), &|out, t| {
             push_tick(out, i, t, &text)
