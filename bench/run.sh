@@ -62,6 +62,22 @@ start_server() {
   echo "server $name: $SERVER_URL (pid $SERVER_PID)"
 }
 
+# start_helper NAME WHAT CMD...: starts a process that prints "listening on URL", sets HELPER_URL
+# and HELPER_PID.
+start_helper() {
+  local name="$1" what="$2"; shift 2
+  "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  HELPER_PID=$!
+  PIDS+=("$HELPER_PID")
+  HELPER_URL=""
+  for _ in $(seq 1 100); do
+    HELPER_URL="$(sed -n 's/^listening on \(http:\/\/[^ ]*\)$/\1/p' "$WORK/$name.out" | head -n1)"
+    [ -n "$HELPER_URL" ] && return 0
+    sleep 0.1
+  done
+  echo "$what did not start" >&2; cat "$WORK/$name.err" >&2; exit 1
+}
+
 stop_server() {
   kill "$1" 2>/dev/null || true
   for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
@@ -92,16 +108,8 @@ fi
 
 # S2's floor on this machine: the same S2 against the raw reference in a process of its own,
 # pacing its ticks like the ticker and writing each as it is made (no engine, store or HTTP stack).
-target/release/sluice-bench raw-reference --listen 127.0.0.1:0 >"$WORK/raw.out" 2>"$WORK/raw.err" &
-RAW_PID=$!
-PIDS+=("$RAW_PID")
-RAW_URL=""
-for _ in $(seq 1 100); do
-  RAW_URL="$(sed -n 's/^listening on \(http:\/\/[^ ]*\)$/\1/p' "$WORK/raw.out" | head -n1)"
-  [ -n "$RAW_URL" ] && break
-  sleep 0.1
-done
-[ -n "$RAW_URL" ] || { echo "the raw reference did not start" >&2; cat "$WORK/raw.err" >&2; exit 1; }
+start_helper raw "the raw reference" target/release/sluice-bench raw-reference --listen 127.0.0.1:0
+RAW_URL="$HELPER_URL"; RAW_PID="$HELPER_PID"
 target/release/sluice-bench s2 --server "$RAW_URL" --runs 1000 --rate 50 --server-pid "$RAW_PID" \
   --deadline-secs 300 | sed 's/^### S2$/### S2 floor: the raw reference, paced/' \
   | tee "$WORK/floor.md" || STATUS=$?
@@ -109,16 +117,8 @@ stop_server "$RAW_PID"
 
 # The agent scenario: a scripted model streaming 250 stamped tokens at 50/s to each of 1,000
 # concurrent runs of one agent.
-target/release/sluice-mock-llm --tokens 250 --rate 50 --stamp >"$WORK/mock.out" 2>"$WORK/mock.err" &
-MOCK_PID=$!
-PIDS+=("$MOCK_PID")
-MOCK_URL=""
-for _ in $(seq 1 100); do
-  MOCK_URL="$(sed -n 's/^listening on \(http:\/\/[^ ]*\)$/\1/p' "$WORK/mock.out" | head -n1)"
-  [ -n "$MOCK_URL" ] && break
-  sleep 0.1
-done
-[ -n "$MOCK_URL" ] || { echo "the mock model server did not start" >&2; cat "$WORK/mock.err" >&2; exit 1; }
+start_helper mock "the mock model server" target/release/sluice-mock-llm --tokens 250 --rate 50 --stamp
+MOCK_URL="$HELPER_URL"; MOCK_PID="$HELPER_PID"
 sed "s|@MOCK_URL@|$MOCK_URL|" bench/configs/agents.toml >"$WORK/agents.toml"
 start_server agents --config "$WORK/agents.toml"
 target/release/sluice-bench agents --server "$SERVER_URL" --runs 1000 --tokens 250 --rate 50 \
