@@ -109,12 +109,8 @@ async fn handle(mut stream: TcpStream, opts: RawOptions) -> anyhow::Result<()> {
     let input = format!(r#"{{"n":{n},"delay_ms":{delay_ms},"text_len":{text_len}}}"#);
     // Paced like the ticker, a tick is written as soon as it is made: a streaming server's
     // floor for S2, where there is nothing to gather.
-    let (batch_bytes, delay) = if delay_ms > 0 {
-        (1, Some(Duration::from_millis(delay_ms)))
-    } else {
-        (opts.batch_bytes, None)
-    };
-    write_run(&mut stream, n, text_len, &input, batch_bytes, delay).await
+    let batch_bytes = if delay_ms > 0 { 1 } else { opts.batch_bytes };
+    write_run(&mut stream, n, text_len, &input, batch_bytes, delay_ms).await
 }
 
 fn field(body: &[u8], key: &[u8]) -> Option<u64> {
@@ -135,7 +131,7 @@ async fn write_run(
     text_len: usize,
     input: &str,
     batch_bytes: usize,
-    delay: Option<Duration>,
+    delay_ms: u64,
 ) -> anyhow::Result<()> {
     let (start_ns, _) = now();
     let t0 = tokio::time::Instant::now();
@@ -172,12 +168,9 @@ async fn write_run(
         out.extend_from_slice(br#"{"name":"tick"}"#);
     });
     for i in 0..n {
-        if let Some(delay) = delay.filter(|_| i > 0) {
-            // The ticker's own schedule: tick i is due at i × delay from the first.
-            tokio::time::sleep_until(
-                t0 + delay.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)),
-            )
-            .await;
+        if delay_ms > 0 && i > 0 {
+            // The ticker's own schedule: tick i is due at i × delay_ms from the first.
+            tokio::time::sleep_until(t0 + Duration::from_millis(delay_ms.saturating_mul(i))).await;
         }
         event(&mut body, "tick", Some(1), &|out, t| {
             push_tick(out, i, t, &text)
@@ -278,6 +271,8 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
+
     use super::*;
     use sluice_protocol::RawEvent;
 
@@ -298,13 +293,6 @@ mod tests {
             String::from_utf8_lossy(&theirs)
         );
     }
-}
-
-#[cfg(test)]
-mod paced_tests {
-    use std::io::{Read as _, Write as _};
-
-    use super::*;
 
     /// The chunks of a chunked HTTP/1.1 response, after its head.
     fn chunks(resp: &[u8]) -> Vec<Vec<u8>> {
