@@ -14,8 +14,8 @@
 //! the run's followers are woken. No transaction. The writer thread does it for the small
 //! appends of a whole group at once, before the group's transaction (one `write`, and one sync
 //! with `synchronous = FULL`, for many appends); with `inline_appends` the caller's task does
-//! it for its own append, without the thread hop (but never waiting for a shard another
-//! caller holds: that append goes to the writer).
+//! it for its own append, without the thread hop (waiting for the shard if another caller holds
+//! it).
 //!
 //! Pending events move into `events` on the writer thread. Once a run's add up to
 //! [`APPLY_BYTES`] or [`APPLY_EVENTS`], or its log has closed, the run is *due*; after each
@@ -379,17 +379,6 @@ impl Journals {
     /// Locks the shard of `run_id`.
     pub(crate) fn of(&self, run_id: &str) -> MutexGuard<'_, Journaled> {
         self.shard(self.index(run_id))
-    }
-
-    /// The shard of `run_id`, if it is not locked: a caller on the async runtime never waits
-    /// for a shard (its holder may have been preempted, or be in a slow `write`); it hands
-    /// the append to the writer instead.
-    pub(crate) fn try_of(&self, run_id: &str) -> Option<MutexGuard<'_, Journaled>> {
-        match self.shards[self.index(run_id) % self.shards.len()].try_lock() {
-            Ok(guard) => Some(guard),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
     }
 
     /// Locks shard `i`.
