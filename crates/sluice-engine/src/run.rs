@@ -634,6 +634,8 @@ impl Driver {
         // Grows with the batches actually received (and shrinks back after a burst): a run
         // that streams a token at a time holds a few slots, not STEP_CHANNEL of them.
         let mut msgs = Vec::with_capacity(MIN_BATCH_BUF);
+        // A store whose appends wait for a group commit lets the next batch grow by itself.
+        let linger = !self.engine.store.groups_appends();
         loop {
             // Checked on every turn: a step that keeps the channel full cannot starve it.
             if let Some(outcome) = self.timed_out() {
@@ -672,9 +674,10 @@ impl Driver {
                     // on inline SQLite). Paced events pay for it: S2's p99 on the memory store
                     // is 29–40 ms with it, 8–12 ms without. Yielding only for bursts, even
                     // learning engine-wide whether yields gather anything, kept S2's p99 at
-                    // 30–55 ms and let the agents collapse (p50 0.6 s): not kept.
+                    // 30–55 ms and let the agents collapse (p50 0.6 s): not kept. A store that
+                    // groups appends (SQLite's writer thread) batches by itself: no yield there.
                     let mut n = n;
-                    if n < SMALL_BATCH {
+                    if linger && n < SMALL_BATCH {
                         tokio::task::yield_now().await;
                         while n < STEP_CHANNEL {
                             let Ok(m) = self.rx.try_recv() else { break };

@@ -365,6 +365,12 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// Appends go through the writer thread's group commit, unless the caller's task journals
+    /// them ([`SqliteOptions::inline_appends`]).
+    fn groups_appends(&self) -> bool {
+        self.journal.is_none()
+    }
+
     async fn finish(&self, record: &RunRecord, terminal: &RawEvent) -> Result<()> {
         let row = RunRow::new(record)?;
         let terminal = terminal.clone();

@@ -29,3 +29,21 @@ mod callers_journal {
     use super::fresh;
     sluice_store::store_conformance_tests!(async { fresh(true) });
 }
+
+/// The engine's driver yields before a small batch only where appends are not grouped already.
+#[tokio::test]
+async fn appends_are_grouped_by_the_writer_unless_the_caller_journals_them() {
+    use sluice_store::Store;
+    use sluice_store_sqlite::Synchronous;
+    assert!(fresh(false).groups_appends());
+    assert!(!fresh(true).groups_appends());
+    // With `synchronous = FULL` the writer journals every append (one sync for a whole group).
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        inline_appends: true,
+        synchronous: Synchronous::Full,
+        ..SqliteOptions::default()
+    };
+    let full = SqliteStore::open(dir.path().join("sluice.db"), options).unwrap();
+    assert!(full.groups_appends());
+}

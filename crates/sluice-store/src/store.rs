@@ -103,6 +103,14 @@ pub trait Store: Send + Sync + 'static {
     /// in the batch is followed by more events.
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> Result<()>;
 
+    /// Whether [`append`](Store::append) groups appends by itself under load: a group commit
+    /// on another thread, whose round trip lets a run's next batch grow while it waits. The
+    /// engine's driver then commits a small batch at once instead of yielding first to let it
+    /// grow, which would only add a wait. Default: `false`.
+    fn groups_appends(&self) -> bool {
+        false
+    }
+
     /// Atomically replaces the run record and appends the terminal event, whose seq must be
     /// both the log's last seq + 1 and `record.last_seq`. Readers that see the terminal event see
     /// the final record. When it fails, neither the record nor the log changed.
