@@ -53,30 +53,32 @@
 //! transaction itself (I/O error, full disk) fails the whole group. An append's events go in with
 //! few multi-row `INSERT`s through cached prepared statements.
 //!
-//! # Where events are written A run's log lives in the `events` table, clustered by `(run_id, seq)`
-//! so that replaying a run reads a few adjacent pages. Writing there one event at a time would
-//! dirty one page per run per commit: with a thousand runs each streaming a token at a time, every
-//! commit would write hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a
-//! small append goes to the *journal* first: append-only segment files next to the database
-//! (`<db>-events/`), one record per event, in 8 shards by run id. Under the shard's lock the events
-//! are checked against the run's cached state, their records written with one `write` for the whole
-//! group (and synced once with `synchronous = FULL`), and they are added to the cache's tail; then
-//! the followers are woken, all before the group's transaction. With
+//! # Where events are written
+//! A run's log lives in the `events` table, clustered by `(run_id, seq)` so that replaying a
+//! run reads a few adjacent pages. Writing there one event at a time would dirty one page per
+//! run per commit: with a thousand runs each streaming a token at a time, every commit would
+//! write hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small
+//! append goes to the *journal* first: append-only segment files next to the database
+//! (`<db>-events/`), one record per event, in 8 shards by run id. Under the shard's lock the
+//! events are checked against the run's cached state, their records written with one `write`
+//! for the whole group (and synced once with `synchronous = FULL`), and they are added to the
+//! cache's tail; then the followers are woken, all before the group's transaction. With
 //! [`SqliteOptions::inline_appends`] the caller's task does this itself for its own append: no
 //! thread hop at all (a caller that finds the shard held waits for it). Once about a page of a
-//! run's events (4 KiB, or 48 events) has piled up there, or its log has closed, the run is *due*,
-//! and the writer moves its journaled events into `events` with one insert, paced at twice the
-//! journal's recent inflow (at least 1 MiB/s), so that a thousand runs filling their page or
-//! finishing at the same moment are moved over the next few hundred milliseconds instead of taking
-//! a core at once. A run is also moved with its next append when it has 16 KiB pending (the writer
-//! is behind), or when it has gone quiet for a while (131,072 newer journal records). A batch of 4
-//! KiB or more goes to `events` directly, after the run's pending events. A run's terminal event is
-//! inserted at once, and its pending events follow when it is moved: `events` then has a gap for a
-//! while, which no reader sees (a read from the database stops at the first missing seq, and the
-//! run's cache entry, which holds every journaled event, stays until the move). Segments are
-//! deleted once every record in them is in `events`, and when the store opens whatever the journal
-//! still holds is moved into `events` first (a record torn by a crash in the middle of a write is
-//! left out: it was never acknowledged). Readers never read the journal.
+//! run's events (4 KiB, or 48 events) has piled up there, or its log has closed, the run is
+//! *due*, and the writer moves its journaled events into `events` with one insert, paced at
+//! twice the journal's recent inflow (at least 1 MiB/s), so that a thousand runs filling their
+//! page or finishing at the same moment are moved over the next few hundred milliseconds
+//! instead of taking a core at once. A run is also moved with its next append when it has 16
+//! KiB pending (the writer is behind), or when it has gone quiet for a while (131,072 newer
+//! journal records). A batch of 4 KiB or more goes to `events` directly, after the run's
+//! pending events. A run's terminal event is inserted at once, and its pending events follow
+//! when it is moved: `events` then has a gap for a while, which no reader sees (a read from the
+//! database stops at the first missing seq, and the run's cache entry, which holds every
+//! journaled event, stays until the move). Segments are deleted once every record in them is in
+//! `events`, and when the store opens whatever the journal still holds is moved into `events`
+//! first (a record torn by a crash in the middle of a write is left out: it was never
+//! acknowledged). Readers never read the journal.
 //!
 //! [`finish`](Store::finish) writes the final record and the terminal event in the same
 //! transaction, so a reader that sees the terminal event sees the final record.
