@@ -674,7 +674,7 @@ impl Driver {
                     // on inline SQLite). Paced events pay for it: S2's p99 on the memory store
                     // is 29–40 ms with it, 8–12 ms without. Yielding only for bursts, even
                     // learning engine-wide whether yields gather anything, kept S2's p99 at
-                    // 30–55 ms and let the agents collapse (p50 0.6 s): not kept. A store that
+                    // 26–62 ms and let the agents collapse (p50 0.6 s): not kept. A store that
                     // groups appends (SQLite's writer thread) batches by itself: no yield there.
                     let mut n = n;
                     if linger && n < SMALL_BATCH {
