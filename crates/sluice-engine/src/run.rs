@@ -635,7 +635,7 @@ impl Driver {
         // that streams a token at a time holds a few slots, not STEP_CHANNEL of them.
         let mut msgs = Vec::with_capacity(MIN_BATCH_BUF);
         // A store whose appends wait for a group commit lets the next batch grow by itself.
-        let linger = !self.engine.store.groups_appends();
+        let yield_first = !self.engine.store.groups_appends();
         loop {
             // Checked on every turn: a step that keeps the channel full cannot starve it.
             if let Some(outcome) = self.timed_out() {
@@ -665,19 +665,11 @@ impl Driver {
                 // (a panic outside the step's future, an abort) fails its step.
                 Some(joined) = self.tasks.join_next_with_id() => self.on_joined(joined),
                 n = self.rx.recv_many(&mut msgs, STEP_CHANNEL) => {
-                    // Under load, let producers add to a small batch before it is committed: it
-                    // saves per-batch work in the store, the readers and their sockets. The
-                    // yield waits for the worker's next I/O poll and everything queued before
-                    // it (milliseconds under load), and it is what keeps a saturated server
-                    // from collapsing: 500 agents reading their models' backlog token by token
-                    // had p50 16 ms with it and 164 ms without (memory store; 18 ms and 1.3 s
-                    // on inline SQLite). Paced events pay for it: S2's p99 on the memory store
-                    // is 29–40 ms with it, 8–12 ms without. Yielding only for bursts, even
-                    // learning engine-wide whether yields gather anything, kept S2's p99 at
-                    // 26–62 ms and let the agents collapse (p50 0.6 s): not kept. A store that
-                    // groups appends (SQLite's writer thread) batches by itself: no yield there.
+                    // Under load, let producers add to a small batch before it is committed:
+                    // it keeps an overloaded server batching, at a cost of milliseconds to paced
+                    // events; not where the store groups appends (ARCHITECTURE.md, Decisions).
                     let mut n = n;
-                    if linger && n < SMALL_BATCH {
+                    if yield_first && n < SMALL_BATCH {
                         tokio::task::yield_now().await;
                         while n < STEP_CHANNEL {
                             let Ok(m) = self.rx.try_recv() else { break };

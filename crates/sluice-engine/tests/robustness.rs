@@ -233,6 +233,10 @@ impl Store for Faulty {
     async fn delete_run(&self, id: &str) -> sluice_store::Result<()> {
         self.inner.delete_run(id).await
     }
+    fn groups_appends(&self) -> bool {
+        self.inner.groups_appends()
+    }
+
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> sluice_store::Result<()> {
         let n = self.appends.fetch_add(1, Ordering::SeqCst);
         if n >= self.appends_ok.load(Ordering::SeqCst) {

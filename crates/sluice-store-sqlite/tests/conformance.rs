@@ -9,14 +9,17 @@ use sluice_store_sqlite::{SqliteOptions, SqliteStore};
 
 /// A store on a new database in its own temporary directory.
 fn fresh(inline_appends: bool) -> Arc<SqliteStore> {
+    fresh_with(SqliteOptions {
+        inline_appends,
+        ..SqliteOptions::default()
+    })
+}
+
+fn fresh_with(options: SqliteOptions) -> Arc<SqliteStore> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.db");
     // Keep the directory for the whole test: the store's files live in it.
     std::mem::forget(dir);
-    let options = SqliteOptions {
-        inline_appends,
-        ..SqliteOptions::default()
-    };
     Arc::new(SqliteStore::open(path, options).unwrap())
 }
 
@@ -38,12 +41,10 @@ async fn appends_are_grouped_by_the_writer_unless_the_caller_journals_them() {
     assert!(fresh(false).groups_appends());
     assert!(!fresh(true).groups_appends());
     // With `synchronous = FULL` the writer journals every append (one sync for a whole group).
-    let dir = tempfile::tempdir().unwrap();
-    let options = SqliteOptions {
+    let full = fresh_with(SqliteOptions {
         inline_appends: true,
         synchronous: Synchronous::Full,
         ..SqliteOptions::default()
-    };
-    let full = SqliteStore::open(dir.path().join("sluice.db"), options).unwrap();
+    });
     assert!(full.groups_appends());
 }

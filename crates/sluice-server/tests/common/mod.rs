@@ -327,6 +327,9 @@ impl Store for GatedStore {
     ) -> sluice_store::Result<()> {
         self.inner.append(run_id, events).await
     }
+    fn groups_appends(&self) -> bool {
+        self.inner.groups_appends()
+    }
     async fn finish(
         &self,
         r: &sluice_protocol::RunRecord,
