@@ -27,33 +27,28 @@ pub enum Format {
 }
 
 impl Format {
-    /// Chooses by `Accept`: NDJSON when asked for, SSE otherwise.
+    /// Chooses by `Accept`: NDJSON when the client prefers it, SSE otherwise (the default).
     pub fn negotiate(headers: &HeaderMap) -> Self {
-        let accept = headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if accept.contains("application/x-ndjson") {
-            Self::Ndjson
-        } else {
-            Self::Sse
+        match preferred(headers, &[Self::SSE, Self::NDJSON]) {
+            Some(Self::NDJSON) => Self::Ndjson,
+            _ => Self::Sse,
         }
     }
 
-    /// Whether the client asked for a stream at all.
+    /// Whether the client asked for a stream rather than the JSON record, and which: the
+    /// media type among `text/event-stream`, `application/x-ndjson` and `application/json` that
+    /// `Accept` names with the highest `q` (the first named on a tie). Wildcards ask for
+    /// nothing here: `*/*` gets the record.
     pub fn requested(headers: &HeaderMap) -> Option<Self> {
-        let accept = headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if accept.contains("application/x-ndjson") {
-            Some(Self::Ndjson)
-        } else if accept.contains("text/event-stream") {
-            Some(Self::Sse)
-        } else {
-            None
+        match preferred(headers, &[Self::SSE, Self::NDJSON, "application/json"]) {
+            Some(Self::SSE) => Some(Self::Sse),
+            Some(Self::NDJSON) => Some(Self::Ndjson),
+            _ => None,
         }
     }
+
+    const SSE: &'static str = "text/event-stream";
+    const NDJSON: &'static str = "application/x-ndjson";
 
     /// The response content type.
     pub fn content_type(self) -> HeaderValue {
@@ -89,21 +84,57 @@ impl Format {
     }
 }
 
+/// Of `choices` (lowercase media types), the one `Accept` prefers: named (case-insensitively,
+/// parameters aside) with the highest `q`, the first named on a tie; `q=0` means "not this".
+/// `None` when `Accept` names none of them. A `q` that is not a number counts as 1.
+fn preferred(headers: &HeaderMap, choices: &[&'static str]) -> Option<&'static str> {
+    let mut best: Option<(&'static str, f32)> = None;
+    let ranges = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        let Some(&choice) = choices.iter().find(|c| c.eq_ignore_ascii_case(media)) else {
+            continue;
+        };
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(1.0));
+        if q > 0.0 && best.is_none_or(|(_, b)| q > b) {
+            best = Some((choice, q));
+        }
+    }
+    best.map(|(c, _)| c)
+}
+
 /// Where a reader starts: `Last-Event-ID` (a reconnecting EventSource) or `?after=`.
 ///
+/// Both are checked whenever given. When both are, the header wins: an EventSource that
+/// reconnects sends the seq it saw last in the header while its URL still carries the `after`
+/// it was opened with.
+///
 /// # Errors
-/// 400 for anything but a non-negative integer.
+/// 400 for anything but a non-negative integer, in either, or for `Last-Event-ID` given more
+/// than once.
 pub fn cursor(headers: &HeaderMap, after: Option<&str>) -> Result<u64, ApiError> {
-    if let Some(v) = headers.get("last-event-id") {
-        let text = v.to_str().map_err(|_| {
-            ApiError::BadRequest("Last-Event-ID: must be a non-negative integer".into())
-        })?;
-        return parse_seq(text.trim(), "Last-Event-ID");
+    let after = after.map(|a| parse_seq(a, "after")).transpose()?;
+    let mut ids = headers.get_all("last-event-id").iter();
+    let Some(v) = ids.next() else {
+        return Ok(after.unwrap_or(0));
+    };
+    if ids.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "Last-Event-ID: given more than once".into(),
+        ));
     }
-    match after {
-        None => Ok(0),
-        Some(a) => parse_seq(a, "after"),
-    }
+    let text = v.to_str().map_err(|_| {
+        ApiError::BadRequest("Last-Event-ID: must be a non-negative integer".into())
+    })?;
+    parse_seq(text.trim(), "Last-Event-ID")
 }
 
 fn parse_seq(text: &str, what: &str) -> Result<u64, ApiError> {
@@ -262,8 +293,65 @@ mod tests {
         }
         h.insert("last-event-id", HeaderValue::from_static("9"));
         assert_eq!(cursor(&h, Some("42")).ok(), Some(9), "Last-Event-ID wins");
+        // A bad `after` is refused even where the header would win.
+        for bad in ["-7", "abc", "", "99999999999999999999999"] {
+            assert!(cursor(&h, Some(bad)).is_err(), "{bad} beside a header");
+        }
+        h.append("last-event-id", HeaderValue::from_static("6"));
+        assert!(cursor(&h, None).is_err(), "two headers");
+        h.remove("last-event-id");
         h.insert("last-event-id", HeaderValue::from_static("abc"));
         assert!(cursor(&h, None).is_err());
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        let with = |accept: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_str(accept).unwrap());
+            h
+        };
+        let none = HeaderMap::new();
+        assert_eq!(Format::requested(&none), None);
+        assert_eq!(Format::negotiate(&none), Format::Sse);
+        for (accept, requested, negotiated) in [
+            ("text/event-stream", Some(Format::Sse), Format::Sse),
+            ("Text/Event-Stream", Some(Format::Sse), Format::Sse),
+            ("APPLICATION/X-NDJSON", Some(Format::Ndjson), Format::Ndjson),
+            ("*/*", None, Format::Sse),
+            ("application/json", None, Format::Sse),
+            ("text/event-stream;q=0, application/json", None, Format::Sse),
+            (
+                "application/x-ndjson;q=0, text/event-stream",
+                Some(Format::Sse),
+                Format::Sse,
+            ),
+            (
+                "application/json, text/event-stream;q=0.5",
+                None,
+                Format::Sse,
+            ),
+            (
+                "text/event-stream; charset=utf-8",
+                Some(Format::Sse),
+                Format::Sse,
+            ),
+            (
+                "text/event-stream, application/x-ndjson",
+                Some(Format::Sse),
+                Format::Sse,
+            ),
+            (
+                "text/event-stream;q=0.4, application/x-ndjson ; Q=0.9",
+                Some(Format::Ndjson),
+                Format::Ndjson,
+            ),
+            ("text/event-stream;q=x", Some(Format::Sse), Format::Sse),
+        ] {
+            let h = with(accept);
+            assert_eq!(Format::requested(&h), requested, "{accept}");
+            assert_eq!(Format::negotiate(&h), negotiated, "{accept}");
+        }
     }
 
     #[test]

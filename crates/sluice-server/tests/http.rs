@@ -82,6 +82,74 @@ async fn workflows_and_run_lifecycle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_is_negotiated_case_insensitively_and_by_q() {
+    let s = TestServer::start().await;
+    let create = |accept: &'static str| {
+        s.client
+            .post(s.url("/v1/workflows/ticker/runs"))
+            .header("accept", accept)
+            .json(&json!({"input": {"n": 1}}))
+            .send()
+    };
+    for (accept, status, content_type) in [
+        ("Text/Event-Stream", 200, "text/event-stream"),
+        ("APPLICATION/X-NDJSON", 200, "application/x-ndjson"),
+        (
+            "text/event-stream;q=0, application/json",
+            202,
+            "application/json",
+        ),
+        (
+            "application/json, text/event-stream;q=0.5",
+            202,
+            "application/json",
+        ),
+        (
+            "application/x-ndjson;q=0, text/event-stream",
+            200,
+            "text/event-stream",
+        ),
+    ] {
+        let resp = create(accept).await.unwrap();
+        assert_eq!(resp.status(), status, "{accept}");
+        assert_eq!(resp.headers()["content-type"], content_type, "{accept}");
+        let body = resp.text().await.unwrap();
+        if status == 202 {
+            let rec: Value = serde_json::from_str(&body).unwrap();
+            assert!(rec["id"].is_string(), "{accept}: {body}");
+        } else {
+            assert!(body.contains("chain-completed"), "{accept}: {body}");
+        }
+    }
+    // The events route: NDJSON when preferred, in any case; SSE otherwise.
+    let resp = create("application/json").await.unwrap();
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (accept, content_type) in [
+        ("Application/X-NDJSON", "application/x-ndjson"),
+        (
+            "application/x-ndjson;q=0, text/event-stream",
+            "text/event-stream",
+        ),
+        ("*/*", "text/event-stream"),
+    ] {
+        let resp = s
+            .client
+            .get(s.url(&format!("/v1/runs/{id}/events")))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{accept}");
+        assert_eq!(resp.headers()["content-type"], content_type, "{accept}");
+        assert!(resp.text().await.unwrap().contains("chain-completed"));
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_with_accept_streams_the_run() {
     let s = TestServer::start().await;
     let resp = s
@@ -1228,6 +1296,26 @@ async fn bad_input_never_gets_a_5xx() {
             s.client
                 .get(s.url(&format!("/v1/runs/{id}/events")))
                 .header("last-event-id", "abc")
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            // Checked even where the header would win.
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events?after=abc")))
+                .header("last-event-id", "2")
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events")))
+                .header("last-event-id", "2")
+                .header("last-event-id", "6")
                 .send()
                 .await
                 .unwrap(),
