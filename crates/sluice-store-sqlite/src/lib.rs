@@ -134,7 +134,9 @@
 //! per-query overhead between the store and SQLite without helping a single-writer design.
 //!
 //! The path must name a file on a local file system (WAL needs shared memory between the
-//! connections of this process); the store is meant to be the only writer of its file.
+//! connections of this process); the store is the only writer of its file: it holds an OS lock
+//! (`flock`) on `<db>.lock` while open, and [`SqliteStore::open`] fails when another process
+//! holds it (after waiting 2 s, for a store of this process that is still closing).
 
 mod cache;
 mod checkpoint;
@@ -146,6 +148,8 @@ mod schema;
 mod writer;
 
 use std::fmt;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -183,6 +187,65 @@ pub struct SqliteStore {
     writer: std::thread::JoinHandle<()>,
 }
 
+/// Takes the store's lock, `<db>.lock` beside the database: one process at a time may open it.
+/// Two servers on one data directory would each take the other's runs for their own and
+/// interleave their writes to the journal. The lock is the OS's (`flock`): it goes with the
+/// process however it ends, so a crashed server never leaves a stale one.
+/// How long [`lock_store`] waits for a lock held by someone else before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn lock_store(db: &Path) -> Result<File> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::backend(format!("opening the lock file {}", path.display()), e))?;
+    // A store of this process that was just dropped keeps the lock until its writer thread has
+    // finished its last writes: that one is waited for, briefly.
+    let waited = std::time::Instant::now();
+    let locked = loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if waited.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other,
+        }
+    };
+    match locked {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let by = if holder.is_empty() {
+                String::from("another process")
+            } else {
+                format!("another process (pid {holder})")
+            };
+            return Err(Error::backend(
+                format!(
+                    "{} is in use by {by} (its lock is {}): one server per data directory",
+                    db.display(),
+                    path.display()
+                ),
+                std::io::Error::from(std::io::ErrorKind::WouldBlock),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::backend(format!("locking {}", path.display()), e));
+        }
+    }
+    // Who holds it, for the message above (the lock itself is what counts).
+    let _ = file.set_len(0);
+    let _ = file.write_all(std::process::id().to_string().as_bytes());
+    Ok(file)
+}
+
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
@@ -206,6 +269,8 @@ impl SqliteStore {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::backend(format!("creating {}", parent.display()), e))?;
         }
+        // Before anything reads or writes the database or its journal.
+        let lock = lock_store(&path)?;
         let conn = schema::open_writer(&path, options.synchronous)?;
         let unsynced = (options.synchronous == Synchronous::Normal)
             .then(|| Arc::new(journal_file::Unsynced::default()));
@@ -243,7 +308,11 @@ impl SqliteStore {
         );
         let writer = std::thread::Builder::new()
             .name("sluice-sqlite-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                // Held until the last write is done and the connection closed.
+                drop(lock);
+            })
             .map_err(|e| Error::backend("starting the SQLite writer thread", e))?;
         Ok(Self {
             path,

@@ -176,6 +176,28 @@ async fn dropping_the_store_keeps_acknowledged_writes() {
     assert_eq!(store.last_seq("run_a").await.unwrap(), 1);
 }
 
+#[tokio::test]
+async fn one_store_at_a_time_opens_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = open(&path);
+    new_run(&store, "run_a").await;
+    let second = SqliteStore::open(&path, SqliteOptions::default());
+    let err = second
+        .expect_err("a second store opened a database in use")
+        .to_string();
+    assert!(err.contains("in use by another process"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    // The first is untouched, and once it is closed the database opens again.
+    store.append("run_a", &[ev("run_a", 1, "1")]).await.unwrap();
+    store.close().await.unwrap();
+    let store = open(&path);
+    assert_eq!(store.last_seq("run_a").await.unwrap(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_append_does_not_fail_the_others() {
     let dir = tempfile::tempdir().unwrap();
@@ -369,18 +391,63 @@ async fn finished_run(opener: fn(&Path) -> SqliteStore) {
 }
 
 /// The process dies with appends only in the journal (the store is never closed, so nothing
-/// moves them): opening the database again finds every acknowledged event, in order.
+/// moves them): opening the database again finds every acknowledged event, in order. The
+/// process that dies is this test binary again, run for `write_and_die` (a store in this
+/// process would hold the database's lock).
 #[tokio::test]
 async fn journaled_appends_survive_a_store_that_was_never_closed() {
-    for opener in [open, open_inline] {
-        never_closed(opener).await;
+    if let Ok(spec) = std::env::var(NEVER_CLOSED) {
+        let (mode, path) = spec.split_once('=').unwrap();
+        let opener = if mode == "inline" { open_inline } else { open };
+        write_and_die(opener, Path::new(path)).await;
+    }
+    for mode in ["default", "inline"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.db");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "journaled_appends_survive_a_store_that_was_never_closed",
+                "--nocapture",
+            ])
+            .env(NEVER_CLOSED, format!("{mode}={}", path.display()))
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(DIED), "{mode}: the writing process");
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let logged: i64 = conn
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            logged < 40,
+            "{mode}: most of the events are only journaled: {logged}"
+        );
+        drop(conn);
+        let store = open(&path);
+        for id in ["run_a", "run_b"] {
+            let got = store.read(id, 0, 1000).await.unwrap();
+            assert_eq!(
+                got.iter().map(RawEvent::seq).collect::<Vec<_>>(),
+                (1..=20).collect::<Vec<_>>(),
+                "{mode}: {id}"
+            );
+            store
+                .append(id, &[ev(id, 21, r#"{"text":"after"}"#)])
+                .await
+                .unwrap();
+        }
+        assert!(store.read("run_c", 0, 100).await.unwrap().is_empty());
+        store.close().await.unwrap();
     }
 }
 
-async fn never_closed(opener: fn(&Path) -> SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sluice.db");
-    let store = opener(&path);
+/// Tells the test binary, run again, to be the process that dies: `MODE=PATH`.
+const NEVER_CLOSED: &str = "SLUICE_TEST_NEVER_CLOSED";
+/// Its exit code.
+const DIED: i32 = 17;
+
+async fn write_and_die(opener: fn(&Path) -> SqliteStore, path: &Path) -> ! {
+    let store = opener(path);
     let runs = ["run_a", "run_b", "run_c"];
     for id in runs {
         new_run(&store, id).await;
@@ -394,32 +461,8 @@ async fn never_closed(opener: fn(&Path) -> SqliteStore) {
         }
     }
     store.delete_run("run_c").await.unwrap();
-    // As if the process died here: the writer never gets to close.
-    std::mem::forget(store);
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    let logged: i64 = conn
-        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-        .unwrap();
-    assert!(
-        logged < 40,
-        "most of the events are only journaled: {logged}"
-    );
-    drop(conn);
-    let store = open(&path);
-    for id in ["run_a", "run_b"] {
-        let got = store.read(id, 0, 1000).await.unwrap();
-        assert_eq!(
-            got.iter().map(RawEvent::seq).collect::<Vec<_>>(),
-            (1..=20).collect::<Vec<_>>(),
-            "{id}"
-        );
-        store
-            .append(id, &[ev(id, 21, r#"{"text":"after"}"#)])
-            .await
-            .unwrap();
-    }
-    assert!(store.read("run_c", 0, 100).await.unwrap().is_empty());
-    store.close().await.unwrap();
+    // The process dies here: no destructor runs, the writer never gets to close.
+    std::process::exit(DIED)
 }
 
 /// Events that streamed in one at a time reach the database file while the store is open:

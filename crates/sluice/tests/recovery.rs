@@ -231,3 +231,56 @@ async fn an_idempotency_key_answers_its_first_run_after_a_restart() {
     expected.sort();
     assert_eq!(ids, expected);
 }
+
+/// A second server on a data directory in use refuses to start, with a message that says why,
+/// and the first keeps its runs; once the first is gone (even by `kill -9`) the directory opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let s = Server::on_data_dir(dir.path());
+    let rec = post(
+        &c,
+        s.url("/v1/workflows/ticker/runs?wait=true"),
+        json!({"input": {"n": 5}}),
+    )
+    .await;
+    let id = rec["id"].as_str().unwrap().to_owned();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("SLUICE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must give up on its own (the lock is waited for 2 s); one that serves is stopped.
+    let mut ended = None;
+    for _ in 0..300 {
+        ended = second.try_wait().unwrap();
+        if ended.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if ended.is_none() {
+        second.kill().unwrap();
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(
+        ended.is_some_and(|s| !s.success()),
+        "the second server started: {ended:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is in use by another process")
+            && stderr.contains("one server per data directory"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "it printed: {:?}", out.stdout);
+    assert_eq!(record(&c, &s, &id).await["status"], "completed");
+    s.kill9();
+    let s = Server::on_data_dir(dir.path());
+    assert_eq!(record(&c, &s, &id).await["status"], "completed");
+    s.stop();
+}
