@@ -81,6 +81,39 @@ async fn workflows_and_run_lifecycle() {
     s.stop().await;
 }
 
+/// Numbers come back as they were sent: a double is parsed to the nearest value, so that its
+/// shortest form is the one the client wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_round_trip_exactly() {
+    let s = TestServer::start().await;
+    let numbers = "[0.09082719268432227,0.9213340547657813,0.41064072326067835,0.056350375035050804,0.1,1e-7]";
+    let body = format!(r#"{{"input":{{"n":1}},"metadata":{{"v":{numbers}}}}}"#);
+    let resp = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs?wait=true"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let text = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains(numbers), "sent {numbers}, got {text}");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_is_negotiated_case_insensitively_and_by_q() {
     let s = TestServer::start().await;
