@@ -557,9 +557,27 @@ impl Engine {
         })
     }
 
+    /// The newest run of `session` created before `run_id` (ids grow with creation) that has
+    /// not ended.
+    async fn previous_in_session(&self, session: &str, run_id: &str) -> Result<Option<String>> {
+        let page = self
+            .inner
+            .store
+            .list_runs(&RunFilter {
+                session_id: Some(session.to_owned()),
+                statuses: vec![RunStatus::Queued, RunStatus::Running, RunStatus::Waiting],
+                limit: 1,
+                cursor: Some(run_id.to_owned()),
+                ..RunFilter::default()
+            })
+            .await?;
+        Ok(page.runs.into_iter().next().map(|r| r.id))
+    }
+
     /// Continues after a restart: runs found `running` resume from their last checkpoint with
     /// `chain-resumed` (or end with `chain-error` `interrupted` when that is impossible, e.g. the
-    /// workflow is no longer deployed); runs found `queued` queue again. `waiting` runs stay
+    /// workflow is no longer deployed); runs found `queued` queue again, those of a session
+    /// behind the run of the session before them, as when they were queued. `waiting` runs stay
     /// waiting and resume when their input arrives; they are counted in
     /// [`WorkflowStats::waiting`] (by the first call only). Call once, before serving.
     ///
@@ -628,9 +646,28 @@ impl Engine {
                     out.resumed += 1;
                     Mode::Recover
                 };
+                // A session's runs go one after the other: one queued behind another
+                // (`after_run`, not in the record) waits again for the newest run of its
+                // session created before it that has not ended.
+                let after_run = match (&mode, &record.session_id) {
+                    (Mode::Fresh(_), Some(session)) => {
+                        match self.previous_in_session(session, &record.id).await {
+                            Ok(prev) => prev,
+                            Err(e) => {
+                                tracing::error!(run_id = %record.id, error = %e, "could not read its session's runs during recovery; it is left for the next start");
+                                slot.leave_queue();
+                                out.requeued -= 1;
+                                out.errors += 1;
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
                 self.inner.active().insert(record.id.clone(), tx);
-                let driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+                let mut driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+                driver.after_run = after_run;
                 self.inner.tracker.spawn(driver.run(mode));
             }
             match page.next_cursor {

@@ -714,6 +714,58 @@ async fn waiting_run_survives_an_engine_restart() {
     assert_eq!(rec.result, Some(json!({"answer": "yes"})));
 }
 
+/// Runs queued behind one another in a session keep their order across a restart: after it,
+/// each still waits for the run before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_queued_runs_keep_their_order_across_a_restart() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let workflows = || [builtin::ask_human(), builtin::ticker()];
+    let first = Engine::new(store.clone(), workflows()).unwrap();
+    let in_session = |input: Value, after_run: Option<&str>| StartRun {
+        input,
+        session_id: Some("ses_1".into()),
+        after_run: after_run.map(str::to_owned),
+        ..Default::default()
+    };
+    let a = first
+        .start("ask-human", in_session(Value::Null, None))
+        .await
+        .unwrap();
+    let b = first
+        .start("ticker", in_session(json!({"n": 2}), Some(a.id())))
+        .await
+        .unwrap();
+    let c = first
+        .start("ticker", in_session(json!({"n": 2}), Some(b.id())))
+        .await
+        .unwrap();
+    until_status(&first, a.id(), RunStatus::Waiting).await;
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+
+    let second = Engine::new(store.clone(), workflows()).unwrap();
+    assert_eq!(second.recover().await.unwrap().requeued, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in [b.id(), c.id()] {
+        let rec = second.handle(id).record().await.unwrap();
+        assert_eq!(
+            rec.status,
+            RunStatus::Queued,
+            "{id} started before its turn"
+        );
+    }
+    second.send(a.id(), "input", json!("go")).await.unwrap();
+    let (ra, rb, rc) = (
+        second.handle(a.id()).wait().await.unwrap(),
+        second.handle(b.id()).wait().await.unwrap(),
+        second.handle(c.id()).wait().await.unwrap(),
+    );
+    for rec in [&ra, &rb, &rc] {
+        assert_eq!(rec.status, RunStatus::Completed);
+    }
+    assert!(rb.started_at >= ra.finished_at, "b started before a ended");
+    assert!(rc.started_at >= rb.finished_at, "c started before b ended");
+}
+
 /// `WorkflowStats::waiting` of the only workflow.
 fn waiting(engine: &Engine) -> usize {
     engine.stats()[0].waiting
