@@ -13,7 +13,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::CollectBuf;
-use crate::event::{AnyEvent, WorkflowEvent, valid_name};
+use crate::event::{AnyEvent, WorkflowEvent};
 use crate::step::Emit;
 use crate::{Error, Result, StepError};
 
@@ -74,6 +74,8 @@ pub(crate) struct RunShared {
     pub store: std::sync::Arc<dyn sluice_store::Store>,
     pub sessions: std::sync::Arc<crate::sessions::SessionLocks>,
     pub session_id: Option<String>,
+    /// The run's workflow (for the stream event types it declares).
+    pub workflow: crate::Workflow,
 }
 
 impl RunShared {
@@ -248,11 +250,12 @@ impl Context {
     /// and visible to readers, once the driver commits it (at the latest before the step's
     /// `step-completed`). Waits only when the run's bounded buffer is full (back-pressure).
     ///
-    /// `event_type` is the workflow's own kebab-case name or a step-level reserved type
-    /// (`text-delta`, `tool-call-delta`, `provider-started`, …).
+    /// `event_type` is a step-level reserved type (`text-delta`, `tool-call-delta`,
+    /// `provider-started`, …) or one of the workflow's own, declared with
+    /// [`WorkflowBuilder::stream_event`](crate::WorkflowBuilder::stream_event).
     ///
     /// # Errors
-    /// [`Error::InvalidEventType`] for a malformed or run-level type, [`Error::Codec`] if `data`
+    /// [`Error::InvalidEventType`] for a run-level or undeclared type, [`Error::Codec`] if `data`
     /// does not serialise, [`Error::RunEnded`] once the run is over, [`Error::StepCompleted`]
     /// from a `Context` kept after its step returned.
     pub async fn write_event_to_stream(
@@ -262,7 +265,13 @@ impl Context {
     ) -> Result<()> {
         let event_type = event_type.into();
         let allowed = STEP_LEVEL.contains(&event_type.as_ref())
-            || (valid_name(&event_type) && !kind::is_reserved(&event_type));
+            || (!kind::is_reserved(&event_type)
+                && self
+                    .shared
+                    .workflow
+                    .inner
+                    .stream_events
+                    .contains(event_type.as_ref()));
         if !allowed {
             return Err(Error::InvalidEventType(event_type.into_owned()));
         }

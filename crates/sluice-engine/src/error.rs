@@ -63,7 +63,7 @@ pub enum Error {
     },
     /// A step tried to write an event type it may not write.
     #[error(
-        "a step may not write event type {0:?}: use its own kebab-case name or a step-level reserved type"
+        "a step may not write event type {0:?}: write a step-level reserved type, or one of the workflow's own declared with WorkflowBuilder::stream_event"
     )]
     InvalidEventType(String),
     /// The run has ended or is being stopped; the step should return.

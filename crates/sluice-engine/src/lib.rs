@@ -28,6 +28,7 @@
 //!
 //! # async fn demo() -> sluice_engine::Result<()> {
 //! let wf = Workflow::builder("shouter")
+//!     .stream_event("progress")
 //!     .step(Step::new("read", |_ctx: Context, start: StartEvent| async move {
 //!         let text = start.0["text"].as_str().unwrap_or_default().to_owned();
 //!         Ok(Shout { text }.into())

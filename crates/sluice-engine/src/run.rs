@@ -143,6 +143,7 @@ impl Driver {
             store: engine.store.clone(),
             sessions: engine.sessions.clone(),
             session_id: record.session_id.clone(),
+            workflow: wf.clone(),
         });
         let n = wf.inner.steps.len();
         Self {

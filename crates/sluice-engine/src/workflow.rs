@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use sluice_protocol::kind;
 
 use crate::event::{
     InputEvent, StartEvent, StopEvent, ToolResultsEvent, WorkflowEvent, valid_name,
@@ -33,6 +34,8 @@ pub(crate) struct WorkflowDef {
     pub max_steps: u32,
     pub max_concurrent_runs: usize,
     pub queue: usize,
+    /// The stream event types of its own that its steps write (besides the reserved ones).
+    pub stream_events: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Workflow {
@@ -58,6 +61,7 @@ impl Workflow {
             max_steps: 1_000,
             max_concurrent_runs: 1_000,
             queue: 10_000,
+            stream_events: BTreeSet::new(),
         }
     }
 
@@ -89,6 +93,18 @@ impl Workflow {
     /// Queued runs allowed; beyond, starts are refused.
     pub fn queue(&self) -> usize {
         self.inner.queue
+    }
+
+    /// The stream event types of its own (declared with
+    /// [`stream_event`](WorkflowBuilder::stream_event)), in order.
+    pub fn stream_events(&self) -> impl Iterator<Item = &str> {
+        self.inner.stream_events.iter().map(String::as_str)
+    }
+
+    /// Whether a run of this workflow can write stream events of type `t`: a reserved type, or
+    /// one of its own.
+    pub fn writes(&self, t: &str) -> bool {
+        kind::is_reserved(t) || self.inner.stream_events.contains(t)
     }
 
     /// The same definition deployed under another name and with other limits (used to deploy a
@@ -164,6 +180,7 @@ pub struct WorkflowBuilder {
     max_steps: u32,
     max_concurrent_runs: usize,
     queue: usize,
+    stream_events: BTreeSet<String>,
 }
 
 impl WorkflowBuilder {
@@ -225,6 +242,16 @@ impl WorkflowBuilder {
         self
     }
 
+    /// Declares a stream event type of its own that the workflow's steps write with
+    /// [`Context::write_event_to_stream`](crate::Context::write_event_to_stream) (the reserved
+    /// step-level types need no declaring). A step that writes an undeclared one gets
+    /// [`Error::InvalidEventType`]; clients filtering a run's stream by type (`?types=`) may name
+    /// only reserved and declared types.
+    pub fn stream_event(mut self, name: impl Into<String>) -> Self {
+        self.stream_events.insert(name.into());
+        self
+    }
+
     /// Validates and freezes the definition.
     ///
     /// # Errors
@@ -243,6 +270,13 @@ impl WorkflowBuilder {
         }
         if self.steps.is_empty() {
             return Err(invalid("it has no steps".into()));
+        }
+        for e in &self.stream_events {
+            if !valid_name(e) || kind::is_reserved(e) {
+                return Err(invalid(format!(
+                    "stream event {e:?}: must match [a-z][a-z0-9._-]{{0,63}} and not be a reserved type"
+                )));
+            }
         }
         let mut routes: HashMap<String, Vec<usize>> = HashMap::new();
         let mut names = BTreeSet::new();
@@ -347,6 +381,7 @@ impl WorkflowBuilder {
                 max_steps: self.max_steps,
                 max_concurrent_runs: self.max_concurrent_runs,
                 queue: self.queue,
+                stream_events: self.stream_events,
             }),
         })
     }

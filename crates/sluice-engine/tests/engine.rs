@@ -100,6 +100,7 @@ async fn run_to_end(
 #[tokio::test]
 async fn routes_across_steps_with_lifecycle_events() {
     let wf = Workflow::builder("pipeline")
+        .stream_event("progress")
         .step(
             Step::new("parse", |_c: Context, s: StartEvent| async move {
                 Ok(Query(s.0["q"].as_str().unwrap_or("").into()).into())
@@ -544,6 +545,7 @@ async fn three_followers_see_identical_sequences() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g2 = gate.clone();
     let wf = Workflow::builder("gated-ticker")
+        .stream_event("tick")
         .step(
             Step::new("tick", move |c: Context, _s: StartEvent| {
                 let gate = g2.clone();
@@ -1157,33 +1159,60 @@ async fn a_result_nested_too_deep_fails_the_run() {
 }
 
 #[tokio::test]
-async fn steps_may_not_write_lifecycle_types() {
+async fn steps_write_step_level_and_declared_types_only() {
     let wf = Workflow::builder("rude")
+        .stream_event("tick")
         .step(
             Step::new("s", |c: Context, _s: StartEvent| async move {
                 let denied = c.write_event_to_stream("chain-completed", &json!({})).await;
                 let bad = c.write_event_to_stream("Not Valid", &json!({})).await;
+                let undeclared = c.write_event_to_stream("tock", &json!({})).await;
                 c.write_event_to_stream("text-delta", &json!({"text": "ok"}))
                     .await?;
-                Ok(Emit::stop(json!([denied.is_err(), bad.is_err()])))
+                c.write_event_to_stream("tick", &json!({})).await?;
+                Ok(Emit::stop(json!([
+                    denied.is_err(),
+                    bad.is_err(),
+                    matches!(undeclared, Err(Error::InvalidEventType(t)) if t == "tock")
+                ])))
             })
             .emits::<StopEvent>(),
         )
         .build()
         .unwrap();
+    assert!(wf.writes("tick") && wf.writes("text-delta") && wf.writes("chain-completed"));
+    assert!(!wf.writes("tock"));
+    assert_eq!(wf.stream_events().collect::<Vec<_>>(), ["tick"]);
     let engine = engine_with(vec![wf]);
     let (rec, evs) = run_to_end(&engine, "rude", json!(null)).await;
-    assert_eq!(rec.result, Some(json!([true, true])));
+    assert_eq!(rec.result, Some(json!([true, true, true])));
     assert_eq!(
         types(&evs),
         [
             "chain-started",
             "step-started",
             "text-delta",
+            "tick",
             "step-completed",
             "chain-completed"
         ]
     );
+    // A declared type must be a valid name of the workflow's own.
+    for bad in ["text-delta", "chain-error", "Tick", ""] {
+        let built = Workflow::builder("w")
+            .stream_event(bad)
+            .step(
+                Step::new("s", |_c: Context, _s: StartEvent| async move {
+                    Ok(Emit::stop(json!(1)))
+                })
+                .emits::<StopEvent>(),
+            )
+            .build();
+        assert!(
+            matches!(built, Err(Error::InvalidWorkflow { .. })),
+            "{bad:?} was accepted"
+        );
+    }
 }
 
 #[test]

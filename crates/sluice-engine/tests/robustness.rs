@@ -495,6 +495,7 @@ async fn when_not_even_the_end_can_be_written_waiters_get_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_timeout_fires_while_a_step_writes_without_pause() {
     let wf = Workflow::builder("firehose")
+        .stream_event("spray")
         .step(
             Step::new("spray", |c: Context, _s: StartEvent| async move {
                 let mut i = 0u64;
@@ -530,6 +531,7 @@ async fn a_step_writing_large_events_waits_for_room_not_memory() {
     let written = Arc::new(AtomicUsize::new(0));
     let w = written.clone();
     let wf = Workflow::builder("blobs")
+        .stream_event("blob")
         .step(
             Step::new("write", move |c: Context, _s: StartEvent| {
                 let w = w.clone();
@@ -597,6 +599,7 @@ async fn events_acknowledged_to_a_step_are_in_the_log_before_the_end() {
             }
         }
         let wf = Workflow::builder("race")
+            .stream_event("note")
             .step(
                 Step::new("fork", |c: Context, _s: StartEvent| async move {
                     c.send_event(Left(0)).await?;
@@ -718,6 +721,8 @@ async fn a_context_clone_cannot_write_after_its_step_completed() {
     let (late1, late2) = (late.clone(), late.clone());
     let (done1, done2) = (late_done.clone(), late_done.clone());
     let wf = Workflow::builder("leaky")
+        .stream_event("late")
+        .stream_event("early")
         .step(
             Step::new("first", move |c: Context, _s: StartEvent| {
                 let (go, late, done) = (go1.clone(), late1.clone(), done1.clone());
@@ -792,6 +797,7 @@ async fn wait_does_not_read_the_log_and_record_has_a_live_last_seq() {
     let gate = Arc::new(Notify::new());
     let g2 = gate.clone();
     let wf = Workflow::builder("gated")
+        .stream_event("tick")
         .step(
             Step::new("tick", move |c: Context, _s: StartEvent| {
                 let gate = g2.clone();

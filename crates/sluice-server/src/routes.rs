@@ -567,6 +567,9 @@ async fn run_events(
         Err(_) => None,
     };
     let rec = visible_run(&state, &who, &id).await?;
+    if let Some(wf) = state.engine.workflow(&rec.workflow) {
+        types.check_written_by(&wf)?;
+    }
     if at_end(&state, rec, after).await? {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }

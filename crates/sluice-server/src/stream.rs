@@ -174,6 +174,35 @@ impl TypeFilter {
         Ok(Self(Some(set)))
     }
 
+    /// Checks that the run's workflow can write every type named: a reserved one or one it
+    /// declares. A filter of a type no event of the run can have is a typo, and would only
+    /// show the terminal event.
+    ///
+    /// # Errors
+    /// 400 naming the first such type and the workflow's own types.
+    pub fn check_written_by(&self, wf: &sluice_engine::Workflow) -> Result<(), ApiError> {
+        let Some(set) = &self.0 else {
+            return Ok(());
+        };
+        let mut names: Vec<&String> = set.iter().collect();
+        names.sort();
+        match names.into_iter().find(|t| !wf.writes(t)) {
+            None => Ok(()),
+            Some(t) => {
+                let own: Vec<&str> = wf.stream_events().collect();
+                let own = if own.is_empty() {
+                    String::from("none")
+                } else {
+                    own.join(", ")
+                };
+                Err(ApiError::BadRequest(format!(
+                    "types: {t:?} is not an event type of workflow {:?} (the reserved types, and its own: {own})",
+                    wf.name()
+                )))
+            }
+        }
+    }
+
     /// Whether `ev` goes through the filter.
     pub fn passes(&self, ev: &RawEvent) -> bool {
         self.0

@@ -368,6 +368,26 @@ async fn reader_dropped_after_500_resumes_with_last_event_id() {
         .map(|e| e["type"].as_str().unwrap())
         .collect();
     assert_eq!(types, ["step-started", "step-completed", "chain-completed"]);
+    // The ticker's own type, which it declares.
+    let ticks = sse_events(&s, &id, "?types=tick").await;
+    assert!(ticks.len() > 1, "{ticks:?}");
+    assert!(
+        ticks[..ticks.len() - 1].iter().all(|e| e["type"] == "tick"),
+        "{ticks:?}"
+    );
+    let resp = s
+        .client
+        .get(s.url(&format!("/v1/runs/{id}/events?types=tock")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"tock\"") && message.contains("its own: tick"),
+        "{message}"
+    );
     s.stop().await;
 }
 
@@ -1357,6 +1377,23 @@ async fn bad_input_never_gets_a_5xx() {
             400,
             s.client
                 .get(s.url(&format!("/v1/runs/{id}/events?types=Tick")))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            // Well formed, but nothing the ticker writes: a typo.
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events?types=tick,chain-complete")))
+                .send()
+                .await
+                .unwrap(),
+        ),
+        (
+            400,
+            s.client
+                .get(s.url(&format!("/v1/runs/{id}/events?types=tock")))
                 .send()
                 .await
                 .unwrap(),

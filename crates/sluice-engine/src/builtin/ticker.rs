@@ -95,6 +95,7 @@ pub fn ticker() -> Workflow {
             }
         }))
         .validate_input(|input| params(input).map(|_| ()))
+        .stream_event(TICK)
         .step(Step::new("tick", tick).emits::<StopEvent>())
         .build();
     // The definition is static and validated by a unit test; a failure here is a programming
