@@ -167,6 +167,7 @@ pub fn review() -> sluice_engine::Result<Workflow> {
             "properties": {"text": {"type": "string"}}
         }))
         .validate_input(|input| text(input).map(|_| ()))
+        .stream_event("progress")
         .step(
             Step::new("split", split)
                 .emits::<Paragraph>()
