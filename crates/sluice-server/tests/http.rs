@@ -1204,6 +1204,13 @@ async fn bad_input_never_gets_a_5xx() {
             .body(body)
             .send()
     };
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut req = s.client.get(s.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
     let cases: Vec<(u16, reqwest::Response)> = vec![
         (
             400,
@@ -1320,148 +1327,82 @@ async fn bad_input_never_gets_a_5xx() {
                 .await
                 .unwrap(),
         ),
+        (404, get("/v1/runs/run_nope", &[]).await.unwrap()),
+        (404, get("/v1/runs/run_nope/events", &[]).await.unwrap()),
         (
-            404,
-            s.client
-                .get(s.url("/v1/runs/run_nope"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            404,
-            s.client
-                .get(s.url("/v1/runs/run_nope/events"))
-                .send()
+            400,
+            get(&format!("/v1/runs/{id}/events?after=-7"), &[])
                 .await
                 .unwrap(),
         ),
         (
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events?after=-7")))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events")))
-                .header("last-event-id", "abc")
-                .send()
-                .await
-                .unwrap(),
+            get(
+                &format!("/v1/runs/{id}/events"),
+                &[("last-event-id", "abc")],
+            )
+            .await
+            .unwrap(),
         ),
         (
             // Checked even where the header would win.
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events?after=abc")))
-                .header("last-event-id", "2")
-                .send()
-                .await
-                .unwrap(),
+            get(
+                &format!("/v1/runs/{id}/events?after=abc"),
+                &[("last-event-id", "2")],
+            )
+            .await
+            .unwrap(),
         ),
         (
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events")))
-                .header("last-event-id", "2")
-                .header("last-event-id", "6")
-                .send()
-                .await
-                .unwrap(),
+            get(
+                &format!("/v1/runs/{id}/events"),
+                &[("last-event-id", "2"), ("last-event-id", "6")],
+            )
+            .await
+            .unwrap(),
         ),
         (
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events?types=Tick")))
-                .send()
+            get(&format!("/v1/runs/{id}/events?types=Tick"), &[])
                 .await
                 .unwrap(),
         ),
         (
             // Well formed, but nothing the ticker writes: a typo.
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events?types=tick,chain-complete")))
-                .send()
+            get(
+                &format!("/v1/runs/{id}/events?types=tick,chain-complete"),
+                &[],
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            400,
+            get(&format!("/v1/runs/{id}/events?types=tock"), &[])
                 .await
                 .unwrap(),
         ),
         (
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events?types=tock")))
-                .send()
+            get(&format!("/v1/runs/{id}/events?bogus=1"), &[])
                 .await
                 .unwrap(),
         ),
+        (400, get("/v1/runs?limit=0", &[]).await.unwrap()),
+        (400, get("/v1/runs?limit=abc", &[]).await.unwrap()),
+        (400, get("/v1/runs?limit=5000", &[]).await.unwrap()),
+        (400, get("/v1/runs?status=done", &[]).await.unwrap()),
+        (400, get("/v1/runs?cursor=garbage", &[]).await.unwrap()),
         (
             400,
-            s.client
-                .get(s.url(&format!("/v1/runs/{id}/events?bogus=1")))
-                .send()
+            get("/v1/runs?cursor=run_%27%20OR%201%3D1", &[])
                 .await
                 .unwrap(),
         ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?limit=0"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?limit=abc"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?limit=5000"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?status=done"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?cursor=garbage"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?cursor=run_%27%20OR%201%3D1"))
-                .send()
-                .await
-                .unwrap(),
-        ),
-        (
-            400,
-            s.client
-                .get(s.url("/v1/runs?cursor="))
-                .send()
-                .await
-                .unwrap(),
-        ),
+        (400, get("/v1/runs?cursor=", &[]).await.unwrap()),
         (
             404,
             s.client
