@@ -187,13 +187,13 @@ pub struct SqliteStore {
     writer: std::thread::JoinHandle<()>,
 }
 
+/// How long [`lock_store`] waits for a lock held by someone else before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes the store's lock, `<db>.lock` beside the database: one process at a time may open it.
 /// Two servers on one data directory would each take the other's runs for their own and
 /// interleave their writes to the journal. The lock is the OS's (`flock`): it goes with the
 /// process however it ends, so a crashed server never leaves a stale one.
-/// How long [`lock_store`] waits for a lock held by someone else before it gives up.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 fn lock_store(db: &Path) -> Result<File> {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
@@ -221,11 +221,9 @@ fn lock_store(db: &Path) -> Result<File> {
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let by = if holder.is_empty() {
-                String::from("another process")
-            } else {
-                format!("another process (pid {holder})")
+            let by = match holder.trim().parse::<u32>() {
+                Ok(pid) => format!("another process (pid {pid})"),
+                Err(_) => String::from("another process"),
             };
             return Err(Error::backend(
                 format!(
