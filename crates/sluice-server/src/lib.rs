@@ -250,6 +250,14 @@ pub async fn serve(
     Ok(())
 }
 
+/// The most a connection buffers in the server beyond the kernel's own socket buffers: the
+/// request head must fit in it (a longer one is hyper's `431`), and a response body is polled
+/// for more only while less than this waits to be written. An event stream whose reader stops
+/// reading thus holds one read batch of the log (see `sluice_store::follow_batches`), not
+/// hyper's default of about 400 KiB on top of it; the kernel's send buffer (up to
+/// `net.ipv4.tcp_wmem`'s maximum) is still in front of both.
+const CONN_BUFFER: usize = 64 * 1024;
+
 /// The timeouts of a connection waiting for a request head (see `conn.rs`).
 #[derive(Clone, Copy)]
 struct Timeouts {
@@ -300,7 +308,8 @@ async fn serve_connection(
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(io.head_timer(timeouts.header, timeouts.idle))
-        .header_read_timeout(timeouts.header);
+        .header_read_timeout(timeouts.header)
+        .max_buf_size(CONN_BUFFER);
     let conn = http
         .serve_connection(
             hyper_util::rt::TokioIo::new(io),

@@ -178,6 +178,34 @@ async fn websocket_messages_are_limited_by_the_event_size() {
     s.stop().await;
 }
 
+/// One `GET /healthz` with a header of `len` bytes on a fresh connection; the raw answer.
+async fn healthz_with_header(addr: std::net::SocketAddr, len: usize) -> String {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\nconnection: close\r\n\r\n",
+        "a".repeat(len)
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_far_over_64_kib_is_431_and_the_server_goes_on() {
+    // The server buffers about 64 KiB per connection (hyper's default is ~400 KiB): the request
+    // head must fit in it. (hyper checks the bound while a head is incomplete, after each read:
+    // a head a little over it may still be parsed, one far over it is not.)
+    let s = TestServer::start().await;
+    let fits = healthz_with_header(s.addr, 60 * 1024).await;
+    assert!(fits.starts_with("HTTP/1.1 200"), "{fits:.80}");
+    let over = healthz_with_header(s.addr, 200 * 1024).await;
+    assert!(over.starts_with("HTTP/1.1 431"), "{over:.80}");
+    let after = raw_healthz(s.addr).await;
+    assert!(after.starts_with("HTTP/1.1 200"), "{after:.80}");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait_until_one_closes() {
     let opts = ServerOptions {
