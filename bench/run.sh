@@ -3,7 +3,8 @@
 #   1. builds the server and the bench (release),
 #   2. starts `sluice serve` on an ephemeral loopback port with a fresh data dir,
 #   3. runs `sluice-bench all` against it (S1 with the raw-socket reference, S2, S3, S5),
-#   4. starts a second server with bench/configs/s4.toml and runs `sluice-bench s4`,
+#   4. starts a second server with bench/configs/s4.toml and runs `sluice-bench s4`, then a
+#      fresh one for `sluice-bench stall` (memory per reader that stops reading),
 #   5. runs S2 against the raw-socket reference (its floor: no engine, store or HTTP stack),
 #   6. starts the scripted model server (`sluice-mock-llm --stamp`, 250 tokens at 50/s) and a
 #      third server with one agent on it, and runs `sluice-bench agents` (1,000 agent runs),
@@ -106,6 +107,12 @@ if [ -s "$WORK/s4.err" ]; then
   echo "-- s4 server stderr (last 20 lines):"; tail -n 20 "$WORK/s4.err"
 fi
 
+# Stalled readers, on a server of their own (the scenario measures its RSS from a fresh start).
+start_server stall
+target/release/sluice-bench stall --server "$SERVER_URL" --server-pid "$SERVER_PID" \
+  --deadline-secs 300 | tee "$WORK/stall.md" || STATUS=$?
+stop_server "$SERVER_PID"
+
 # S2's floor on this machine: the same S2 against the raw reference in a process of its own,
 # pacing its ticks like the ticker and writing each as it is made (no engine, store or HTTP stack).
 start_helper raw "the raw reference" target/release/sluice-bench raw-reference --listen 127.0.0.1:0
@@ -135,6 +142,8 @@ echo "==================== summary ===================="
 sed -n '/^### /,$p' "$WORK/all.md"
 echo
 sed -n '/^### /,$p' "$WORK/s4.md"
+echo
+sed -n '/^### /,$p' "$WORK/stall.md"
 echo
 sed -n '/^### /,$p' "$WORK/floor.md"
 echo

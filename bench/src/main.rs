@@ -6,8 +6,8 @@
 //! event, and for ticks the creation time `t`, from which the added latency is measured.
 //!
 //! Layout: `http` (the client), `sse` (scanner and envelope fields), `check` (delivery checks),
-//! `client` (the reader all scenarios share), `raw` (the raw-socket reference server), `s1`…`s5`
-//! and `agents` (scenarios), `procfs` (server RSS and CPU), `report` (the markdown table).
+//! `client` (the reader all scenarios share), `raw` (the raw-socket reference server), `s1`…`s5`,
+//! `agents` and `stall` (scenarios), `procfs` (server RSS and CPU), `report` (the markdown table).
 //!
 //! ```text
 //! sluice-bench all --server http://127.0.0.1:8080 --server-pid 1234
@@ -27,6 +27,7 @@ mod s3;
 mod s4;
 mod s5;
 mod sse;
+mod stall;
 mod stats;
 
 use std::process::ExitCode;
@@ -75,6 +76,8 @@ enum Command {
     S5(S5Args),
     /// Agents: C concurrent agent runs against `sluice-mock-llm --stamp` (see bench/run.sh).
     Agents(AgentsArgs),
+    /// Stalled readers: server memory per reader that stops reading (SSE and NDJSON).
+    Stall(StallArgs),
     /// S1 (with the raw comparison), S2, S3 and S5, then one markdown table.
     All(AllArgs),
 }
@@ -259,6 +262,21 @@ struct AgentsArgs {
     /// The model server's process id, to report its CPU.
     #[arg(long)]
     mock_pid: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct StallArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Stalled readers per format.
+    #[arg(long, default_value_t = 200)]
+    readers: u64,
+    /// Ticks of the run they read (enough to fill every buffer between server and reader).
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// The server's process id (required: the scenario measures its RSS).
+    #[arg(long)]
+    server_pid: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -448,6 +466,16 @@ async fn dispatch(command: Command, common: Common) -> anyhow::Result<Vec<Row>> 
             .await?;
             res.print(&p);
             Ok(finish("Agents", res.rows(&p)))
+        }
+        Command::Stall(a) => {
+            let target = Target::parse(&a.server.server)?;
+            let p = stall::StallParams {
+                readers: a.readers.max(1),
+                events: a.events.max(1),
+            };
+            let sides = stall::run(&target, &p, &common, a.server_pid.as_deref()).await?;
+            stall::print(&sides, &p);
+            Ok(finish("Stalled readers", stall::rows(&sides, &p)))
         }
         Command::All(a) => all(a, common).await,
     }

@@ -29,6 +29,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// `TCP_NOTSENT_LOWAT` of every accepted socket: the kernel takes more of a response only while
+/// less than this of what it already took is still unsent. Without it, Linux grows a socket's
+/// send buffer up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) for a reader that stops
+/// reading, so each stalled event stream held about 4 MiB of kernel memory; with it, what is in
+/// flight (bounded by the reader's receive window) and at most about this much more. The send
+/// buffer still grows for fast, distant readers: only the unsent part is bounded, the window
+/// is not.
+const NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// The open connections of one server.
 #[derive(Debug, Default)]
 pub(crate) struct Connections {
@@ -106,6 +115,9 @@ impl axum::serve::Listener for LimitedListener {
         // already batches what is ready into one write.
         if let Err(e) = io.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        if let Err(e) = socket2::SockRef::from(&io).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+            tracing::debug!(error = %e, "could not set TCP_NOTSENT_LOWAT");
         }
         (LimitedIo::new(io, permit, self.connections.clone()), addr)
     }
@@ -330,3 +342,21 @@ impl Future for HeadWait {
 }
 
 impl hyper::rt::Sleep for HeadWait {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_send_at_once_and_bound_what_waits_unsent() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let mut listener = LimitedListener::new(inner, 4, Arc::new(Connections::default()));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = axum::serve::Listener::accept(&mut listener).await;
+        let socket = socket2::SockRef::from(&accepted.io);
+        assert!(socket.tcp_nodelay().unwrap());
+        assert_eq!(socket.tcp_notsent_lowat().unwrap(), NOTSENT_LOWAT);
+    }
+}
