@@ -167,6 +167,26 @@ pub(crate) struct EngineInner {
 }
 
 impl EngineInner {
+    /// The newest run of `session` created before `run_id` (ids grow with creation) that has
+    /// not ended.
+    pub(crate) async fn previous_in_session(
+        &self,
+        session: &str,
+        run_id: &str,
+    ) -> Result<Option<String>> {
+        let page = self
+            .store
+            .list_runs(&RunFilter {
+                session_id: Some(session.to_owned()),
+                statuses: vec![RunStatus::Queued, RunStatus::Running, RunStatus::Waiting],
+                limit: 1,
+                cursor: Some(run_id.to_owned()),
+                ..RunFilter::default()
+            })
+            .await?;
+        Ok(page.runs.into_iter().next().map(|r| r.id))
+    }
+
     fn active(&self) -> MutexGuard<'_, FastMap<String, mpsc::Sender<Control>>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -557,23 +577,6 @@ impl Engine {
         })
     }
 
-    /// The newest run of `session` created before `run_id` (ids grow with creation) that has
-    /// not ended.
-    async fn previous_in_session(&self, session: &str, run_id: &str) -> Result<Option<String>> {
-        let page = self
-            .inner
-            .store
-            .list_runs(&RunFilter {
-                session_id: Some(session.to_owned()),
-                statuses: vec![RunStatus::Queued, RunStatus::Running, RunStatus::Waiting],
-                limit: 1,
-                cursor: Some(run_id.to_owned()),
-                ..RunFilter::default()
-            })
-            .await?;
-        Ok(page.runs.into_iter().next().map(|r| r.id))
-    }
-
     /// Continues after a restart: runs found `running` resume from their last checkpoint with
     /// `chain-resumed` (or end with `chain-error` `interrupted` when that is impossible, e.g. the
     /// workflow is no longer deployed); runs found `queued` queue again, those of a session
@@ -651,7 +654,7 @@ impl Engine {
                 // session created before it that has not ended.
                 let after_run = match (&mode, &record.session_id) {
                     (Mode::Fresh(_), Some(session)) => {
-                        match self.previous_in_session(session, &record.id).await {
+                        match self.inner.previous_in_session(session, &record.id).await {
                             Ok(prev) => prev,
                             Err(e) => {
                                 tracing::error!(run_id = %record.id, error = %e, "could not read its session's runs during recovery; it is left for the next start");

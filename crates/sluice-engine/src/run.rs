@@ -267,9 +267,11 @@ impl Driver {
         reserved: Option<OwnedSemaphorePermit>,
     ) -> Result<Option<OwnedSemaphorePermit>> {
         let slot = self.slot.clone();
-        if let Some(prev) = self.after_run.take() {
+        let mut ahead = self.after_run.take();
+        while let Some(prev) = ahead {
             let store = self.engine.store.clone();
             let from = store.last_seq(&prev).await?;
+            let waited_for = prev.clone();
             let previous_ends = async move {
                 let mut events =
                     std::pin::pin!(sluice_store::follow(store, prev, from.saturating_sub(1)));
@@ -278,6 +280,18 @@ impl Driver {
             if self.queued(previous_ends).await?.is_none() {
                 return Ok(None);
             }
+            // The run ahead may have been a queued one that was cancelled: the line then goes
+            // on behind the newest run of the session before this one that has not ended.
+            // (A store shows a run's final record with its terminal event, so the run just
+            // waited for is not found again; were it, waiting again would return at once.)
+            ahead = match &self.record.session_id {
+                Some(session) => self
+                    .engine
+                    .previous_in_session(session, &self.record.id)
+                    .await?
+                    .filter(|next| *next != waited_for),
+                None => None,
+            };
         }
         let permit = match reserved {
             Some(p) => p,

@@ -768,6 +768,45 @@ async fn a_sessions_queued_runs_keep_their_order_across_a_restart() {
     assert!(rc.started_at >= rb.finished_at, "c started before b ended");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_queued_session_run_keeps_the_rest_of_the_line() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let engine = Engine::new(store, [builtin::ask_human(), builtin::ticker()]).unwrap();
+    let in_session = |input: Value, after_run: Option<&str>| StartRun {
+        input,
+        session_id: Some("ses_1".into()),
+        after_run: after_run.map(str::to_owned),
+        ..Default::default()
+    };
+    let a = engine
+        .start("ask-human", in_session(Value::Null, None))
+        .await
+        .unwrap();
+    let b = engine
+        .start("ticker", in_session(json!({"n": 2}), Some(a.id())))
+        .await
+        .unwrap();
+    let c = engine
+        .start("ticker", in_session(json!({"n": 2}), Some(b.id())))
+        .await
+        .unwrap();
+    until_status(&engine, a.id(), RunStatus::Waiting).await;
+    engine.cancel(b.id(), None).await.unwrap();
+    assert_eq!(b.wait().await.unwrap().status, RunStatus::Cancelled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rec = c.record().await.unwrap();
+    assert_eq!(
+        rec.status,
+        RunStatus::Queued,
+        "c started while a, ahead of the cancelled b, still runs"
+    );
+    engine.send(a.id(), "input", json!("go")).await.unwrap();
+    let (ra, rc) = (a.wait().await.unwrap(), c.wait().await.unwrap());
+    assert_eq!(ra.status, RunStatus::Completed);
+    assert_eq!(rc.status, RunStatus::Completed);
+    assert!(rc.started_at >= ra.finished_at, "c started before a ended");
+}
+
 /// `WorkflowStats::waiting` of the only workflow.
 fn waiting(engine: &Engine) -> usize {
     engine.stats()[0].waiting

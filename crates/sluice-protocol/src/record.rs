@@ -189,7 +189,8 @@ pub struct SessionRecord {
     /// Shared state carried from run to run.
     #[serde(default)]
     pub state: Value,
-    /// The run of this session currently active, if any.
+    /// The newest run of this session that has not ended (`queued`, `running` or `waiting`),
+    /// if any: runs queued behind the running one (`?if_busy=enqueue`) count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_run: Option<String>,
     /// Label of the API key that created it. Never sent to clients, so not in the published

@@ -431,9 +431,10 @@ async fn get_session(
     who: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<sluice_protocol::SessionRecord>> {
-    Ok(Json(public_session(
-        visible_session(&state, &who, &id).await?,
-    )))
+    let mut session = visible_session(&state, &who, &id).await?;
+    // What is active now, not the last run started in the session (which may have ended).
+    session.active_run = active_run_of(&state, &id).await?;
+    Ok(Json(public_session(session)))
 }
 
 async fn delete_session(
