@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sluice_protocol::Usage;
+use sluice_protocol::{Timestamp, Usage};
 
 use crate::event::AnyEvent;
 
@@ -59,6 +59,13 @@ pub(crate) struct Checkpoint {
     #[serde(default)]
     pub delivery_counter: u64,
     pub usage: Usage,
+    /// Milliseconds the run spent waiting for input before its last wait: they do not count
+    /// toward its `run_timeout`.
+    #[serde(default)]
+    pub waited_ms: u64,
+    /// When the run went waiting, while it is waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<Timestamp>,
 }
 
 /// 2: deliveries carry ids; collect buffers are keyed by them.

@@ -109,6 +109,10 @@ pub(crate) struct Driver {
     in_queue: bool,
     permit: Option<OwnedSemaphorePermit>,
     deadline: Option<tokio::time::Instant>,
+    /// Milliseconds spent waiting for input (not counted toward `run_timeout`), and since when
+    /// the run waits now (see [`Checkpoint::waited_ms`]).
+    waited_ms: u64,
+    waiting_since: Option<Timestamp>,
     started: Instant,
     boundary: bool,
     acks: Vec<oneshot::Sender<Result<()>>>,
@@ -168,6 +172,8 @@ impl Driver {
             in_queue: false,
             permit: None,
             deadline: None,
+            waited_ms: 0,
+            waiting_since: None,
             started: Instant::now(),
             boundary: false,
             acks: Vec::new(),
@@ -378,7 +384,7 @@ impl Driver {
         let acquire = self.slot.semaphore.clone().acquire_owned();
         tokio::pin!(acquire);
         let mut open = true;
-        // The run's `run_timeout` counts from its start, and goes on counting while it queues.
+        // The run's `run_timeout` goes on counting while it queues for a slot.
         self.set_deadline();
         let deadline = self.deadline;
         let outcome = loop {
@@ -444,12 +450,25 @@ impl Driver {
         self.push(kind::CHAIN_STARTED, None, &started);
     }
 
+    /// The run's `run_timeout` counts from its start, less the time it waited for input.
     fn set_deadline(&mut self) {
         let started = self.record.started_at.unwrap_or_else(Timestamp::now);
+        let waited = self.waited_ms;
         self.deadline = self.wf.inner.run_timeout.map(|limit| {
-            let elapsed = Duration::from_millis(Timestamp::now().millis_since(started));
+            let since_start = Timestamp::now().millis_since(started);
+            let elapsed = Duration::from_millis(since_start.saturating_sub(waited));
             tokio::time::Instant::now() + limit.saturating_sub(elapsed)
         });
+    }
+
+    /// Input arrived: the wait for it ends, and the time it took stops counting against the
+    /// run's `run_timeout`.
+    fn end_wait(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited_ms = self
+                .waited_ms
+                .saturating_add(Timestamp::now().millis_since(since));
+        }
     }
 
     /// Loads the checkpoint (a run interrupted before its first one restarts from its input).
@@ -533,6 +552,8 @@ impl Driver {
         }
         self.waits = cp.waits;
         self.step_counter = cp.step_counter;
+        self.waited_ms = cp.waited_ms;
+        self.waiting_since = cp.waiting_since;
         Ok(())
     }
 
@@ -597,6 +618,7 @@ impl Driver {
                     }
                     Ok(()) => {
                         self.acks.push(reply);
+                        self.end_wait();
                         match self.resume_slot().await? {
                             Ok(permit) => self.permit = Some(permit),
                             Err(outcome) => return Ok(Some(outcome)),
@@ -1038,6 +1060,8 @@ impl Driver {
             step_counter: self.step_counter,
             delivery_counter: self.delivery_counter,
             usage: self.usage(),
+            waited_ms: self.waited_ms,
+            waiting_since: self.waiting_since,
         };
         let bytes = serde_json::to_vec(&cp)?;
         self.engine
@@ -1058,6 +1082,7 @@ impl Driver {
     // ---- pausing and ending ----
 
     async fn sleep(&mut self) -> Result<()> {
+        self.waiting_since = Some(Timestamp::now());
         self.checkpoint().await?;
         self.record.status = RunStatus::Waiting;
         self.record.last_seq = self.next_seq - 1;

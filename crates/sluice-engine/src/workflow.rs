@@ -217,7 +217,8 @@ impl WorkflowBuilder {
         self
     }
 
-    /// Ends runs with `chain-error` `timeout` after this long running (default: none).
+    /// Ends runs with `chain-error` `timeout` this long after they started, not counting the
+    /// time they spent waiting for input (default: none).
     pub fn run_timeout(mut self, limit: Duration) -> Self {
         self.run_timeout = Some(limit);
         self

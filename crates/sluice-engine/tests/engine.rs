@@ -1547,6 +1547,10 @@ fn one_slot_builder(gate: tokio::sync::watch::Receiver<bool>) -> sluice_engine::
                         open.wait_for(|o| *o).await.unwrap();
                         return Ok(Emit::stop("held"));
                     }
+                    if s.0 == json!("ask-late") {
+                        // Works a while before it asks.
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                    }
                     Ok(Emit::none().request_input(Default::default()))
                 }
             })
@@ -1667,6 +1671,36 @@ async fn a_run_queued_after_its_input_can_be_cancelled_and_outlives_a_restart() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_input_does_not_count_toward_run_timeout() {
+    // A run that waits longer than its timeout, across a restart too, gets its input and
+    // completes: a waiting run holds no task and no slot, and its input is not thrown away.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (_gate, gate_rx) = tokio::sync::watch::channel(false);
+    let workflows = || {
+        [one_slot_builder(gate_rx.clone())
+            .run_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap()]
+    };
+    let first = Engine::new(store.clone(), workflows()).unwrap();
+    let asking = first.start("one-slot", input(json!("ask"))).await.unwrap();
+    until_status(&first, asking.id(), RunStatus::Waiting).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+
+    let second = Engine::new(store.clone(), workflows()).unwrap();
+    second.recover().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    second
+        .send(asking.id(), "input", json!("late"))
+        .await
+        .unwrap();
+    let done = second.handle(asking.id()).wait().await.unwrap();
+    assert_eq!(done.status, RunStatus::Completed, "{:?}", done.error);
+    assert_eq!(done.result, Some(json!("late")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_queued_after_its_input_still_times_out() {
     let (gate, gate_rx) = tokio::sync::watch::channel(false);
     let wf = one_slot_builder(gate_rx)
@@ -1674,10 +1708,14 @@ async fn a_run_queued_after_its_input_still_times_out() {
         .build()
         .unwrap();
     let engine = engine_with(vec![wf]);
-    let asking = engine.start("one-slot", input(json!("ask"))).await.unwrap();
+    // The asking run works 400 ms before it waits (waiting does not count toward the timeout):
+    // 400 ms of its timeout are left when its input comes, while the holder, which starts
+    // then, has 800.
+    let asking = engine
+        .start("one-slot", input(json!("ask-late")))
+        .await
+        .unwrap();
     until_status(&engine, asking.id(), RunStatus::Waiting).await;
-    // The holder starts well after: its own timeout comes 400 ms after the asking run's.
-    tokio::time::sleep(Duration::from_millis(400)).await;
     let holder = engine
         .start("one-slot", input(json!("hold")))
         .await

@@ -273,7 +273,7 @@ pub struct WorkflowOptions {
     /// Runs allowed to queue; beyond, 429.
     #[serde(default)]
     pub queue: Option<usize>,
-    /// Time limit of a run.
+    /// Time limit of a run, from its start, not counting time spent waiting for input.
     #[serde(default, deserialize_with = "opt_duration")]
     pub run_timeout: Option<Duration>,
     /// Step budget of a run; for an agent, the number of model calls a run may make
@@ -550,13 +550,27 @@ impl Config {
                 "without api_keys the server only binds a loopback address",
             ));
         }
-        for (i, k) in s.api_keys.iter().chain(&s.admin_keys).enumerate() {
-            if k.len() < 16 {
-                return Err(invalid(
-                    "server.api_keys",
-                    format!("key #{} is shorter than 16 characters", i + 1),
-                ));
+        for (list, keys) in [
+            ("server.api_keys", &s.api_keys),
+            ("server.admin_keys", &s.admin_keys),
+        ] {
+            for (i, k) in keys.iter().enumerate() {
+                if k.len() < 16 {
+                    return Err(invalid(
+                        list,
+                        format!("key #{} is shorter than 16 characters", i + 1),
+                    ));
+                }
             }
+        }
+        if let Some(i) = s.admin_keys.iter().position(|k| s.api_keys.contains(k)) {
+            return Err(invalid(
+                "server.admin_keys",
+                format!(
+                    "key #{} is also in server.api_keys: a key is either ordinary or admin",
+                    i + 1
+                ),
+            ));
         }
         if !matches!(s.store.as_str(), "sqlite" | "memory") {
             return Err(invalid(
@@ -676,6 +690,15 @@ impl Config {
         }
         for (name, w) in &self.workflows {
             let key = |k: &str| format!("workflows.{name}.{k}");
+            if w.run_timeout.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(
+                    key("run_timeout"),
+                    "must be more than zero (leave it out for no limit)",
+                ));
+            }
+            if w.max_steps == Some(0) {
+                return Err(invalid(key("max_steps"), "must be at least 1"));
+            }
             match w.kind.as_str() {
                 "ticker" | "ask-human" => {
                     if w.provider.is_some()
@@ -709,9 +732,6 @@ impl Config {
                     }
                     if w.model.as_deref().is_none_or(|m| m.trim().is_empty()) {
                         return Err(invalid(key("model"), "required for kind \"agent\""));
-                    }
-                    if w.max_steps == Some(0) {
-                        return Err(invalid(key("max_steps"), "must be at least 1"));
                     }
                     if w.temperature
                         .is_some_and(|t| !t.is_finite() || !(0.0..=2.0).contains(&t))
@@ -795,15 +815,44 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A duration or a size as written: a whole number, or a string with a unit.
 enum NumOrText {
     Num(u64),
     Text(String),
 }
 
+/// Reads a [`NumOrText`]; anything else (a negative or fractional number, a boolean, a table)
+/// is an error that says what was expected, not serde's "did not match any variant".
+struct NumOrTextVisitor(&'static str);
+
+impl<'de> serde::de::Visitor<'de> for NumOrTextVisitor {
+    type Value = NumOrText;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumOrText, E> {
+        Ok(NumOrText::Num(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NumOrText, E> {
+        u64::try_from(v)
+            .map(NumOrText::Num)
+            .map_err(|_| E::custom(format!("{v} is negative: expected {}", self.0)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NumOrText, E> {
+        Ok(NumOrText::Text(v.to_owned()))
+    }
+}
+
+const DURATION: &str =
+    "a duration: a whole number of seconds or a string like \"500ms\", \"15s\" or \"10m\"";
+const SIZE: &str = "a size: a whole number of bytes or a string like \"64KiB\" or \"1MiB\"";
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    match NumOrText::deserialize(d)? {
+    match d.deserialize_any(NumOrTextVisitor(DURATION))? {
         NumOrText::Num(n) => Ok(Duration::from_secs(n)),
         NumOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
     }
@@ -818,7 +867,7 @@ fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> 
 }
 
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    match NumOrText::deserialize(d)? {
+    match d.deserialize_any(NumOrTextVisitor(SIZE))? {
         NumOrText::Num(n) => usize::try_from(n).map_err(serde::de::Error::custom),
         NumOrText::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
     }
@@ -1162,6 +1211,57 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
                 .to_string()
                 .contains("workflows.x.kind")
         );
+    }
+
+    #[test]
+    fn bad_limits_and_keys_are_named_with_the_problem() {
+        // Parse errors: the key, and what a duration or a size looks like.
+        for (text, key, says) in [
+            ("heartbeat = -1", "heartbeat", "negative"),
+            ("shutdown_grace = 1.5", "shutdown_grace", "a duration"),
+            ("heartbeat = true", "heartbeat", "a duration"),
+            ("max_body = -5", "max_body", "negative"),
+            ("max_body = 2.5", "max_body", "a size"),
+        ] {
+            let e = Config::from_toml(&format!("[server]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+            assert!(!e.contains("variant"), "{text}: {e}");
+        }
+        // Validation: zero limits of a workflow, of any kind.
+        for (kind, text, key) in [
+            ("ticker", "run_timeout = \"0s\"", "workflows.w.run_timeout"),
+            ("ask-human", "run_timeout = 0", "workflows.w.run_timeout"),
+            ("ticker", "max_steps = 0", "workflows.w.max_steps"),
+            ("ask-human", "max_steps = 0", "workflows.w.max_steps"),
+        ] {
+            let c =
+                Config::from_toml(&format!("[workflows.w]\nkind = \"{kind}\"\n{text}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{kind} {text}: {e}");
+        }
+        // Keys: the list a short key is in, counted within that list; a key in both lists.
+        let ok = "0123456789abcdef";
+        let c = Config::from_toml(&format!(
+            "[server]\napi_keys = [\"{ok}\"]\nadmin_keys = [\"short\"]\n"
+        ))
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.admin_keys") && e.contains("key #1"),
+            "{e}"
+        );
+        let c = Config::from_toml(&format!(
+            "[server]\napi_keys = [\"{ok}\"]\nadmin_keys = [\"{ok}\"]\n"
+        ))
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.admin_keys") && e.contains("also in"),
+            "{e}"
+        );
+        assert!(!e.contains(ok), "a key is never shown: {e}");
     }
 
     #[test]
