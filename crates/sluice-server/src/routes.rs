@@ -46,15 +46,22 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
         crate::auth::authenticate,
     ));
     ops.nest("/v1", v1)
-        .fallback(|| async {
-            ApiError::NotFound {
-                what: "route",
-                id: "this path".into(),
-            }
-        })
+        .fallback(|uri: axum::extract::OriginalUri| async move { unknown_route(uri.path()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(state.options.max_body))
         .layer(axum::middleware::from_fn_with_state(state, request_body))
+}
+
+/// The `404` of a path no route serves; it names the path (its first 200 bytes).
+fn unknown_route(path: &str) -> ApiError {
+    let mut end = path.len().min(200);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    ApiError::NotFound {
+        what: "route",
+        id: path[..end].to_owned(),
+    }
 }
 
 /// The handler of one operation, for its method.

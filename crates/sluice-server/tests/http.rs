@@ -1463,6 +1463,13 @@ async fn operations_endpoints() {
         s.get_json("/readyz").await,
         (200, json!({"status": "ready"}))
     );
+    // A path no route serves: a 404 that names it.
+    for path in ["/v1/workflows/ticker", "/v2/anything"] {
+        let (status, body) = s.get_json(path).await;
+        assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(path), "{message}");
+    }
     let (status, doc) = s.get_json("/openapi.json").await;
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.1.0");
