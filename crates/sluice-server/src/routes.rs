@@ -86,12 +86,27 @@ fn handler(o: &Operation) -> MethodRouter<AppState> {
 }
 
 /// Every request's body: its size limit (for 413 messages) and its deadline,
-/// `server.body_timeout` from now (the head has just been read).
+/// `server.body_timeout` from now (the head has just been read). A body whose declared
+/// `Content-Length` is over the limit is refused at once, before a byte of it is read (so no
+/// `100 Continue` invites it, and the client does not wait out the body timeout).
 async fn request_body(
     State(state): State<AppState>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let limit = state.options.max_body;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::TooLarge {
+            what: "the request body",
+            limit,
+        }
+        .into_response();
+    }
     req.extensions_mut()
         .insert(crate::extract::BodyLimit(state.options.max_body));
     let req = crate::extract::TimedBody::wrap(req, state.options.body_timeout);

@@ -207,6 +207,39 @@ async fn a_request_head_far_over_64_kib_is_431_and_the_server_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_body_over_max_body_is_413_before_it_is_sent() {
+    let opts = ServerOptions {
+        max_body: 4096,
+        body_timeout: Duration::from_secs(60),
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ticker()]).await;
+    for expect in ["", "expect: 100-continue\r\n"] {
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/workflows/ticker/runs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 10000000\r\n{expect}\r\n"
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        // Nothing of the body is sent: the answer must not wait for it (nor invite it).
+        let mut answer = String::new();
+        let mut buf = vec![0u8; 4096];
+        while !answer.contains("too_large") {
+            let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+                .await
+                .expect("answered without the body")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(answer.starts_with("HTTP/1.1 413"), "{expect:?}: {answer}");
+        assert!(answer.contains("\"too_large\""), "{answer}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait_until_one_closes() {
     let opts = ServerOptions {
         max_connections: 2,
