@@ -580,7 +580,9 @@ impl Engine {
     /// Continues after a restart: runs found `running` resume from their last checkpoint with
     /// `chain-resumed` (or end with `chain-error` `interrupted` when that is impossible, e.g. the
     /// workflow is no longer deployed); runs found `queued` queue again, those of a session
-    /// behind the run of the session before them, as when they were queued. `waiting` runs stay
+    /// behind the run of the session before them, as when they were queued. They are taken up in
+    /// the order they were admitted: runs that held a slot first (each takes a free slot at
+    /// once), then queued runs oldest first. `waiting` runs stay
     /// waiting and resume when their input arrives; they are counted in
     /// [`WorkflowStats::waiting`] (by the first call only). Call once, before serving.
     ///
@@ -598,6 +600,11 @@ impl Engine {
         if count_waiting {
             statuses.push(RunStatus::Waiting);
         }
+        // First the list (newest first, as the store gives it): waiting runs are counted at
+        // once; the others are taken up afterwards in the order they were admitted, so the
+        // runs that held slots go on first and the queue keeps its order (ids grow with
+        // creation). Only ids are kept: a record (its input) may be large.
+        let mut to_resume: Vec<(bool, String)> = Vec::new();
         loop {
             let filter = RunFilter {
                 statuses: statuses.clone(),
@@ -620,65 +627,96 @@ impl Engine {
                     }
                     continue;
                 }
-                self.inner.abandoned_map().remove(&record.id);
-                let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
-                    let id = record.id.clone();
-                    match self
-                        .interrupt(record, "its workflow is no longer deployed")
-                        .await
-                    {
-                        Ok(()) => out.interrupted += 1,
-                        Err(e) => {
-                            tracing::error!(run_id = %id, error = %e, source = ?std::error::Error::source(&e), "could not interrupt a run during recovery; it is left for the next start");
-                            out.errors += 1;
-                        }
-                    }
-                    continue;
-                };
-                // Shutting down: the rest stays as it is, for the next start.
-                let Ok(_spawning) = self.inner.guard() else {
-                    return Ok(out);
-                };
-                // A queued run that had started (woken from `waiting` and waiting for a slot
-                // again) goes on from its checkpoint; one that never started starts afresh.
-                let mode = if record.status == RunStatus::Queued && record.started_at.is_none() {
-                    out.requeued += 1;
-                    slot.queued.fetch_add(1, Ordering::AcqRel);
-                    Mode::Fresh(None)
-                } else {
-                    out.resumed += 1;
-                    Mode::Recover
-                };
-                // A session's runs go one after the other: one queued behind another
-                // (`after_run`, not in the record) waits again for the newest run of its
-                // session created before it that has not ended.
-                let after_run = match (&mode, &record.session_id) {
-                    (Mode::Fresh(_), Some(session)) => {
-                        match self.inner.previous_in_session(session, &record.id).await {
-                            Ok(prev) => prev,
-                            Err(e) => {
-                                tracing::error!(run_id = %record.id, error = %e, "could not read its session's runs during recovery; it is left for the next start");
-                                slot.leave_queue();
-                                out.requeued -= 1;
-                                out.errors += 1;
-                                continue;
-                            }
-                        }
-                    }
-                    _ => None,
-                };
-                let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
-                self.inner.active().insert(record.id.clone(), tx);
-                let mut driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
-                driver.after_run = after_run;
-                self.inner.tracker.spawn(driver.run(mode));
+                let fresh = record.status == RunStatus::Queued && record.started_at.is_none();
+                to_resume.push((fresh, record.id));
             }
             match page.next_cursor {
                 Some(c) => cursor = Some(c),
                 None => break,
             }
         }
+        to_resume.sort();
+        for (_, id) in to_resume {
+            let record = match self.inner.store.get_run(&id).await {
+                Ok(Some(r)) if !r.status.is_terminal() && r.status != RunStatus::Waiting => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!(run_id = %id, error = %e, "could not read a run to recover; it is left for the next start");
+                    out.errors += 1;
+                    continue;
+                }
+            };
+            // Shutting down: the rest stays as it is, for the next start.
+            if !self.recover_one(record, &mut out).await {
+                break;
+            }
+        }
         Ok(out)
+    }
+
+    /// Takes up one run found `running` or `queued` at startup; `false` when the engine is
+    /// shutting down (the run is left as it is).
+    async fn recover_one(&self, record: RunRecord, out: &mut Recovered) -> bool {
+        if self.inner.active().contains_key(&record.id) {
+            return true;
+        }
+        self.inner.abandoned_map().remove(&record.id);
+        let Some(slot) = self.inner.slots.get(&record.workflow).cloned() else {
+            let id = record.id.clone();
+            match self
+                .interrupt(record, "its workflow is no longer deployed")
+                .await
+            {
+                Ok(()) => out.interrupted += 1,
+                Err(e) => {
+                    tracing::error!(run_id = %id, error = %e, source = ?std::error::Error::source(&e), "could not interrupt a run during recovery; it is left for the next start");
+                    out.errors += 1;
+                }
+            }
+            return true;
+        };
+        let Ok(_spawning) = self.inner.guard() else {
+            return false;
+        };
+        // A queued run that had started (woken from `waiting` and waiting for a slot again)
+        // goes on from its checkpoint; one that never started starts afresh. A run that goes
+        // on takes its slot here, if one is free, before the next run is looked at.
+        let (mode, permit) = if record.status == RunStatus::Queued && record.started_at.is_none() {
+            out.requeued += 1;
+            slot.queued.fetch_add(1, Ordering::AcqRel);
+            (Mode::Fresh(None), None)
+        } else {
+            out.resumed += 1;
+            (
+                Mode::Recover,
+                slot.semaphore.clone().try_acquire_owned().ok(),
+            )
+        };
+        // A session's runs go one after the other: one queued behind another (`after_run`,
+        // not in the record) waits again for the newest run of its session created before it
+        // that has not ended.
+        let after_run = match (&mode, &record.session_id) {
+            (Mode::Fresh(_), Some(session)) => {
+                match self.inner.previous_in_session(session, &record.id).await {
+                    Ok(prev) => prev,
+                    Err(e) => {
+                        tracing::error!(run_id = %record.id, error = %e, "could not read its session's runs during recovery; it is left for the next start");
+                        slot.leave_queue();
+                        out.requeued -= 1;
+                        out.errors += 1;
+                        return true;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
+        self.inner.active().insert(record.id.clone(), tx);
+        let mut driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
+        driver.after_run = after_run;
+        driver.permit = permit;
+        self.inner.tracker.spawn(driver.run(mode));
+        true
     }
 
     /// One page of runs to recover, trying a few times; `None` (counted as an error) when the

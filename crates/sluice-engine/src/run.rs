@@ -107,7 +107,9 @@ pub(crate) struct Driver {
     delivery_counter: u64,
     /// Whether the run counts in its workflow's queue.
     in_queue: bool,
-    permit: Option<OwnedSemaphorePermit>,
+    /// The run's slot of its workflow while it runs (for a recovered run, taken by
+    /// `Engine::recover` when one was free).
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
     deadline: Option<tokio::time::Instant>,
     /// Milliseconds spent waiting for input (not counted toward `run_timeout`), and since when
     /// the run waits now (see [`Checkpoint::waited_ms`]).
@@ -228,9 +230,11 @@ impl Driver {
                         ))
                         .await;
                 }
-                match self.resume_slot().await? {
-                    Ok(permit) => self.permit = Some(permit),
-                    Err(outcome) => return self.end(outcome).await,
+                if self.permit.is_none() {
+                    match self.resume_slot().await? {
+                        Ok(permit) => self.permit = Some(permit),
+                        Err(outcome) => return self.end(outcome).await,
+                    }
                 }
                 self.resume().await?;
             }

@@ -769,6 +769,50 @@ async fn a_sessions_queued_runs_keep_their_order_across_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_run_that_held_the_slot_goes_on_first() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let workflows = || {
+        let limits = sluice_engine::Limits {
+            max_concurrent_runs: Some(1),
+            queue: Some(8),
+            ..Default::default()
+        };
+        [builtin::ticker().configure("ticker", &limits).unwrap()]
+    };
+    let first = Engine::new(store.clone(), workflows()).unwrap();
+    let holder = first
+        .start("ticker", input(json!({"n": 40, "delay_ms": 10})))
+        .await
+        .unwrap();
+    until_status(&first, holder.id(), RunStatus::Running).await;
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        let h = first.start("ticker", input(json!({"n": 2}))).await.unwrap();
+        queued.push(h.id().to_owned());
+    }
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+    assert_eq!(
+        store.get_run(holder.id()).await.unwrap().unwrap().status,
+        RunStatus::Running,
+        "left running for the next start"
+    );
+
+    let second = Engine::new(store.clone(), workflows()).unwrap();
+    let recovered = second.recover().await.unwrap();
+    assert_eq!((recovered.resumed, recovered.requeued), (1, 3));
+    let held = second.handle(holder.id()).wait().await.unwrap();
+    assert_eq!(held.status, RunStatus::Completed);
+    for id in &queued {
+        let rec = second.handle(id).wait().await.unwrap();
+        assert_eq!(rec.status, RunStatus::Completed);
+        assert!(
+            rec.started_at >= held.finished_at,
+            "{id} took the slot before the run that held it went on"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_queued_session_run_keeps_the_rest_of_the_line() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let engine = Engine::new(store, [builtin::ask_human(), builtin::ticker()]).unwrap();
