@@ -217,12 +217,28 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
+/// The HTTP client's crates: at `debug` they log the address of every connection they make,
+/// a provider's host and port, which the logs never name (docs/protocol.md). They log at `info`
+/// at most unless `SLUICE_LOG` names them itself.
+const CLIENT_CRATES: [&str; 2] = ["hyper_util", "reqwest"];
+
+/// The log filter: `SLUICE_LOG` (default `info`), with [`CLIENT_CRATES`] capped.
+fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    let spec = spec.unwrap_or("info");
+    let mut filter = tracing_subscriber::EnvFilter::try_new(spec).unwrap_or_else(|_| "info".into());
+    for krate in CLIENT_CRATES {
+        if !spec.contains(krate)
+            && let Ok(d) = format!("{krate}=info").parse()
+        {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         .init();
     let config = load(&args)?;

@@ -140,6 +140,65 @@ async fn assistant_only_with_an_openai_provider() {
     assert_eq!(mock.requests()[0].model(), Some("mini"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_name_the_providers_address_even_at_trace() {
+    // A provider nothing listens on: the run fails to connect, and every layer logs at trace.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+store = "memory"
+
+[providers.gone]
+kind = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+max_retries = 0
+
+[workflows.helper]
+kind = "agent"
+provider = "gone"
+model = "tiny"
+"#
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("sluice.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let s = Server::start_with_stderr(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[("SLUICE_LOG", "trace")],
+        log.into(),
+    );
+    let c = reqwest::Client::new();
+    let rec = ask(&c, &s, "helper", "Hi").await;
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert_eq!(rec["error"]["code"], "provider_error", "{rec}");
+    s.stop();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("sluice listening"), "the log: {text}");
+    assert!(
+        !text.contains(&format!(":{port}")),
+        "the provider's port is in the log:\n{}",
+        text.lines()
+            .filter(|l| l.contains(&format!(":{port}")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 /// One line per event, text deltas in a row joined.
 fn summary(evs: &[Value]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();

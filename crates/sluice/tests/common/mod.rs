@@ -19,6 +19,11 @@ impl Server {
     /// `sluice serve ARGS` with these extra environment variables and none of the OpenAI ones
     /// from the test's environment; returns once it printed its address.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::start_with_stderr(args, envs, Stdio::inherit())
+    }
+
+    /// As [`start`](Self::start), its stderr (the log) going to `stderr`.
+    pub fn start_with_stderr(args: &[&str], envs: &[(&str, &str)], stderr: Stdio) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.arg("serve")
             .args(args)
@@ -27,7 +32,7 @@ impl Server {
             .env_remove("OPENAI_MODEL")
             .env("SLUICE_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         for (k, v) in envs {
             cmd.env(k, v);
         }
