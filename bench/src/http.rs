@@ -243,6 +243,17 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The run a streaming create started: `X-Sluice-Run-Id`, else the id in `Location`.
+    pub fn run_id(&self) -> Option<String> {
+        self.header("x-sluice-run-id")
+            .map(str::to_owned)
+            .or_else(|| {
+                self.header("location")
+                    .and_then(|l| l.strip_prefix("/v1/runs/"))
+                    .map(str::to_owned)
+            })
+    }
+
     /// Appends the next decoded body bytes to `out`, reading the socket when nothing is
     /// buffered. Returns the Unix-nanosecond time of the read that brought them, or `None` at
     /// the end of the body.

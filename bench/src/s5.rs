@@ -129,15 +129,7 @@ pub async fn run(
             return Err(e.context("S5: starting the run"));
         }
     };
-    let run_id = first
-        .header("x-sluice-run-id")
-        .map(str::to_owned)
-        .or_else(|| {
-            first
-                .header("location")
-                .and_then(|l| l.strip_prefix("/v1/runs/"))
-                .map(str::to_owned)
-        });
+    let run_id = first.run_id();
     let Some(run_id) = run_id else {
         set.abort_all();
         return Err(anyhow!("S5: the streaming response names no run"));

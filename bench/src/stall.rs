@@ -123,13 +123,7 @@ pub async fn run(
     let req = start_run(target, "ticker", &ticker_input(p.events, 0, 16), true);
     let mut resp = open_stream(target, &req, common.idle).await?;
     let run_id = resp
-        .header("x-sluice-run-id")
-        .map(str::to_owned)
-        .or_else(|| {
-            resp.header("location")
-                .and_then(|l| l.strip_prefix("/v1/runs/"))
-                .map(str::to_owned)
-        })
+        .run_id()
         .ok_or_else(|| anyhow!("the streaming response names no run (Location header)"))?;
     let mut reader = Reader::new(0);
     let end = reader

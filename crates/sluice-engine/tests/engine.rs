@@ -51,6 +51,16 @@ fn input(v: Value) -> StartRun {
     }
 }
 
+/// A run of session `ses_1`, queued behind `after_run` when given.
+fn in_session(input: Value, after_run: Option<&str>) -> StartRun {
+    StartRun {
+        input,
+        session_id: Some("ses_1".into()),
+        after_run: after_run.map(str::to_owned),
+        ..Default::default()
+    }
+}
+
 /// The log of a run that asked for input once, got it, and completed.
 const ASKED_AND_ANSWERED: [&str; 8] = [
     "chain-started",
@@ -723,12 +733,6 @@ async fn a_sessions_queued_runs_keep_their_order_across_a_restart() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let workflows = || [builtin::ask_human(), builtin::ticker()];
     let first = Engine::new(store.clone(), workflows()).unwrap();
-    let in_session = |input: Value, after_run: Option<&str>| StartRun {
-        input,
-        session_id: Some("ses_1".into()),
-        after_run: after_run.map(str::to_owned),
-        ..Default::default()
-    };
     let a = first
         .start("ask-human", in_session(Value::Null, None))
         .await
@@ -816,12 +820,6 @@ async fn after_a_restart_the_run_that_held_the_slot_goes_on_first() {
 async fn cancelling_a_queued_session_run_keeps_the_rest_of_the_line() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let engine = Engine::new(store, [builtin::ask_human(), builtin::ticker()]).unwrap();
-    let in_session = |input: Value, after_run: Option<&str>| StartRun {
-        input,
-        session_id: Some("ses_1".into()),
-        after_run: after_run.map(str::to_owned),
-        ..Default::default()
-    };
     let a = engine
         .start("ask-human", in_session(Value::Null, None))
         .await
