@@ -14,7 +14,7 @@ use sluice_protocol::payload::ErrorCode;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The provider answered with a non-success status (other than 429).
-    #[error("provider answered HTTP {status} (request id {}): {body_excerpt}", .request_id.as_deref().unwrap_or("none"))]
+    #[error("provider answered HTTP {status}{}: {body_excerpt}", noted(None, .request_id.as_deref()))]
     Http {
         /// The HTTP status code.
         status: u16,
@@ -26,7 +26,7 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
     /// The provider answered 429 Too Many Requests, after the retries allowed.
-    #[error("provider rate limited the request (retry after {retry_after:?}, request id {}): {body_excerpt}", .request_id.as_deref().unwrap_or("none"))]
+    #[error("provider rate limited the request{}: {body_excerpt}", noted(*.retry_after, .request_id.as_deref()))]
     RateLimited {
         /// The delay the provider asked for in `Retry-After`, when sent.
         retry_after: Option<Duration>,
@@ -78,6 +78,23 @@ pub enum Error {
     /// The provider configuration or the request cannot be used.
     #[error("invalid provider configuration: {0}")]
     Config(String),
+}
+
+/// What a provider's answer said of itself, for a message: ` (retry after 1s, request id X)`,
+/// each part only when sent, nothing when neither was.
+fn noted(retry_after: Option<Duration>, request_id: Option<&str>) -> String {
+    let mut parts = Vec::new();
+    if let Some(d) = retry_after {
+        parts.push(format!("retry after {d:?}"));
+    }
+    if let Some(id) = request_id {
+        parts.push(format!("request id {id}"));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }
 
 /// The largest body excerpt kept in an error, in bytes. Provider messages in errors (in-stream
@@ -231,6 +248,24 @@ mod tests {
         assert!(limited.is_retryable());
         assert_eq!(limited.code(), ErrorCode::RateLimited);
         assert_eq!(limited.retry_after(), Some(Duration::from_secs(2)));
+        // Messages say what the provider sent, in words, and nothing of what it did not.
+        assert_eq!(
+            limited.to_string(),
+            "provider rate limited the request (retry after 2s): "
+        );
+        let bare = Error::RateLimited {
+            retry_after: None,
+            body_excerpt: "slow down".into(),
+            request_id: None,
+        };
+        assert_eq!(
+            bare.to_string(),
+            "provider rate limited the request: slow down"
+        );
+        assert_eq!(
+            http(500).to_string(),
+            "provider answered HTTP 500 (request id req_1): "
+        );
         let stalled = Error::Stalled {
             idle: Duration::from_millis(200),
         };
