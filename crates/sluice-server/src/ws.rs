@@ -8,7 +8,9 @@
 //! A stream is admitted (`server.max_streams`) before the upgrade, so a refused client gets an
 //! HTTP `503`, not a socket that closes at once. Messages from the client larger than
 //! `server.max_event` plus [`FRAME_OVERHEAD`] are refused by the WebSocket layer itself
-//! (nothing that large is buffered), and the socket is closed with code 1008 (policy).
+//! (nothing that large is buffered), and the socket is closed with code 1008 (policy); a text
+//! frame that is not UTF-8 closes it with 1007, any other protocol violation with 1002. A close
+//! from the client is answered with a close frame.
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
@@ -62,6 +64,32 @@ fn parse_frame(text: &str) -> Result<SendEvent, ApiError> {
     })
 }
 
+/// The close frame a failed read gets: 1008 (policy) for a message over the size limit, 1007
+/// for a text frame that is not UTF-8, 1002 for any other protocol violation; `None` when the
+/// connection itself failed.
+fn read_failure(e: &axum::Error) -> Option<CloseFrame> {
+    let inner = std::error::Error::source(e)?.downcast_ref::<tungstenite::Error>()?;
+    let (code, reason) = match inner {
+        tungstenite::Error::Capacity(_) => (close_code::POLICY, "message too big".to_owned()),
+        tungstenite::Error::Utf8(_) => {
+            (close_code::INVALID, "a text frame is not UTF-8".to_owned())
+        }
+        tungstenite::Error::Protocol(p) => (close_code::PROTOCOL, format!("protocol error: {p}")),
+        _ => return None,
+    };
+    // A close frame's reason is at most 123 bytes.
+    let mut reason = reason;
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.truncate(end);
+    Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })
+}
+
 async fn run(
     state: AppState,
     who: Principal,
@@ -103,12 +131,23 @@ async fn run(
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(Message::Close(_))) => {
+                    // The client closes: the WebSocket layer has queued the answering close
+                    // frame (RFC 6455 5.5.1); flushing sends it, and the handshake is done.
+                    let _ = tx.close().await;
+                    return;
+                }
+                None => return,
                 Some(Err(e)) => {
-                    // A message over the size limit (or a protocol violation).
                     tracing::debug!(run_id = %run_id, error = %e, "websocket read failed");
-                    close = Some(CloseFrame { code: close_code::POLICY, reason: "message too big or malformed".into() });
-                    break;
+                    match read_failure(&e) {
+                        Some(frame) => {
+                            close = Some(frame);
+                            break;
+                        }
+                        // The connection itself failed: nothing more can be sent.
+                        None => return,
+                    }
                 }
                 Some(Ok(Message::Binary(_))) => {
                     let e = ApiError::BadRequest(

@@ -939,6 +939,62 @@ async fn websocket_pings_while_the_run_waits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_closes_answer_the_client_and_name_protocol_errors() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+    let s = TestServer::start().await;
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    let url = format!("ws://{}/v1/runs/{id}/events", s.addr);
+    // The close that ends the socket, once the history has been read.
+    async fn close_of(
+        ws: &mut tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) -> Option<CloseFrame> {
+        let read = async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => {}
+                    other => panic!("the socket ended without a close frame: {other:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("closed in time")
+    }
+
+    // A client's close is answered with a close frame: the handshake completes.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    close_of(&mut ws).await;
+
+    // A text frame that is not UTF-8: 1007.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let frame = Frame::message(vec![0xff, 0xfe], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(frame)).await.unwrap();
+    let frame = close_of(&mut ws).await.expect("a close code");
+    assert_eq!(u16::from(frame.code), 1007, "{frame:?}");
+
+    // A continuation frame with no message to continue: a protocol error, 1002.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let frame = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Continue), true);
+    ws.send(Message::Frame(frame)).await.unwrap();
+    let frame = close_of(&mut ws).await.expect("a close code");
+    assert_eq!(u16::from(frame.code), 1002, "{frame:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_histogram_and_waiting_runs() {
     let s = TestServer::start().await;
     for _ in 0..2 {
