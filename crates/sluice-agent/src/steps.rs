@@ -312,6 +312,18 @@ enum Job<'a> {
 /// `tool-completed` each as it finishes), each HTTP tool within its `max_concurrent_calls`
 /// across all runs; unknown tools and unparsable arguments become error results. Then asks the
 /// client for its tools (the run waits) or asks for the next model turn.
+/// What a JSON value is, for a message: "a string", "an array", …
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 pub(crate) async fn tools(
     agent: Arc<Agent>,
     ctx: Context,
@@ -330,16 +342,24 @@ pub(crate) async fn tools(
             Some(_) if call.arguments.is_string() => {
                 // The text as the model sent it (see `ToolCall::arguments`).
                 let raw = call.arguments.as_str().unwrap_or_default();
-                Job::Reject(
-                    if serde_json::from_str::<serde::de::IgnoredAny>(raw).is_ok() {
+                Job::Reject(match serde_json::from_str::<serde_json::Value>(raw) {
+                    Ok(v) if !v.is_object() => format!(
+                        "the arguments must be a JSON object, got {}: {raw}",
+                        json_kind(&v)
+                    ),
+                    // An object, kept as text: nested too deep.
+                    Ok(_) => format!(
+                        "the arguments must be a JSON object nested at most {} levels deep, got {raw}",
+                        sluice_protocol::json::MAX_DEPTH
+                    ),
+                    Err(_) if serde_json::from_str::<serde::de::IgnoredAny>(raw).is_ok() => {
                         format!(
                             "the arguments must be a JSON object nested at most {} levels deep, got {raw}",
                             sluice_protocol::json::MAX_DEPTH
                         )
-                    } else {
-                        format!("the arguments are not valid JSON: {raw}")
-                    },
-                )
+                    }
+                    Err(_) => format!("the arguments are not valid JSON: {raw}"),
+                })
             }
             Some(_) if !call.arguments.is_object() => Job::Reject(format!(
                 "the arguments must be a JSON object, got {}",

@@ -1372,7 +1372,7 @@ async fn arguments_that_are_a_json_string_are_not_called_invalid_and_go_back_as_
     assert_eq!(completed["data"]["is_error"], true);
     assert_eq!(
         completed["data"]["output"],
-        format!("the arguments must be a JSON object nested at most 64 levels deep, got {double}")
+        format!("the arguments must be a JSON object, got a string: {double}")
     );
     assert_eq!(
         transcript(&mock.requests()[1])[2],

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sluice_protocol::payload::{
     ChainCancelled, ChainCompleted, ChainError, ChainResumed, ChainStarted, ErrorCode, ErrorInfo,
-    StepCompleted, StepStarted, ToolResults,
+    StepCompleted, StepStarted, ToolResult, ToolResults,
 };
 use sluice_protocol::{EnvelopeWriter, RawEvent, RunRecord, RunStatus, Timestamp, Usage, kind};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -647,8 +648,7 @@ impl Driver {
             });
         };
         if event_type == ToolResultsEvent::NAME {
-            serde_json::from_value::<ToolResults>(data.clone())
-                .map_err(|e| Error::InvalidInput(format!("data: {e}")))?;
+            check_tool_results(&data)?;
         }
         self.waits.remove(pos);
         let event = AnyEvent {
@@ -1378,6 +1378,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Checks the `data` of an inbound `tool-results` event, naming the field at fault by its path
+/// (`data.results[1]: missing field \`output\``).
+fn check_tool_results(data: &Value) -> Result<()> {
+    let invalid = |path: String, e: serde_json::Error| Error::InvalidInput(format!("{path}: {e}"));
+    if let Some(results) = data.get("results").and_then(Value::as_array) {
+        for (i, r) in results.iter().enumerate() {
+            ToolResult::deserialize(r).map_err(|e| invalid(format!("data.results[{i}]"), e))?;
+        }
+    }
+    ToolResults::deserialize(data).map_err(|e| invalid("data".to_owned(), e))?;
+    Ok(())
+}
+
 /// ±25% jitter, from a cheap per-call random source. Saturates instead of overflowing.
 fn jitter(d: Duration) -> Duration {
     let nanos = Timestamp::now().as_micros() as u64 ^ (d.as_nanos() as u64).rotate_left(17);
@@ -1392,6 +1405,30 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_results_errors_name_the_field_by_its_path() {
+        let err = |data: Value| match check_tool_results(&data) {
+            Err(Error::InvalidInput(m)) => m,
+            other => format!("not InvalidInput: {other:?}"),
+        };
+        let good = json!({"id": "call_a", "output": "sunny"});
+        assert!(check_tool_results(&json!({"results": [good.clone()]})).is_ok());
+        let m = err(json!({"results": [good, {"id": "call_b"}]}));
+        assert!(
+            m.starts_with("data.results[1]: missing field `output`"),
+            "{m}"
+        );
+        let m = err(json!({"results": [{"id": "c", "output": 1, "extra": 2}]}));
+        assert!(
+            m.starts_with("data.results[0]: unknown field `extra`"),
+            "{m}"
+        );
+        let m = err(json!({"answers": []}));
+        assert!(m.starts_with("data: unknown field `answers`"), "{m}");
+        let m = err(json!({"results": "none"}));
+        assert!(m.starts_with("data: invalid type"), "{m}");
+    }
 
     #[test]
     fn step_messages_stay_small() {
