@@ -11,7 +11,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
-use crate::run::{Control, Driver, Mode};
+use crate::run::{Control, Driver, Inbound, Mode};
 use crate::sessions::{SessionGuard, SessionLocks};
 use crate::workflow::Workflow;
 use crate::{Error, Result};
@@ -466,11 +466,11 @@ impl Engine {
                 continue;
             };
             let (reply, answer) = oneshot::channel();
-            let msg = Control::Deliver {
+            let msg = Control::Deliver(Box::new(Inbound {
                 event_type: event_type.to_owned(),
                 data: data.clone(),
                 reply,
-            };
+            }));
             if tx.send(msg).await.is_err() {
                 continue;
             }

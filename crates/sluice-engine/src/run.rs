@@ -43,14 +43,19 @@ const END_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Requests from outside to a run's driver.
 pub(crate) enum Control {
-    Deliver {
-        event_type: String,
-        data: Value,
-        reply: oneshot::Sender<Result<()>>,
-    },
+    /// Boxed: every slot of a run's control channel is as large as the largest message, and
+    /// a channel's first block (32 slots) is allocated with the run.
+    Deliver(Box<Inbound>),
     Cancel {
         reason: Option<String>,
     },
+}
+
+/// An event sent into a run, and where its answer goes.
+pub(crate) struct Inbound {
+    pub event_type: String,
+    pub data: Value,
+    pub reply: oneshot::Sender<Result<()>>,
 }
 
 /// How a driver starts.
@@ -342,7 +347,8 @@ impl Driver {
                         self.end(Outcome::Cancelled(reason)).await?;
                         return Ok(None);
                     }
-                    Some(Control::Deliver { event_type, reply, .. }) => {
+                    Some(Control::Deliver(d)) => {
+                        let Inbound { event_type, reply, .. } = *d;
                         let run_id = self.record.id.clone();
                         let _ = reply.send(Err(Error::NotWaiting { run_id, event_type, waiting_for: Vec::new() }));
                     }
@@ -399,7 +405,8 @@ impl Driver {
                 () = sleep_until(deadline) => break self.timeout(),
                 c = self.ctl.recv(), if open => match c {
                     Some(Control::Cancel { reason }) => break Outcome::Cancelled(reason),
-                    Some(Control::Deliver { event_type, data, reply }) => {
+                    Some(Control::Deliver(d)) => {
+                        let Inbound { event_type, data, reply } = *d;
                         match self.accept_delivery(&event_type, data) {
                             Ok(()) => {
                                 self.acks.push(reply);
@@ -613,27 +620,30 @@ impl Driver {
             match c {
                 None => return Ok(Some(Outcome::Sleep)),
                 Some(Control::Cancel { reason }) => return Ok(Some(Outcome::Cancelled(reason))),
-                Some(Control::Deliver {
-                    event_type,
-                    data,
-                    reply,
-                }) => match self.accept_delivery(&event_type, data) {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(()) => {
-                        self.acks.push(reply);
-                        self.end_wait();
-                        match self.resume_slot().await? {
-                            Ok(permit) => self.permit = Some(permit),
-                            Err(outcome) => return Ok(Some(outcome)),
+                Some(Control::Deliver(d)) => {
+                    let Inbound {
+                        event_type,
+                        data,
+                        reply,
+                    } = *d;
+                    match self.accept_delivery(&event_type, data) {
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
                         }
-                        self.resume().await?;
-                        // The delivery is durable once checkpointed; only then is it acknowledged.
-                        self.checkpoint().await?;
-                        return Ok(None);
+                        Ok(()) => {
+                            self.acks.push(reply);
+                            self.end_wait();
+                            match self.resume_slot().await? {
+                                Ok(permit) => self.permit = Some(permit),
+                                Err(outcome) => return Ok(Some(outcome)),
+                            }
+                            self.resume().await?;
+                            // The delivery is durable once checkpointed; only then is it acknowledged.
+                            self.checkpoint().await?;
+                            return Ok(None);
+                        }
                     }
-                },
+                }
             }
         }
     }
@@ -693,7 +703,8 @@ impl Driver {
                 _ = self.engine.token.cancelled() => Some(Outcome::Shutdown),
                 c = self.ctl.recv() => match c {
                     Some(Control::Cancel { reason }) => Some(Outcome::Cancelled(reason)),
-                    Some(Control::Deliver { event_type, data, reply }) => {
+                    Some(Control::Deliver(d)) => {
+                        let Inbound { event_type, data, reply } = *d;
                         match self.accept_delivery(&event_type, data) {
                             Ok(()) => self.acks.push(reply),
                             Err(e) => { let _ = reply.send(Err(e)); }
@@ -1223,8 +1234,10 @@ impl Driver {
         self.engine.release(&self.record.id);
         // Control messages that raced with the end get the definitive answer.
         while let Ok(c) = self.ctl.try_recv() {
-            if let Control::Deliver { reply, .. } = c {
-                let _ = reply.send(Err(Error::finished(&self.record.id, self.record.status)));
+            if let Control::Deliver(d) = c {
+                let _ = d
+                    .reply
+                    .send(Err(Error::finished(&self.record.id, self.record.status)));
             }
         }
     }
@@ -1277,8 +1290,10 @@ impl Driver {
         self.permit = None;
         self.engine.release(&run_id);
         while let Ok(c) = self.ctl.try_recv() {
-            if let Control::Deliver { reply, .. } = c {
-                let _ = reply.send(Err(self.engine.abandoned_error(&run_id, &reason)));
+            if let Control::Deliver(d) = c {
+                let _ = d
+                    .reply
+                    .send(Err(self.engine.abandoned_error(&run_id, &reason)));
             }
         }
     }
@@ -1428,6 +1443,13 @@ mod tests {
         assert!(m.starts_with("data: unknown field `answers`"), "{m}");
         let m = err(json!({"results": "none"}));
         assert!(m.starts_with("data: invalid type"), "{m}");
+    }
+
+    #[test]
+    fn control_messages_stay_small() {
+        // Likewise for the control channel: a delivery is boxed, a cancel carries its reason.
+        let size = std::mem::size_of::<Control>();
+        assert!(size <= 32, "Control is {size} bytes");
     }
 
     #[test]
