@@ -200,7 +200,9 @@ impl Driver {
             self.waiting = Some(WaitingRun::adopt(&self.slot));
         }
         if let Err(e) = self.drive(mode).await {
-            self.on_driver_error(e).await;
+            // Boxed, as the admission below: a rare path's state would otherwise be part of
+            // every run's task for its whole life.
+            Box::pin(self.on_driver_error(e)).await;
         }
     }
 
@@ -210,7 +212,9 @@ impl Driver {
         match mode {
             Mode::Fresh(reserved) => {
                 self.in_queue = reserved.is_none();
-                let Some(permit) = self.admit(reserved).await? else {
+                // Boxed: waiting for a slot (or for the session's run ahead) is the largest
+                // state a driver has, and most runs pass through it at once or not at all.
+                let Some(permit) = Box::pin(self.admit(reserved)).await? else {
                     return Ok(());
                 };
                 self.permit = Some(permit);
