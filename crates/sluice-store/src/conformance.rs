@@ -33,7 +33,8 @@ macro_rules! store_conformance_tests {
             append_unknown_run, append_empty_batch_is_a_no_op, append_rejects_terminal_before_the_end,
             finish_closes_log_and_updates_record, finish_checks_its_terminal_event, follow_history_then_live,
             follow_many_readers_identical, follow_join_mid_run, follow_finished_run_ends,
-            follow_unknown_run, follow_ends_when_the_run_is_deleted, slow_reader_does_not_block_writer,
+            follow_unknown_run, follow_ends_when_the_run_is_deleted,
+            follow_ends_when_the_run_is_deleted_behind_it, slow_reader_does_not_block_writer,
             large_events_are_followed_in_batches_of_about_a_mebibyte, concurrent_runs_append,
             checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits);
     };
@@ -499,6 +500,36 @@ pub async fn follow_ends_when_the_run_is_deleted(store: Arc<dyn Store>) {
         .expect("a follower of a deleted run must not wait forever")
         .unwrap();
     assert!(matches!(got, Some(Err(Error::NotFound { .. }))), "{got:?}");
+}
+
+/// A follower still reading a finished run's history when the run is deleted (by retention,
+/// say) ends with `NotFound`: it does not wait at a log end that never comes.
+pub async fn follow_ends_when_the_run_is_deleted_behind_it(store: Arc<dyn Store>) {
+    let mut rec = new_run(&store, "run_a").await;
+    store
+        .append("run_a", &events("run_a", 1, 50))
+        .await
+        .unwrap();
+    finish(&store, &mut rec).await;
+    let mut stream = Box::pin(crate::follow_batches(store.clone(), "run_a".into(), 0));
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(
+        !first.is_empty() && first.len() < 51,
+        "a first batch, not the whole log"
+    );
+    store.delete_run("run_a").await.unwrap();
+    let rest = async {
+        while let Some(batch) = stream.next().await {
+            if let Err(e) = batch {
+                return Some(e);
+            }
+        }
+        None
+    };
+    let got = tokio::time::timeout(Duration::from_secs(10), rest)
+        .await
+        .expect("a follower of a deleted run must not wait forever");
+    assert!(matches!(got, Some(Error::NotFound { .. })), "{got:?}");
 }
 
 /// A reader that stops reading never blocks the writer, and resumes in bounded batches.

@@ -46,11 +46,7 @@ struct FollowState {
     store: Arc<dyn Store>,
     run_id: String,
     cursor: u64,
-    checked: bool,
     done: bool,
-    /// The last wait ended: a read that then finds nothing means the run went away (deleted:
-    /// stores wake followers then) or the wake-up was spurious.
-    woken: bool,
     /// The last read came back short: it reached the log's end, so the next step is a wait
     /// (which returns at once when more was committed since), not a read that would find
     /// nothing. A live follower thus reads once per wake-up, not twice.
@@ -70,9 +66,7 @@ pub fn follow_batches(
         store,
         run_id,
         cursor: after,
-        checked: false,
         done: false,
-        woken: false,
         at_end: false,
         limit: FIRST_READ,
     };
@@ -86,15 +80,12 @@ pub fn follow_batches(
                 st.done = true;
                 return Some((Err(e), st));
             }
-            st.woken = true;
         }
         loop {
             match st.store.read(&st.run_id, st.cursor, st.limit).await {
                 Ok(mut batch) if !batch.is_empty() => {
                     // A run with events exists; a terminal event among them ends the stream
                     // (the batch is checked and cut in place: no second vector per read).
-                    st.checked = true;
-                    st.woken = false;
                     st.at_end = batch.len() < st.limit;
                     let bytes: usize = batch.iter().map(|e| e.json().len()).sum();
                     let each = (bytes / batch.len()).max(1);
@@ -121,36 +112,32 @@ pub fn follow_batches(
                     return Some((Ok(batch), st));
                 }
                 Ok(_) => {
-                    // Nothing to read: ask the record whether the run exists and has ended
-                    // (first, before any wait; then after each wake-up that brought nothing).
-                    // A follower that starts behind never needs the record: on a busy server
-                    // that saves a thousand starting streams a database read each.
-                    if st.woken || !st.checked {
-                        st.woken = false;
-                        st.checked = true;
-                        match st.store.get_run(&st.run_id).await {
-                            Ok(Some(rec))
-                                if rec.status.is_terminal() && st.cursor >= rec.last_seq =>
-                            {
-                                return None;
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) => {
-                                // Deleted (by retention, say) while it was being read.
-                                st.done = true;
-                                return Some((Err(Error::run_not_found(&st.run_id)), st));
-                            }
-                            Err(e) => {
-                                st.done = true;
-                                return Some((Err(e), st));
-                            }
+                    // Nothing to read: ask the record whether the run exists and has ended,
+                    // before any wait. A live follower gets here only after a wake-up that
+                    // brought nothing (once a read comes back short it waits first), and one
+                    // that starts behind only once it has read the log: on a busy server that
+                    // saves a thousand starting streams a database read each. One that was
+                    // reading when the run was deleted (by retention, say) gets here too, and
+                    // must not wait at a log end that no longer exists.
+                    match st.store.get_run(&st.run_id).await {
+                        Ok(Some(rec)) if rec.status.is_terminal() && st.cursor >= rec.last_seq => {
+                            return None;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            // Deleted (by retention, say) while it was being read.
+                            st.done = true;
+                            return Some((Err(Error::run_not_found(&st.run_id)), st));
+                        }
+                        Err(e) => {
+                            st.done = true;
+                            return Some((Err(e), st));
                         }
                     }
                     if let Err(e) = st.store.wait_for(&st.run_id, st.cursor).await {
                         st.done = true;
                         return Some((Err(e), st));
                     }
-                    st.woken = true;
                 }
                 Err(e) => {
                     st.done = true;
