@@ -175,6 +175,20 @@ impl Idempotency {
         })))
     }
 
+    /// Forgets `key` if it names `run_id` (a run that no longer exists: the retention sweeper
+    /// removed it), so that the key can start a new run.
+    pub(crate) fn forget(&self, key: &Key, run_id: &str) {
+        let mut inner = self.lock();
+        if let Some(generation) = inner
+            .map
+            .get(key)
+            .filter(|e| e.run_id == run_id)
+            .map(|e| e.generation)
+        {
+            inner.remove(key, generation);
+        }
+    }
+
     /// Remembers again the keys recorded in the runs of `store` created less than the TTL ago:
     /// the newest first, at most the capacity, reading at most `scan_limit` records. Keys
     /// already in the map (a newer use) are left as they are. Call before serving.

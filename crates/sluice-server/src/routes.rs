@@ -278,6 +278,24 @@ async fn create_run(
     Ok(resp)
 }
 
+/// Claims an `Idempotency-Key`. A key whose run no longer exists (the retention sweeper removed
+/// it) is forgotten and claimed afresh, as it would be after a restart: it starts a new run,
+/// not a `404` for the old one.
+async fn claim_live<'a>(
+    state: &'a AppState,
+    key: crate::idempotency::Key,
+    print: u64,
+) -> ApiResult<Claim<'a>> {
+    let claim = state.idempotency.claim(key.clone(), print).await?;
+    if let Claim::Existing(id) = &claim
+        && state.engine.store().get_run(id).await?.is_none()
+    {
+        state.idempotency.forget(&key, id);
+        return state.idempotency.claim(key, print).await;
+    }
+    Ok(claim)
+}
+
 /// Claims the `Idempotency-Key` (when there is one) and starts the run, or finds the run the key
 /// already names; returns the run's id and whether it was found (a replay).
 async fn start_keyed(
@@ -295,10 +313,7 @@ async fn start_keyed(
                 key: k.clone(),
                 fingerprint: print,
             };
-            let claim = state
-                .idempotency
-                .claim((who.owner.clone(), name.to_owned(), k), print)
-                .await?;
+            let claim = claim_live(state, (who.owner.clone(), name.to_owned(), k), print).await?;
             (Some(claim), Some(recorded))
         }
         None => (None, None),

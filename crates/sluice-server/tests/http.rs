@@ -531,6 +531,47 @@ async fn burst_beyond_capacity_gets_429_with_retry_after_and_accepted_runs_compl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_run_retention_removed_starts_a_new_run() {
+    let opts = ServerOptions {
+        max_finished_runs: 1,
+        sweep_interval: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let s = TestServer::with(opts, vec![builtin::ticker()]).await;
+    let create = |key: Option<&'static str>| {
+        let mut req = s
+            .client
+            .post(s.url("/v1/workflows/ticker/runs?wait=true"))
+            .json(&json!({"input": {"n": 1}}));
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        req.send()
+    };
+    let first: Value = create(Some("k-swept")).await.unwrap().json().await.unwrap();
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        assert_eq!(create(None).await.unwrap().status(), 200);
+    }
+    // The sweeper keeps one finished run: the keyed one goes.
+    let mut gone = false;
+    for _ in 0..100 {
+        if s.get_json(&format!("/v1/runs/{first_id}")).await.0 == 404 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the sweeper removed the keyed run");
+    let again = create(Some("k-swept")).await.unwrap();
+    assert_eq!(again.status(), 200, "a new run, waited for");
+    let again: Value = again.json().await.unwrap();
+    assert_ne!(again["id"], first_id.as_str());
+    assert_eq!(again["status"], "completed");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_of_an_idempotent_create_get_one_run() {
     let s = TestServer::start().await;
     let create = |key: &'static str, input: Value| {
