@@ -35,6 +35,10 @@ use sluice_store::{Error, Result};
 /// A segment is closed, and a new one begun, once it holds this many bytes.
 const SEGMENT_BYTES: u64 = 16 << 20;
 
+/// A segment whose records are all in the database is replaced by a new one once it holds
+/// this much (see [`JournalFile::roll_if_drained`]).
+const DRAINED_ROLL: u64 = 1 << 20;
+
 /// The bytes before a record's body: its length and its check.
 const HEADER: usize = 8;
 
@@ -262,6 +266,25 @@ impl JournalFile {
         if self.len < SEGMENT_BYTES {
             return Ok(());
         }
+        self.roll()
+    }
+
+    /// Every record journaled so far is in the database (`front`, the oldest position still
+    /// pending, has reached the end): when the segment being written holds at least
+    /// [`DRAINED_ROLL`] bytes, begins a new one so that this one can go. An idle server then
+    /// keeps a small segment per shard, not one of up to [`SEGMENT_BYTES`]. Call between
+    /// groups.
+    pub(crate) fn roll_if_drained(&mut self, front: i64) -> Result<()> {
+        if front < self.next_pos || self.len < DRAINED_ROLL {
+            return Ok(());
+        }
+        self.roll()?;
+        self.release_below(front);
+        Ok(())
+    }
+
+    /// Begins a new segment at the next position.
+    fn roll(&mut self) -> Result<()> {
         let (path, file) = open_segment(&self.dir, self.shard, self.next_pos)?;
         if let Some(u) = &self.unsynced {
             u.push(self.shard, clone(&file)?);
@@ -583,6 +606,33 @@ mod tests {
         j.release_below(firsts[39]);
         assert_eq!(j.segments(), 1);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_drained_segment_is_replaced_once_it_holds_a_mebibyte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("j");
+        let mut j = JournalFile::create(&dir, 0, 1, false, None).unwrap();
+        let big = big_event();
+        let first = write_alone(&mut j, &ev("r", 1));
+        // Small: kept even though drained.
+        j.roll_if_drained(j.next_pos()).unwrap();
+        assert_eq!(j.segments(), 1);
+        let mut last = first;
+        while j.len < DRAINED_ROLL {
+            last = write_alone(&mut j, &big);
+        }
+        // Not drained: a record is still pending.
+        j.roll_if_drained(last).unwrap();
+        assert_eq!(j.segments(), 1);
+        assert!(j.len >= DRAINED_ROLL);
+        // Drained: a new, empty segment, and the old one is gone from the disk.
+        j.roll_if_drained(j.next_pos()).unwrap();
+        assert_eq!(j.segments(), 1);
+        assert_eq!(j.len, 0);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        // Records go on from where they were.
+        assert_eq!(write_alone(&mut j, &big), last + 1);
     }
 
     #[test]

@@ -832,6 +832,9 @@ impl Writer {
             if let Some(front) = shard.journal.release() {
                 shard.file.release_below(front);
             }
+            if let Err(e) = shard.file.roll_if_drained(shard.journal.front()) {
+                tracing::warn!(error = %e, "starting a new journal segment");
+            }
             shard.busy.clear();
         }
         wake
