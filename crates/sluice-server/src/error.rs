@@ -198,3 +198,12 @@ impl From<sluice_store::Error> for ApiError {
 
 /// `Result` of a handler.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn prefix(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -54,13 +54,9 @@ pub(crate) fn router(state: AppState) -> Router<AppState> {
 
 /// The `404` of a path no route serves; it names the path (its first 200 bytes).
 fn unknown_route(path: &str) -> ApiError {
-    let mut end = path.len().min(200);
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
     ApiError::NotFound {
         what: "route",
-        id: path[..end].to_owned(),
+        id: crate::error::prefix(path, 200).to_owned(),
     }
 }
 
@@ -108,7 +104,7 @@ async fn request_body(
         .into_response();
     }
     req.extensions_mut()
-        .insert(crate::extract::BodyLimit(state.options.max_body));
+        .insert(crate::extract::BodyLimit(limit));
     let req = crate::extract::TimedBody::wrap(req, state.options.body_timeout);
     next.run(req).await
 }

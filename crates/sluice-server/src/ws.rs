@@ -78,15 +78,9 @@ fn read_failure(e: &axum::Error) -> Option<CloseFrame> {
         _ => return None,
     };
     // A close frame's reason is at most 123 bytes.
-    let mut reason = reason;
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason.truncate(end);
     Some(CloseFrame {
         code,
-        reason: reason.into(),
+        reason: crate::error::prefix(&reason, 123).into(),
     })
 }
 
