@@ -1401,9 +1401,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// (`data.results[1]: missing field \`output\``).
 fn check_tool_results(data: &Value) -> Result<()> {
     let invalid = |path: String, e: serde_json::Error| Error::InvalidInput(format!("{path}: {e}"));
+    // serde reads an array as a struct's fields by position; these must be objects.
+    let object = |path: String, v: &Value| match v {
+        Value::Array(_) => Err(Error::InvalidInput(format!(
+            "{path}: invalid type: array, expected an object"
+        ))),
+        _ => Ok(()),
+    };
+    object("data".to_owned(), data)?;
     if let Some(results) = data.get("results").and_then(Value::as_array) {
         for (i, r) in results.iter().enumerate() {
-            ToolResult::deserialize(r).map_err(|e| invalid(format!("data.results[{i}]"), e))?;
+            let path = format!("data.results[{i}]");
+            object(path.clone(), r)?;
+            ToolResult::deserialize(r).map_err(|e| invalid(path, e))?;
         }
     }
     ToolResults::deserialize(data).map_err(|e| invalid("data".to_owned(), e))?;
@@ -1447,6 +1457,14 @@ mod tests {
         assert!(m.starts_with("data: unknown field `answers`"), "{m}");
         let m = err(json!({"results": "none"}));
         assert!(m.starts_with("data: invalid type"), "{m}");
+        // Arrays are not read as the fields by position.
+        let m = err(json!([[{"id": "c", "output": 1}]]));
+        assert_eq!(m, "data: invalid type: array, expected an object");
+        let m = err(json!({"results": [["c", 1, false]]}));
+        assert_eq!(
+            m,
+            "data.results[0]: invalid type: array, expected an object"
+        );
     }
 
     #[test]

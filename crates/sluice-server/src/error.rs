@@ -152,6 +152,13 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
+        if let Self::Unauthorized = self {
+            // RFC 9110 §11.6.1: a 401 names the scheme it wants.
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sluice\""),
+            );
+        }
         if let Self::RequestTimeout(_) = self {
             // The rest of the body may still be on its way: the connection cannot be reused.
             resp.headers_mut()

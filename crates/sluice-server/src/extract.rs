@@ -33,7 +33,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let body = Bytes::from_request(req, state)
             .await
             .map_err(|e| unread_body(&e, limit))?;
-        check_depth(&body, "body")?;
+        check_body(&body, "body")?;
         match axum::Json::<T>::from_bytes(&body) {
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(JsonRejection::JsonDataError(e)) => {
@@ -44,14 +44,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Whether the request says its body is JSON: `application/json` or `application/*+json`.
+/// Whether the request says its body is JSON: `application/json` or `application/*+json`,
+/// in any case (media types are case-insensitive).
 pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
     headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|m| {
-            let m = m.trim();
+            let m = m.trim().to_ascii_lowercase();
             m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
         })
 }
@@ -63,9 +64,17 @@ pub(crate) fn is_json(headers: &axum::http::HeaderMap) -> bool {
 /// sends needs a tenth of this.
 pub(crate) const MAX_JSON_DEPTH: usize = sluice_protocol::json::MAX_DEPTH;
 
-/// Refuses (400) JSON nested deeper than [`MAX_JSON_DEPTH`]; `what` names it in the message.
-/// Looks at the bytes only (brackets outside strings): malformed JSON is left to the parser.
-pub(crate) fn check_depth(json: &[u8], what: &str) -> Result<(), ApiError> {
+/// Checks what the parser would let through in a body that must be one JSON object: refuses
+/// (400) JSON nested deeper than [`MAX_JSON_DEPTH`], and (422) a top-level array, which serde
+/// would otherwise read as the object's fields by position (`[{"n":1}]` as `{"input":{"n":1}}`).
+/// `what` names the body in the message. Looks at the bytes only (brackets outside strings):
+/// malformed JSON is left to the parser.
+pub(crate) fn check_body(json: &[u8], what: &str) -> Result<(), ApiError> {
+    if json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::Unprocessable(format!(
+            "{what}: invalid type: array, expected a JSON object"
+        )));
+    }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in json {
         if in_string {

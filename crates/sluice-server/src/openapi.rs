@@ -157,6 +157,16 @@ fn query(name: &str, description: &str, schema: Value) -> Value {
         "schema": schema})
 }
 
+/// `schema` (often a `$ref`) with a description beside it, as JSON Schema 2020-12 allows: a
+/// Media Type Object has no `description` of its own.
+fn described(schema: &Value, description: &str) -> Value {
+    let mut schema = schema.clone();
+    if let Some(m) = schema.as_object_mut() {
+        m.insert("description".into(), description.into());
+    }
+    schema
+}
+
 fn header_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/parameters/{name}")})
 }
@@ -244,7 +254,6 @@ fn describe(op: Op, s: &mut Schemas) -> Value {
                         json!({"type": "string", "enum": ["reject", "enqueue"]}),
                     ),
                     header_ref("Idempotency-Key"),
-                    header_ref("Accept"),
                 ],
                 Some((s.req::<CreateRun>(), false)),
                 vec![
@@ -257,7 +266,7 @@ fn describe(op: Op, s: &mut Schemas) -> Value {
                         json!({"description": "The finished record (`?wait=true`), the run an `Idempotency-Key` created before, or the run's event stream (`Accept`)", "headers": {"Location": {"$ref": "#/components/headers/Location"}}, "content": {
                             "application/json": {"schema": record},
                             "text/event-stream": {"schema": {"type": "string", "description": "SSE frames (see GET /v1/runs/{id}/events)"}},
-                            "application/x-ndjson": {"schema": event, "description": "One envelope per line"}
+                            "application/x-ndjson": {"schema": described(&event, "One envelope per line")}
                         }}),
                     ),
                 ],
@@ -322,7 +331,6 @@ fn describe(op: Op, s: &mut Schemas) -> Value {
                         json!({"type": "string"}),
                     ),
                     header_ref("Last-Event-ID"),
-                    header_ref("Accept-Events"),
                 ],
                 None,
                 vec![
@@ -333,7 +341,7 @@ fn describe(op: Op, s: &mut Schemas) -> Value {
                             "X-Accel-Buffering": {"schema": {"type": "string", "const": "no"}}
                         }, "content": {
                             "text/event-stream": {"schema": {"type": "string", "description": "`retry: 1000`, then per event `id: <seq>`, `event: <type>`, `data: <envelope JSON>` and a blank line; `: ping` comments while idle; `\\n` line endings"}},
-                            "application/x-ndjson": {"schema": event.clone(), "description": "One envelope per line; blank lines while idle"}
+                            "application/x-ndjson": {"schema": described(&event, "One envelope per line; blank lines while idle")}
                         }}),
                     ),
                     (
@@ -555,13 +563,7 @@ fn build() -> (Value, Vec<String>) {
                     "schema": {"type": "string", "minLength": 1, "maxLength": 255}},
                 "Last-Event-ID": {"name": "Last-Event-ID", "in": "header", "required": false,
                     "description": "Resume after this `seq` (what a reconnecting EventSource sends)",
-                    "schema": {"type": "integer", "minimum": 0}},
-                "Accept": {"name": "Accept", "in": "header", "required": false,
-                    "description": "`text/event-stream` or `application/x-ndjson` to get the run's event stream in the same call",
-                    "schema": {"type": "string"}},
-                "Accept-Events": {"name": "Accept", "in": "header", "required": false,
-                    "description": "`text/event-stream` (the default) or `application/x-ndjson`",
-                    "schema": {"type": "string"}}
+                    "schema": {"type": "integer", "minimum": 0}}
             },
             "headers": {
                 "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}},

@@ -20,7 +20,7 @@ use sluice_store::RunFilter;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, check_depth, is_json};
+use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, check_body, is_json};
 use crate::idempotency::{Claim, fingerprint};
 use crate::metrics::Rejection;
 use crate::openapi::{OPERATIONS, Op, Operation};
@@ -172,7 +172,7 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    check_depth(body, "body")?;
+    check_body(body, "body")?;
     let mut de = serde_json::Deserializer::from_slice(body);
     match T::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
         Ok(v) => Ok(v),
@@ -182,9 +182,16 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(v) = headers.get("idempotency-key") else {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let Some(v) = values.next() else {
         return Ok(None);
     };
+    // Which of two keys is meant is not for the server to guess (a proxy may have added one).
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key: given more than once".into(),
+        ));
+    }
     let key = v
         .to_str()
         .map_err(|_| ApiError::BadRequest("Idempotency-Key: must be visible ASCII".into()))?;
@@ -549,14 +556,15 @@ async fn list_runs(
     }))
 }
 
-/// Whether `c` has the form of the cursors this API hands out (`next_cursor` is the id of the
-/// last run of a page: `run_` and up to 96 letters, digits, `_` or `-`).
+/// Whether `c` has the form of the cursors this API hands out: `next_cursor` is the id of the
+/// last run of a page, `run_` and 32 lowercase hex digits (a UUIDv7, so ids sort by creation).
+/// A cursor of that form is a position in that order, whether or not its run still exists.
 fn valid_cursor(c: &str) -> bool {
     c.strip_prefix("run_").is_some_and(|rest| {
-        (1..=96).contains(&rest.len())
+        rest.len() == 32
             && rest
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -766,9 +774,24 @@ async fn cancel_run(
         )));
     }
     state.engine.cancel(&id, req.reason).await?;
-    let rec = visible_run(&state, &who, &id).await?;
+    // The driver ends the run within milliseconds; the answer shows the run cancelled unless
+    // that takes longer than CANCEL_WAIT (a shutdown, a store that stalls), when it shows the
+    // record as it is: 202 either way, as the end is the driver's to write.
+    let handle = state.engine.handle(&id);
+    let token = state.engine.shutdown_token();
+    let ended = tokio::select! {
+        r = tokio::time::timeout(CANCEL_WAIT, handle.wait()) => r.ok().and_then(Result::ok),
+        () = token.cancelled() => None,
+    };
+    let rec = match ended {
+        Some(rec) => rec,
+        None => visible_run(&state, &who, &id).await?,
+    };
     Ok((StatusCode::ACCEPTED, Json(public(&state, rec).await?)).into_response())
 }
+
+/// How long a cancel waits for the run's end before it answers with the record as it is.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn healthz() -> Json<Health> {
     Json(Health {

@@ -112,7 +112,7 @@ async fn run(
             }
             frame = rx.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    let parsed = crate::extract::check_depth(text.as_bytes(), "frame")
+                    let parsed = crate::extract::check_body(text.as_bytes(), "frame")
                         .and_then(|()| parse_frame(text.as_str()));
                     let reply = match parsed {
                         Err(e) => error_frame(&e),

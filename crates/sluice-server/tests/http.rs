@@ -74,6 +74,15 @@ async fn workflows_and_run_lifecycle() {
         .await;
     assert_eq!(page2["runs"][0]["id"], rec["id"]);
     assert!(page2.get("next_cursor").is_none());
+    // A cursor is a position in id (creation) order, whether or not its run exists.
+    let (status, oldest) = s
+        .get_json(&format!("/v1/runs?cursor=run_{}", "0".repeat(32)))
+        .await;
+    assert_eq!((status, oldest["runs"].clone()), (200, json!([])));
+    let (_, newest) = s
+        .get_json(&format!("/v1/runs?cursor=run_{}", "f".repeat(32)))
+        .await;
+    assert_eq!(newest["runs"].as_array().unwrap().len(), 2);
     let (_, filtered) = s.get_json("/v1/runs?workflow=ask-human").await;
     assert_eq!(filtered["runs"], json!([]));
     let (_, by_status) = s.get_json("/v1/runs?status=completed,failed").await;
@@ -154,6 +163,16 @@ async fn accept_is_negotiated_case_insensitively_and_by_q() {
             assert!(body.contains("chain-completed"), "{accept}: {body}");
         }
     }
+    // Media types are case-insensitive in Content-Type too.
+    let resp = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .header("content-type", "Application/JSON; charset=UTF-8")
+        .body(r#"{"input":{"n":1}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
     // The events route: NDJSON when preferred, in any case; SSE otherwise.
     let resp = create("application/json").await.unwrap();
     let id = resp.json::<Value>().await.unwrap()["id"]
@@ -656,6 +675,10 @@ async fn cancel_and_idempotent_create() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
+    // The answer shows the run as the cancel left it.
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "cancelled", "{body}");
+    assert!(body["finished_at"].is_string(), "{body}");
     let evs = sse_events(&s, &id, "").await;
     assert_eq!(evs.last().unwrap()["type"], "chain-cancelled");
     let (_, rec) = s.get_json(&format!("/v1/runs/{id}")).await;
@@ -680,6 +703,22 @@ async fn cancel_and_idempotent_create() {
     assert_eq!(r.status(), 200, "a replayed create answers the same run");
     let b: Value = r.json().await.unwrap();
     assert_eq!(a["id"], b["id"]);
+    // Two keys in one request: which one is meant is not guessed.
+    let r = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .header("idempotency-key", "order-42")
+        .header("idempotency-key", "order-43")
+        .json(&json!({"input": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "Idempotency-Key: given more than once"
+    );
     let (_, all) = s.get_json("/v1/runs?workflow=ticker").await;
     assert_eq!(all["runs"].as_array().unwrap().len(), 2);
     s.stop().await;
@@ -700,6 +739,7 @@ async fn keys_own_their_runs() {
     let s = TestServer::with(opts, vec![builtin::ticker()]).await;
     let r = s.client.get(s.url("/v1/workflows")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"sluice\"");
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
         "unauthorized"
@@ -1112,7 +1152,7 @@ async fn the_waiting_gauge_follows_a_run_into_waiting_and_out_by_input_or_cancel
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    s.wait_status(&id, "cancelled").await;
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "cancelled");
     assert_eq!(s.metric(gauge).await, Some(0.0));
     assert_eq!(
         s.metric("sluice_runs_waiting{workflow=\"ticker\"}").await,
@@ -1145,6 +1185,9 @@ async fn websocket_client_frames_are_sent_events() {
         "]".repeat(70)
     );
     ws.send(Message::Text(deep.into())).await.unwrap();
+    ws.send(Message::Text(r#"["input",41]"#.into()))
+        .await
+        .unwrap();
     ws.send(Message::Text(r#"{"type":"input","data":42}"#.into()))
         .await
         .unwrap();
@@ -1167,7 +1210,8 @@ async fn websocket_client_frames_are_sent_events() {
         replies[2]
     );
     assert_eq!(replies[3]["error"]["code"], "invalid_request");
-    assert_eq!(replies[4], &json!({"accepted": true}));
+    assert_eq!(replies[4]["error"]["code"], "invalid_input");
+    assert_eq!(replies[5], &json!({"accepted": true}));
     assert_eq!(texts.last().unwrap()["type"], "chain-completed");
     assert_eq!(
         texts.last().unwrap()["data"]["result"],
@@ -1369,6 +1413,43 @@ async fn bad_input_never_gets_a_5xx() {
             .await
             .unwrap(),
         ),
+        // An array is not read as the body's fields by position.
+        (
+            422,
+            post(
+                "/v1/workflows/ticker/runs",
+                "application/json",
+                br#" [{"n":1},null,{"m":1}]"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            422,
+            post("/v1/sessions", "application/json", br#"[{"k":1}]"#.to_vec())
+                .await
+                .unwrap(),
+        ),
+        (
+            422,
+            post(
+                &format!("/v1/runs/{id}/events"),
+                "application/json",
+                br#"["input","x"]"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
+        (
+            422,
+            post(
+                &format!("/v1/runs/{id}/cancel"),
+                "application/json",
+                br#"["why"]"#.to_vec(),
+            )
+            .await
+            .unwrap(),
+        ),
         (
             415,
             post("/v1/workflows/ticker/runs", "text/plain", b"n=1".to_vec())
@@ -1500,6 +1581,14 @@ async fn bad_input_never_gets_a_5xx() {
                 .unwrap(),
         ),
         (400, get("/v1/runs?cursor=", &[]).await.unwrap()),
+        // Of the right prefix but not a run id: not something this API handed out.
+        (400, get("/v1/runs?cursor=run_zzz", &[]).await.unwrap()),
+        (
+            400,
+            get("/v1/runs?cursor=run_0196F2A0C1D27A3B8C4D5E6F70819203", &[])
+                .await
+                .unwrap(),
+        ),
         (
             404,
             s.client
@@ -1549,6 +1638,9 @@ async fn bad_input_never_gets_a_5xx() {
             "case {i}: error shape: {body}"
         );
     }
+    // None of the refused creates started a run.
+    let (_, list) = s.get_json("/v1/runs").await;
+    assert_eq!(list["runs"].as_array().unwrap().len(), 1, "{list}");
     s.stop().await;
 }
 
