@@ -421,6 +421,11 @@ impl Engine {
         record.idempotency = req.idempotency;
         // The record and the driver are one step: done on a task of their own, so a caller
         // that goes away (a client that disconnects) cannot leave a run recorded with no driver.
+        // A queued run takes its place in the queue now, in the order of these calls.
+        let in_line = match (&permit, &req.after_run) {
+            (None, None) => Some(crate::run::get_in_line(&slot).await),
+            _ => None,
+        };
         let inner = self.inner.clone();
         let after_run = req.after_run;
         let create = tokio::spawn(async move {
@@ -434,6 +439,7 @@ impl Engine {
             inner.active().insert(record.id.clone(), tx);
             let mut driver = Driver::new(inner.clone(), slot, record, rx);
             driver.after_run = after_run;
+            driver.in_line = in_line;
             inner.tracker.spawn(driver.run(Mode::Fresh(permit)));
             drop(spawning);
             Ok(())
@@ -710,11 +716,18 @@ impl Engine {
             }
             _ => None,
         };
+        // A queued run takes its place in the queue here, so the queue keeps the order of
+        // `to_resume` whichever driver the runtime runs first.
+        let in_line = match (&mode, &after_run) {
+            (Mode::Fresh(_), None) => Some(crate::run::get_in_line(&slot).await),
+            _ => None,
+        };
         let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
         self.inner.active().insert(record.id.clone(), tx);
         let mut driver = Driver::new(self.inner.clone(), slot.clone(), record, rx);
         driver.after_run = after_run;
         driver.permit = permit;
+        driver.in_line = in_line;
         self.inner.tracker.spawn(driver.run(mode));
         true
     }

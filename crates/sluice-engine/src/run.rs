@@ -58,6 +58,27 @@ pub(crate) struct Inbound {
     pub reply: oneshot::Sender<Result<()>>,
 }
 
+/// A place in a workflow's queue: its semaphore's acquire, already polled once (tokio's
+/// semaphore hands out permits in the order its waiters first waited), for the driver to await.
+pub(crate) type InLine = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = std::result::Result<OwnedSemaphorePermit, tokio::sync::AcquireError>,
+            > + Send,
+    >,
+>;
+
+/// Takes a place in `slot`'s queue now, so that runs queued one after another (at startup, all
+/// the recovered ones in a row) get their slots in that order, whichever driver runs first.
+pub(crate) async fn get_in_line(slot: &Slot) -> InLine {
+    let mut acquire: InLine = Box::pin(slot.semaphore.clone().acquire_owned());
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(acquire.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(r) => Box::pin(std::future::ready(r)),
+        std::task::Poll::Pending => acquire,
+    }
+}
+
 /// How a driver starts.
 pub(crate) enum Mode {
     /// A new run (status `queued`), with its slot if one was free at once.
@@ -129,6 +150,8 @@ pub(crate) struct Driver {
     waiting: Option<WaitingRun>,
     /// A run that must end before this one starts.
     pub(crate) after_run: Option<String>,
+    /// The run's place in its workflow's queue, when it was queued before its driver ran.
+    pub(crate) in_line: Option<InLine>,
     /// The state the run's session had before the run's completion wrote it, until the end is
     /// written: put back if the end fails.
     session_before: Option<Value>,
@@ -187,6 +210,7 @@ impl Driver {
             acks: Vec::new(),
             waiting: None,
             after_run: None,
+            in_line: None,
             session_before: None,
         }
     }
@@ -316,8 +340,11 @@ impl Driver {
         let permit = match reserved {
             Some(p) => p,
             None => {
-                let Some(acquired) = self.queued(slot.semaphore.clone().acquire_owned()).await?
-                else {
+                let acquire = match self.in_line.take() {
+                    Some(place) => place,
+                    None => Box::pin(slot.semaphore.clone().acquire_owned()),
+                };
+                let Some(acquired) = self.queued(acquire).await? else {
                     return Ok(None);
                 };
                 self.leave_queue();

@@ -790,7 +790,7 @@ async fn after_a_restart_the_run_that_held_the_slot_goes_on_first() {
         .unwrap();
     until_status(&first, holder.id(), RunStatus::Running).await;
     let mut queued = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..6 {
         let h = first.start("ticker", input(json!({"n": 2}))).await.unwrap();
         queued.push(h.id().to_owned());
     }
@@ -803,16 +803,20 @@ async fn after_a_restart_the_run_that_held_the_slot_goes_on_first() {
 
     let second = Engine::new(store.clone(), workflows()).unwrap();
     let recovered = second.recover().await.unwrap();
-    assert_eq!((recovered.resumed, recovered.requeued), (1, 3));
+    assert_eq!((recovered.resumed, recovered.requeued), (1, 6));
     let held = second.handle(holder.id()).wait().await.unwrap();
     assert_eq!(held.status, RunStatus::Completed);
+    let mut previous = held.finished_at;
     for id in &queued {
         let rec = second.handle(id).wait().await.unwrap();
         assert_eq!(rec.status, RunStatus::Completed);
+        // The queue keeps its order: each starts after the one queued before it has ended.
         assert!(
-            rec.started_at >= held.finished_at,
-            "{id} took the slot before the run that held it went on"
+            rec.started_at >= previous,
+            "{id} took the slot before the run ahead of it ended: {:?} < {previous:?}",
+            rec.started_at
         );
+        previous = rec.finished_at;
     }
 }
 
