@@ -62,6 +62,11 @@ pub enum ApiError {
     /// 503: shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// 503: shutting down while a `?wait=true` create waited for its run, which exists.
+    #[error(
+        "the server is shutting down; run {0} was started and goes on at the next start: follow it rather than retrying the create"
+    )]
+    ShuttingDownAfterStart(String),
     /// 503: a server-wide limit (open event streams) is reached.
     #[error("{what}; retry after {} s", retry_after.as_secs())]
     Overloaded {
@@ -100,7 +105,9 @@ impl ApiError {
             Self::IdempotencyKeyReused => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
-            Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::ShuttingDown | Self::ShuttingDownAfterStart(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+            }
             Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -259,7 +259,14 @@ async fn create_run(
         let token = state.engine.shutdown_token();
         let rec = tokio::select! {
             r = handle.wait() => r?,
-            () = token.cancelled() => return Err(ApiError::ShuttingDown),
+            () = token.cancelled() => {
+                // The run exists: say which, so the client follows it instead of starting another.
+                let mut resp = ApiError::ShuttingDownAfterStart(id.clone()).into_response();
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                return Ok(resp);
+            }
         };
         (StatusCode::OK, rec)
     } else {

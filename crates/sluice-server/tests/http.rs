@@ -1699,6 +1699,21 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
         .unwrap();
     let mut sse = SseReader::new(resp);
     sse.next_event().await.unwrap();
+    // A `?wait=true` create waiting for its run when the shutdown begins.
+    let waiting = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs?wait=true"))
+        .json(&json!({"input": {"n": 1000000, "delay_ms": 10}}))
+        .send();
+    let waiting = tokio::spawn(waiting);
+    let waited_id = loop {
+        let (_, page) = s.get_json("/v1/runs").await;
+        let runs = page["runs"].as_array().unwrap();
+        if let Some(r) = runs.iter().find(|r| r["id"] != id.as_str()) {
+            break r["id"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let engine = s.engine.clone();
     let started = std::time::Instant::now();
     s.stop().await;
@@ -1706,6 +1721,22 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     tokio::time::timeout(Duration::from_secs(5), sse.rest())
         .await
         .expect("stream did not end");
+    // The cut-off create says which run it started, so a client follows it, not retries.
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("/v1/runs/{waited_id}").as_str()
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "shutting_down");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&waited_id),
+        "{body}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(matches!(
         engine

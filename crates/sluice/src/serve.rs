@@ -31,7 +31,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     let text = match &args.config {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?,
-        None => String::new(),
+        None => BUILT_IN.to_owned(),
     };
     let mut config = Config::from_toml_and_env(&text, std::env::vars())?;
     if let Some(l) = &args.listen {
@@ -153,19 +153,37 @@ fn default_assistant(env: Env<'_>) -> anyhow::Result<Option<Workflow>> {
     Ok(Some(sluice_agent::agent("assistant", options)?))
 }
 
-/// The workflows to deploy: exactly those the file declares, or without one the built-ins
-/// (and `assistant` when an OpenAI-compatible provider is set in the environment).
+/// The configuration without a file: the built-in workflows, as sections that
+/// `SLUICE_WORKFLOWS__TICKER__QUEUE` and the like configure (or add to) like a file's.
+const BUILT_IN: &str = r#"
+[workflows.ticker]
+kind = "ticker"
+
+[workflows.ask-human]
+kind = "ask-human"
+"#;
+
+/// The workflows to deploy: exactly those the configuration declares (without a file, the
+/// built-ins of [`BUILT_IN`], and `assistant` when an OpenAI-compatible provider is set in the
+/// environment).
 fn workflows(config: &Config, from_file: bool, env: Env<'_>) -> anyhow::Result<Vec<Workflow>> {
-    if !from_file {
-        let mut out = vec![builtin::ticker(), builtin::ask_human()];
+    let mut out = declared(config, env)?;
+    if !from_file && !config.workflows.contains_key("assistant") {
         match default_assistant(env)? {
             Some(assistant) => out.push(assistant),
             None => tracing::info!(
                 "no model provider: set OPENAI_API_KEY or OPENAI_BASE_URL to serve the `assistant` agent, or declare [providers.NAME] and a kind = \"agent\" workflow in a config file"
             ),
         }
-        return Ok(out);
     }
+    if out.is_empty() {
+        anyhow::bail!("the configuration declares no [workflows.NAME]");
+    }
+    Ok(out)
+}
+
+/// Every `[workflows.NAME]` of the configuration, configured.
+fn declared(config: &Config, env: Env<'_>) -> anyhow::Result<Vec<Workflow>> {
     let providers = providers(config, env)?;
     let mut out = Vec::new();
     for (name, w) in &config.workflows {
@@ -187,9 +205,6 @@ fn workflows(config: &Config, from_file: bool, env: Env<'_>) -> anyhow::Result<V
             other => anyhow::bail!("workflows.{name}.kind: {other:?} is not available"),
         };
         out.push(base.configure(name, &limits)?);
-    }
-    if out.is_empty() {
-        anyhow::bail!("the configuration declares no [workflows.NAME]");
     }
     Ok(out)
 }
@@ -272,29 +287,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!("shutting down (a second signal exits at once)");
         signal.cancel();
+        // One who asks twice does not want to wait for the drain: what a run had written is
+        // in the log, and the next start takes it up from its last checkpoint (as after kill -9).
+        let code = wait_for_signal().await;
+        tracing::warn!("second signal: exiting without waiting for the drain");
+        std::process::exit(code);
     });
     let app = sluice_server::App::new(engine, config.server.clone());
     sluice_server::serve(listener, app, shutdown).await?;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for Ctrl-C (SIGINT) or SIGTERM; the exit status a process ended by it has (130, 143).
+async fn wait_for_signal() -> i32 {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         if let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
+            return tokio::select! {
+                _ = ctrl_c => 130,
+                _ = term.recv() => 143,
+            };
         }
     }
     let _ = ctrl_c.await;
+    130
 }
 
 #[cfg(test)]
@@ -317,11 +338,11 @@ mod tests {
 
     #[test]
     fn assistant_only_with_an_openai_provider_in_the_environment() {
-        let config = Config::default();
+        let config = Config::from_toml(BUILT_IN).unwrap();
         let none = workflows(&config, false, &env_of(&[("OPENAI_API_KEY", "")])).unwrap();
         assert_eq!(
             names(&none),
-            [("ticker", "ticker"), ("ask-human", "ask-human")]
+            [("ask-human", "ask-human"), ("ticker", "ticker")]
         );
         let with = workflows(
             &config,
@@ -332,6 +353,28 @@ mod tests {
         assert_eq!(names(&with)[2], ("assistant", "agent"));
         let bad = workflows(&config, false, &env_of(&[("OPENAI_BASE_URL", "nope")]));
         assert!(format!("{:#}", bad.unwrap_err()).contains("OPENAI_BASE_URL"));
+    }
+
+    #[test]
+    fn without_a_file_the_environment_configures_the_built_ins() {
+        let vars = [
+            ("SLUICE_WORKFLOWS__TICKER__MAX_CONCURRENT_RUNS", "1"),
+            ("SLUICE_WORKFLOWS__TICKER__QUEUE", "0"),
+            ("SLUICE_WORKFLOWS__SLOW__KIND", "ticker"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::from_toml_and_env(BUILT_IN, vars).unwrap();
+        let w = workflows(&config, false, &env_of(&[])).unwrap();
+        assert_eq!(
+            names(&w),
+            [
+                ("ask-human", "ask-human"),
+                ("slow", "ticker"),
+                ("ticker", "ticker")
+            ]
+        );
+        let ticker = w.iter().find(|w| w.name() == "ticker").unwrap();
+        assert_eq!((ticker.max_concurrent_runs(), ticker.queue()), (1, 0));
     }
 
     #[test]

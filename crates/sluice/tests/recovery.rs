@@ -284,3 +284,64 @@ async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     assert_eq!(record(&c, &s, &id).await["status"], "completed");
     s.stop();
 }
+
+/// A second SIGTERM (or Ctrl-C) during the drain exits at once, as if killed: nothing the
+/// runs wrote is lost, and the next start takes the running run up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_drain_exits_at_once_and_loses_nothing() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let d = dir.path().to_str().unwrap();
+    let mut s = Server::start(
+        &["--listen", "127.0.0.1:0", "--data-dir", d],
+        &[
+            ("SLUICE_SERVER__SHUTDOWN_GRACE", "60s"),
+            ("SLUICE_SERVER__BODY_TIMEOUT", "60s"),
+        ],
+    );
+    let rec = post(
+        &c,
+        s.url("/v1/workflows/ticker/runs"),
+        json!({"input": {"n": 40, "delay_ms": 25}}),
+    )
+    .await;
+    let id = rec["id"].as_str().unwrap().to_owned();
+    until(&c, &s, &id, |r| r["last_seq"].as_u64() > Some(5)).await;
+    // A request whose body is still on its way keeps the drain going for its grace period.
+    let addr = s.url("").trim_start_matches("http://").to_owned();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(
+        b"POST /v1/workflows/ticker/runs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    s.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        s.exited().is_none(),
+        "the first signal drains, it does not exit"
+    );
+    s.signal("-TERM");
+    let status = loop {
+        if let Some(status) = s.exited() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still draining after the second signal"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(143));
+    drop(slow);
+
+    let s = Server::on_data_dir(dir.path());
+    let done = until(&c, &s, &id, |r| r["status"] != "running").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (_, evs) = ndjson(&c, &s, &id).await;
+    assert_contiguous(&evs);
+    assert_eq!(done["result"], json!({"count": 40}));
+    s.stop();
+}

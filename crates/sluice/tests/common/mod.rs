@@ -62,12 +62,7 @@ impl Server {
     /// `kill -TERM`, and waits (at most a minute) for the graceful shutdown to end the
     /// process with status 0.
     pub fn stop(mut self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM failed");
+        self.signal("-TERM");
         for _ in 0..600 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(status.success(), "sluice serve ended with {status}");
@@ -76,6 +71,21 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("sluice serve did not stop within a minute of SIGTERM");
+    }
+
+    /// Sends `signal` (`-TERM`, `-INT`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {signal} failed");
+    }
+
+    /// The server's exit status, once it has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     /// `kill -9`.
