@@ -54,11 +54,26 @@ pub(crate) struct Slot {
     waiting: AtomicUsize,
     /// Moving average of run durations in ms (for `Retry-After`).
     avg_ms: AtomicU64,
+    /// Runs this engine created, and runs it ended: completed, failed, cancelled.
+    started: AtomicU64,
+    ended: [AtomicU64; 3],
 }
 
 impl Slot {
-    /// Records a finished run's duration (moving average used for `Retry-After`).
-    pub fn finished(&self, took: Duration) {
+    /// Counts a run created.
+    pub fn started(&self) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a finished run: its end by status, and its duration (moving average used for
+    /// `Retry-After`).
+    pub fn finished(&self, took: Duration, status: RunStatus) {
+        let i = match status {
+            RunStatus::Completed => 0,
+            RunStatus::Failed => 1,
+            _ => 2,
+        };
+        self.ended[i].fetch_add(1, Ordering::Relaxed);
         let ms = took.as_millis() as u64;
         let old = self.avg_ms.load(Ordering::Relaxed);
         let new = if old == 0 { ms } else { (old * 7 + ms) / 8 };
@@ -146,6 +161,14 @@ pub struct WorkflowStats {
     /// Runs in status `waiting` (paused for input or client tools; they hold no slot): those
     /// this engine paused, and those found waiting by [`Engine::recover`].
     pub waiting: usize,
+    /// Runs this engine created (not those it recovered), since it started.
+    pub started: u64,
+    /// Runs this engine ended, since it started, by how: `completed`.
+    pub completed: u64,
+    /// … `failed`.
+    pub failed: u64,
+    /// … `cancelled`.
+    pub cancelled: u64,
 }
 
 pub(crate) struct EngineInner {
@@ -315,6 +338,8 @@ impl Engine {
                 queued: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 avg_ms: AtomicU64::new(0),
+                started: AtomicU64::new(0),
+                ended: Default::default(),
             };
             if slots.insert(name.clone(), Arc::new(slot)).is_some() {
                 return Err(Error::InvalidWorkflow {
@@ -435,6 +460,7 @@ impl Engine {
                 }
                 return Err(Error::from(e));
             }
+            slot.started();
             let (tx, rx) = mpsc::channel(CONTROL_CHANNEL);
             inner.active().insert(record.id.clone(), tx);
             let mut driver = Driver::new(inner.clone(), slot, record, rx);
@@ -828,6 +854,10 @@ impl Engine {
                     .saturating_sub(s.semaphore.available_permits()),
                 queued: s.queued.load(Ordering::Relaxed),
                 waiting: s.waiting.load(Ordering::Relaxed),
+                started: s.started.load(Ordering::Relaxed),
+                completed: s.ended[0].load(Ordering::Relaxed),
+                failed: s.ended[1].load(Ordering::Relaxed),
+                cancelled: s.ended[2].load(Ordering::Relaxed),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1256,7 +1256,8 @@ impl Driver {
     /// After the terminal event: answers everyone still waiting on the run and leaves the
     /// registry.
     fn let_go(&mut self) {
-        self.slot.finished(self.started.elapsed());
+        self.slot
+            .finished(self.started.elapsed(), self.record.status);
         // Deliveries accepted since the last checkpoint were consumed by the run's end.
         for ack in self.acks.drain(..) {
             let _ = ack.send(Ok(()));

@@ -109,6 +109,34 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP sluice_runs_started_total Runs created since the server started.\n# TYPE sluice_runs_started_total counter"
+        );
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "sluice_runs_started_total{{workflow=\"{}\"}} {}",
+                s.name, s.started
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_runs_ended_total Runs ended since the server started, by final status.\n# TYPE sluice_runs_ended_total counter"
+        );
+        for s in &stats {
+            for (status, n) in [
+                ("completed", s.completed),
+                ("failed", s.failed),
+                ("cancelled", s.cancelled),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "sluice_runs_ended_total{{workflow=\"{}\",status=\"{status}\"}} {n}",
+                    s.name
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
             "# HELP sluice_events_appended_total Events appended to run logs.\n# TYPE sluice_events_appended_total counter"
         );
         let _ = writeln!(

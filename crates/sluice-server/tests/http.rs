@@ -1158,6 +1158,25 @@ async fn the_waiting_gauge_follows_a_run_into_waiting_and_out_by_input_or_cancel
         s.metric("sluice_runs_waiting{workflow=\"ticker\"}").await,
         Some(0.0)
     );
+    // The two runs' starts and ends, by how each ended.
+    for (metric, want) in [
+        ("sluice_runs_started_total{workflow=\"ask-human\"}", 2.0),
+        (
+            "sluice_runs_ended_total{workflow=\"ask-human\",status=\"completed\"}",
+            1.0,
+        ),
+        (
+            "sluice_runs_ended_total{workflow=\"ask-human\",status=\"cancelled\"}",
+            1.0,
+        ),
+        (
+            "sluice_runs_ended_total{workflow=\"ask-human\",status=\"failed\"}",
+            0.0,
+        ),
+        ("sluice_runs_started_total{workflow=\"ticker\"}", 0.0),
+    ] {
+        assert_eq!(s.metric(metric).await, Some(want), "{metric}");
+    }
     s.stop().await;
 }
 
