@@ -251,10 +251,31 @@ fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
     filter
 }
 
+/// The log's stderr, ignoring failed writes. A reader of the log that went away (a closed pipe:
+/// `| head`, a log shipper restarting) must not stop the server: tracing reports a failed
+/// write with `eprintln!`, which panics on a closed stderr, in whichever task was logging (the
+/// signal handler, the retention sweeper), and that task would be gone.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(std::env::var("SLUICE_LOG").ok().as_deref()))
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogOut)
+        // Colours for a terminal only (and never with NO_COLOR): not into files or journald.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let config = load(&args)?;
     let addr = config.validate()?;
@@ -281,14 +302,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map(|w| w.name().to_owned())
         .collect();
     tracing::info!(%local, store = %config.server.store, workflows = ?names, "sluice listening");
-    // Scripts and tests read this line to find an ephemeral port.
-    println!("listening on http://{local}");
+    // Scripts and tests read this line to find an ephemeral port (a closed stdout is no error).
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "listening on http://{local}").and_then(|()| out.flush());
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down (a second signal exits at once)");
         signal.cancel();
+        tracing::info!("shutting down (a second signal exits at once)");
         // One who asks twice does not want to wait for the drain: what a run had written is
         // in the log, and the next start takes it up from its last checkpoint (as after kill -9).
         let code = wait_for_signal().await;

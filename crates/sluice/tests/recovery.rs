@@ -345,3 +345,43 @@ async fn a_second_signal_during_the_drain_exits_at_once_and_loses_nothing() {
     assert_eq!(done["result"], json!({"count": 40}));
     s.stop();
 }
+
+/// A log reader that goes away (stderr a closed pipe) stops nothing: the retention sweeper
+/// goes on sweeping (and logging), and SIGTERM still shuts the server down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_stops_neither_the_sweeper_nor_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let d = dir.path().to_str().unwrap();
+    let mut s = Server::start_with_stderr(
+        &["--listen", "127.0.0.1:0", "--data-dir", d],
+        &[
+            ("SLUICE_LOG", "info"),
+            ("SLUICE_SERVER__RETENTION", "1s"),
+            ("SLUICE_SERVER__SWEEP_INTERVAL", "1s"),
+        ],
+        std::process::Stdio::piped(),
+    );
+    s.close_stderr();
+    // Each run is swept (and its sweep logged) in turn: the sweeper outlives a failed write.
+    for _ in 0..2 {
+        let rec = post(
+            &c,
+            s.url("/v1/workflows/ticker/runs?wait=true"),
+            json!({"input": {"n": 1}}),
+        )
+        .await;
+        let id = rec["id"].as_str().unwrap();
+        let mut gone = false;
+        for _ in 0..100 {
+            let r = c.get(s.url(&format!("/v1/runs/{id}"))).send().await.unwrap();
+            if r.status() == 404 {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(gone, "run {id} was never swept");
+    }
+    s.stop();
+}

@@ -73,6 +73,12 @@ impl Server {
         panic!("sluice serve did not stop within a minute of SIGTERM");
     }
 
+    /// Closes the reading end of the server's stderr (started with `Stdio::piped()`), as a log
+    /// reader that goes away does.
+    pub fn close_stderr(&mut self) {
+        drop(self.child.stderr.take());
+    }
+
     /// Sends `signal` (`-TERM`, `-INT`) to the server.
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
