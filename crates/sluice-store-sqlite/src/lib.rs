@@ -225,14 +225,16 @@ fn lock_store(db: &Path) -> Result<File> {
                 Ok(pid) => format!("another process (pid {pid})"),
                 Err(_) => String::from("another process"),
             };
-            return Err(Error::backend(
-                format!(
+            // The message says it all: no source, whose "operation would block" would only
+            // be appended to it.
+            return Err(Error::Backend {
+                message: format!(
                     "{} is in use by {by} (its lock is {}): one server per data directory",
                     db.display(),
                     path.display()
                 ),
-                std::io::Error::from(std::io::ErrorKind::WouldBlock),
-            ));
+                source: None,
+            });
         }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(Error::backend(format!("locking {}", path.display()), e));

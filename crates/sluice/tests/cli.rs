@@ -1144,3 +1144,32 @@ fn ctrl_c_while_the_end_of_a_stream_is_checked_exits_130() {
     f.finish().expect(130);
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }
+
+#[tokio::test]
+async fn a_missing_key_and_a_refused_key_get_different_hints() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "cli-key-0123456789abcdef";
+    let keys = format!("[\"{key}\"]");
+    let s = Server::start_at(
+        dir.path(),
+        "127.0.0.1:0",
+        &[("SLUICE_SERVER__API_KEYS", keys.as_str())],
+    );
+    let out = s.cli(&["workflows"]).expect(2);
+    assert!(
+        out.stderr
+            .contains("the server wants an API key: set --api-key or SLUICE_API_KEY"),
+        "{}",
+        out.stderr
+    );
+    let out = s
+        .cli(&["--api-key", "not-the-key-0123456789", "workflows"])
+        .expect(2);
+    assert!(
+        out.stderr.contains("the server refused the API key given"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("wants an API key"), "{}", out.stderr);
+    s.cli(&["--api-key", key, "workflows"]).expect(0);
+}

@@ -151,7 +151,10 @@ async fn follow_human(
     let run_id = stream.run_id().to_owned();
     let (tty, color) = terminal();
     let style = Style::new(color);
-    let mut view = Renderer::new(io::stdout(), style, tty);
+    let columns = terminal_size::terminal_size()
+        .filter(|_| tty)
+        .map(|(w, _)| usize::from(w.0));
+    let mut view = Renderer::new(io::stdout(), style, tty).with_columns(columns);
     let mut outcome = None;
     // A request awaiting confirmation that the run waits for it, and the check doing that.
     let mut pending: Option<Wait> = None;

@@ -107,6 +107,7 @@ pub async fn execute(mut connect: Connect, command: Command) -> ExitCode {
     let ctx = Ctx {
         client,
         server: connect.server,
+        has_key: connect.api_key.as_deref().is_some_and(|k| !k.is_empty()),
     };
     let exit = match command {
         Command::Run(a) => commands::run(&ctx, a).await,
@@ -123,6 +124,8 @@ pub async fn execute(mut connect: Connect, command: Command) -> ExitCode {
 pub struct Ctx {
     client: Client,
     server: String,
+    /// Whether an API key was given (a 401 then means it was refused).
+    has_key: bool,
 }
 
 impl Ctx {
@@ -135,6 +138,11 @@ impl Ctx {
                 say!(
                     "is `sluice serve` running at {}? (set --server or SLUICE_URL)",
                     sluice_protocol::without_userinfo(&self.server)
+                );
+            }
+            ErrorKind::Unauthorized if self.has_key => {
+                say!(
+                    "the server refused the API key given (--api-key or SLUICE_API_KEY): is it one of its keys?"
                 );
             }
             ErrorKind::Unauthorized => {

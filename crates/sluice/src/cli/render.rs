@@ -4,6 +4,7 @@
 //! On a terminal, colours are used and "transient" lines (progress bars, a counter of repeated
 //! workflow events) are redrawn in place; elsewhere every line is printed once, plainly.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, Write};
 
@@ -156,6 +157,8 @@ pub struct Renderer<W: Write> {
     repeat: Option<(String, u64)>,
     /// Last progress shown per event type, in percent (plain output prints each 10 %).
     progress: HashMap<String, u32>,
+    /// The terminal's width, when known: a line redrawn in place is cut to fit it.
+    columns: Option<usize>,
 }
 
 impl<W: Write> Renderer<W> {
@@ -172,6 +175,7 @@ impl<W: Write> Renderer<W> {
             streamed_text: false,
             repeat: None,
             progress: HashMap::new(),
+            columns: None,
         }
     }
 
@@ -464,12 +468,24 @@ impl<W: Write> Renderer<W> {
         self.out.flush()
     }
 
-    /// A line redrawn in place while the same `key` follows (terminals only).
+    /// The terminal is `columns` wide (`None`: unknown, lines are not cut).
+    pub fn with_columns(mut self, columns: Option<usize>) -> Self {
+        self.columns = columns;
+        self
+    }
+
+    /// A line redrawn in place while the same `key` follows (terminals only). It is cut to
+    /// the terminal's width: `\r\x1b[2K` clears one row, so a line that wrapped would leave
+    /// its first rows behind at every redraw.
     fn transient(&mut self, key: &str, text: &str) -> io::Result<()> {
         match &self.cursor {
             Cursor::Transient(k) if k == key => self.out.write_all(b"\r\x1b[2K")?,
             _ => self.line_end()?,
         }
+        let text = match self.columns {
+            Some(cols) => fit(text, cols.saturating_sub(1).max(1)),
+            None => Cow::Borrowed(text),
+        };
         self.out.write_all(text.as_bytes())?;
         self.cursor = Cursor::Transient(key.to_owned());
         Ok(())
@@ -589,6 +605,48 @@ pub fn short_json(v: &Value, max: usize) -> String {
         other => other.to_string(),
     };
     truncate(&text, max)
+}
+
+/// `text` cut to `cols` visible characters with an ellipsis, escape sequences (colours) kept
+/// and not counted, and a reset after the cut when there were any.
+fn fit(text: &str, cols: usize) -> Cow<'_, str> {
+    // Visible characters, skipping `ESC [ … final-byte` sequences.
+    let visible = |f: &mut dyn FnMut(usize, char, bool)| {
+        let mut chars = text.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '\x1b' && chars.peek().is_some_and(|&(_, n)| n == '[') {
+                f(i, c, false);
+                for (j, n) in chars.by_ref() {
+                    f(j, n, false);
+                    if ('@'..='~').contains(&n) && n != '[' {
+                        break;
+                    }
+                }
+                continue;
+            }
+            f(i, c, true);
+        }
+    };
+    let mut count = 0;
+    visible(&mut |_, _, shown| count += usize::from(shown));
+    if count <= cols {
+        return Cow::Borrowed(text);
+    }
+    let (mut out, mut kept, mut styled) = (String::with_capacity(text.len()), 0, false);
+    visible(&mut |_, c, shown| {
+        if !shown {
+            styled = true;
+            out.push(c);
+        } else if kept + 1 < cols {
+            kept += 1;
+            out.push(c);
+        }
+    });
+    out.push('…');
+    if styled {
+        out.push_str("\x1b[0m");
+    }
+    Cow::Owned(out)
 }
 
 /// `text` cut to `max` characters with an ellipsis, on one line.
@@ -739,6 +797,35 @@ mod tests {
         // On a terminal, repeated events share one line.
         let (live, _) = render(true, &events[..4]);
         assert!(live.contains("\r\x1b[2K  · tick ×2 "), "{live:?}");
+    }
+
+    #[test]
+    fn a_line_redrawn_in_place_fits_the_terminal() {
+        let mut events = vec![ev(1, "chain-started", None, 0, json!({"workflow": "w"}))];
+        for i in 0..3u64 {
+            let text = "abcdefghijklmnopqrstuvwxyz".repeat(4);
+            events.push(ev(2 + i, "tick", Some(1), 1, json!({"i": i, "text": text})));
+        }
+        for color in [false, true] {
+            let mut r = Renderer::new(Vec::new(), Style::new(color), true).with_columns(Some(40));
+            for e in &events {
+                r.event(e).unwrap();
+            }
+            let out = String::from_utf8(r.out).unwrap();
+            let last = out.rsplit("\r\x1b[2K").next().unwrap();
+            let plain = fit(last, usize::MAX)
+                .replace("\x1b[2m", "")
+                .replace("\x1b[0m", "");
+            assert_eq!(plain.chars().count(), 39, "{last:?}");
+            assert!(plain.starts_with("  · tick ×3 {"), "{plain:?}");
+            assert!(plain.ends_with('…'), "{plain:?}");
+            if color {
+                assert!(last.ends_with("\x1b[0m"), "the colour is reset: {last:?}");
+            }
+        }
+        // Short lines, and escape sequences, are left as they are.
+        assert_eq!(fit("\x1b[2mab\x1b[0m", 2), "\x1b[2mab\x1b[0m");
+        assert_eq!(fit("\x1b[2mabc\x1b[0m", 2), "\x1b[2ma\x1b[0m…\x1b[0m");
     }
 
     #[test]
