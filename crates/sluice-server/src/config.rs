@@ -573,9 +573,14 @@ impl Config {
             ));
         }
         if !matches!(s.store.as_str(), "sqlite" | "memory") {
+            let not_yet = if s.store.starts_with("nats://") {
+                " (the NATS JetStream store is not available yet)"
+            } else {
+                ""
+            };
             return Err(invalid(
                 "server.store",
-                format!("{:?}: expected \"sqlite\" or \"memory\"", s.store),
+                format!("{:?}: expected \"sqlite\" or \"memory\"{not_yet}", s.store),
             ));
         }
         if s.heartbeat < Duration::from_millis(100) {
@@ -904,6 +909,25 @@ run_timeout = "10m"
         assert_eq!(
             c.workflows["ticker"].run_timeout,
             Some(Duration::from_secs(600))
+        );
+    }
+
+    #[test]
+    fn a_store_that_is_not_available_is_named_so() {
+        let e = |store: &str| {
+            let c = Config::from_toml(&format!("[server]\nstore = {store:?}\n")).unwrap();
+            c.validate().unwrap_err().to_string()
+        };
+        let nats = e("nats://127.0.0.1:4222");
+        assert!(
+            nats.contains("server.store")
+                && nats.contains("the NATS JetStream store is not available yet"),
+            "{nats}"
+        );
+        let other = e("postgres");
+        assert!(
+            other.contains("expected \"sqlite\" or \"memory\"") && !other.contains("NATS"),
+            "{other}"
         );
     }
 
