@@ -524,13 +524,14 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             };
-            if tx
-                .send(Control::Cancel {
-                    reason: reason.clone(),
-                })
-                .await
-                .is_ok()
-            {
+            // Done once the driver has it: a driver that let go of the run after this lookup
+            // drops the message unread, and the cancel goes to whoever has the run now.
+            let (taken, has_it) = oneshot::channel();
+            let msg = Control::Cancel {
+                reason: reason.clone(),
+                taken,
+            };
+            if tx.send(msg).await.is_ok() && has_it.await.is_ok() {
                 return Ok(());
             }
         }

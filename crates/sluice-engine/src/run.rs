@@ -46,9 +46,17 @@ pub(crate) enum Control {
     /// Boxed: every slot of a run's control channel is as large as the largest message, and
     /// a channel's first block (32 slots) is allocated with the run.
     Deliver(Box<Inbound>),
+    /// `taken` is answered as soon as the driver has the cancel: one that is dropped unread
+    /// (its driver let go of the run between the sender's lookup and its send) is sent again.
     Cancel {
         reason: Option<String>,
+        taken: oneshot::Sender<()>,
     },
+}
+
+/// Tells a cancel's sender that the driver has it.
+fn took(taken: oneshot::Sender<()>) {
+    let _ = taken.send(());
 }
 
 /// An event sent into a run, and where its answer goes.
@@ -373,7 +381,8 @@ impl Driver {
                 biased;
                 _ = self.engine.token.cancelled() => break,
                 c = self.ctl.recv() => match c {
-                    Some(Control::Cancel { reason }) => {
+                    Some(Control::Cancel { reason, taken }) => {
+                        took(taken);
                         self.leave_queue();
                         self.end(Outcome::Cancelled(reason)).await?;
                         return Ok(None);
@@ -435,7 +444,10 @@ impl Driver {
                 _ = self.engine.token.cancelled() => break Outcome::Shutdown,
                 () = sleep_until(deadline) => break self.timeout(),
                 c = self.ctl.recv(), if open => match c {
-                    Some(Control::Cancel { reason }) => break Outcome::Cancelled(reason),
+                    Some(Control::Cancel { reason, taken }) => {
+                        took(taken);
+                        break Outcome::Cancelled(reason);
+                    }
                     Some(Control::Deliver(d)) => {
                         let Inbound { event_type, data, reply } = *d;
                         match self.accept_delivery(&event_type, data) {
@@ -650,7 +662,10 @@ impl Driver {
             };
             match c {
                 None => return Ok(Some(Outcome::Sleep)),
-                Some(Control::Cancel { reason }) => return Ok(Some(Outcome::Cancelled(reason))),
+                Some(Control::Cancel { reason, taken }) => {
+                    took(taken);
+                    return Ok(Some(Outcome::Cancelled(reason)));
+                }
                 Some(Control::Deliver(d)) => {
                     let Inbound {
                         event_type,
@@ -733,7 +748,10 @@ impl Driver {
                 biased;
                 _ = self.engine.token.cancelled() => Some(Outcome::Shutdown),
                 c = self.ctl.recv() => match c {
-                    Some(Control::Cancel { reason }) => Some(Outcome::Cancelled(reason)),
+                    Some(Control::Cancel { reason, taken }) => {
+                        took(taken);
+                        Some(Outcome::Cancelled(reason))
+                    }
                     Some(Control::Deliver(d)) => {
                         let Inbound { event_type, data, reply } = *d;
                         match self.accept_delivery(&event_type, data) {

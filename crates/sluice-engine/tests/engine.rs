@@ -1782,3 +1782,35 @@ async fn a_run_queued_after_its_input_still_times_out() {
     assert_eq!(engine.stats()[0].queued, 0);
     gate.send_replace(true);
 }
+
+/// A cancel racing the run into `waiting` (its driver letting go of it) is never lost: every
+/// run ends cancelled, none is left waiting with its cancel acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_the_run_into_waiting_is_not_lost() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let engine = Engine::new(store, [builtin::ask_human()]).unwrap();
+    let mut cancels = tokio::task::JoinSet::new();
+    let mut ids = Vec::new();
+    for i in 0..300u64 {
+        let h = engine.start("ask-human", input(json!(null))).await.unwrap();
+        ids.push(h.id().to_owned());
+        let (engine, id) = (engine.clone(), h.id().to_owned());
+        cancels.spawn(async move {
+            // Spread over the moment the driver goes to sleep.
+            for _ in 0..(i % 8) {
+                tokio::task::yield_now().await;
+            }
+            engine.cancel(&id, None).await
+        });
+    }
+    while let Some(r) = cancels.join_next().await {
+        r.unwrap().unwrap();
+    }
+    for id in &ids {
+        let rec = tokio::time::timeout(Duration::from_secs(10), engine.handle(id).wait())
+            .await
+            .unwrap_or_else(|_| panic!("{id}: its cancel was acknowledged but it never ended"))
+            .unwrap();
+        assert_eq!(rec.status, RunStatus::Cancelled, "{id}");
+    }
+}
