@@ -516,3 +516,57 @@ async fn streamed_appends_are_checkpointed_in_the_background() {
     }
     assert_eq!(cursor, EVENTS);
 }
+
+/// A finished run whose stored log lost an event (a database written back without the
+/// journal it depended on, after a power failure with `synchronous = normal`): a follower
+/// ends with an error at the gap, instead of waiting at it forever.
+#[tokio::test]
+async fn a_follower_of_a_finished_log_with_a_gap_ends_with_an_error() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = open(&path);
+    let mut rec = new_run(&store, "run_a").await;
+    for seq in 1..=5 {
+        store
+            .append("run_a", &[ev("run_a", seq, r#"{"text":"t"}"#)])
+            .await
+            .unwrap();
+    }
+    rec.status = RunStatus::Completed;
+    rec.last_seq = 6;
+    rec.finished_at = Some(Timestamp::now());
+    let terminal = RawEvent::encode(
+        6,
+        "run_a",
+        kind::CHAIN_COMPLETED,
+        Timestamp::now(),
+        None,
+        "{}",
+    );
+    store.finish(&rec, &terminal).await.unwrap();
+    store.close().await.unwrap();
+    // Without its journal (which would put the event back at the next open).
+    std::fs::remove_dir_all(dir.path().join("sluice.db-events")).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("DELETE FROM events WHERE run_id = 'run_a' AND seq = 4", [])
+        .unwrap();
+    drop(conn);
+    let store: Arc<dyn Store> = Arc::new(open(&path));
+    let mut stream = Box::pin(sluice_store::follow_batches(store, "run_a".into(), 0));
+    let mut seen = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(batch) = stream.next().await {
+            match batch {
+                Ok(b) => seen.extend(b.iter().map(RawEvent::seq)),
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    })
+    .await
+    .expect("a follower waited at the gap");
+    assert_eq!(seen, [1, 2, 3]);
+    let e = end.expect("the stream ended without an error").to_string();
+    assert!(e.contains("has no event 4"), "{e}");
+}

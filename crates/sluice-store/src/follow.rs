@@ -81,6 +81,10 @@ pub fn follow_batches(
                 return Some((Err(e), st));
             }
         }
+        // A finished run whose log ends past the cursor and yet has nothing after it, read
+        // twice (the record may be read a moment after the read that missed its last events):
+        // a gap in the stored log, which no wait would fill.
+        let mut missing = false;
         loop {
             match st.store.read(&st.run_id, st.cursor, st.limit).await {
                 Ok(mut batch) if !batch.is_empty() => {
@@ -122,6 +126,23 @@ pub fn follow_batches(
                     match st.store.get_run(&st.run_id).await {
                         Ok(Some(rec)) if rec.status.is_terminal() && st.cursor >= rec.last_seq => {
                             return None;
+                        }
+                        Ok(Some(rec)) if rec.status.is_terminal() => {
+                            if missing {
+                                st.done = true;
+                                let err = Error::Backend {
+                                    message: format!(
+                                        "the log of run {:?} ends at {} but has no event {}",
+                                        st.run_id,
+                                        rec.last_seq,
+                                        st.cursor + 1
+                                    ),
+                                    source: None,
+                                };
+                                return Some((Err(err), st));
+                            }
+                            missing = true;
+                            continue;
                         }
                         Ok(Some(_)) => {}
                         Ok(None) => {
