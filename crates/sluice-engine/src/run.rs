@@ -1161,11 +1161,13 @@ impl Driver {
         Ok(())
     }
 
-    /// The driver exits while the run stays `waiting` in the store: it stays counted.
+    /// The driver exits while the run stays `waiting` in the store: it stays counted, and the
+    /// store may let go of the log's cached events (a run may wait for days).
     fn keep_waiting(&mut self) {
         if let Some(w) = self.waiting.take() {
             w.keep();
         }
+        self.engine.store.idle(&self.record.id);
     }
 
     /// Gives up the run's slot in the engine's registry unless control messages are queued.

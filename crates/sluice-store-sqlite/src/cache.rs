@@ -218,6 +218,22 @@ impl RunCache {
         }
     }
 
+    /// Drops the run's tail down to the events that are only in the journal (which must stay:
+    /// reads never go to the journal); its state stays. Readers then read from `events`.
+    pub(crate) fn trim(&self, run_id: &str) {
+        let mut runs = self.lock(run_id);
+        if let Some(entry) = runs.get_mut(run_id) {
+            while let Some(old) = entry.tail.front() {
+                if old.seq() > entry.applied_upto {
+                    break;
+                }
+                entry.tail_bytes -= old.json().len();
+                entry.tail.pop_front();
+            }
+            entry.tail.shrink_to_fit();
+        }
+    }
+
     /// Records what a commit made of these runs.
     pub(crate) fn apply<'a>(&self, changes: impl IntoIterator<Item = Change<'a>>) {
         for change in changes {
@@ -270,6 +286,42 @@ mod tests {
 
     fn seqs(v: Option<Vec<RawEvent>>) -> Option<Vec<u64>> {
         v.map(|v| v.iter().map(RawEvent::seq).collect())
+    }
+
+    #[test]
+    fn an_idle_log_keeps_only_what_is_not_yet_in_events() {
+        let cache = RunCache::default();
+        // One big append, all of it in `events`: the whole append is the tail.
+        cache.apply([Change {
+            run_id: "r",
+            state: open(2),
+            appended: vec![ev(1, 4), ev(2, 100_000)],
+            applied_upto: 2,
+        }]);
+        assert_eq!(seqs(cache.read("r", 0, 10)), Some(vec![1, 2]));
+        cache.trim("r");
+        assert_eq!(seqs(cache.read("r", 0, 10)), None, "read from the database");
+        assert_eq!(seqs(cache.read("r", 2, 10)), Some(vec![]), "at the end");
+        assert_eq!(cache.get("r"), open(2), "the state stays");
+        // Events only in the journal stay, whatever the hint.
+        cache.apply([Change {
+            run_id: "r",
+            state: open(4),
+            appended: vec![ev(3, 4), ev(4, 4)],
+            applied_upto: 2,
+        }]);
+        cache.trim("r");
+        assert_eq!(seqs(cache.read("r", 2, 10)), Some(vec![3, 4]));
+        // New appends fill the tail again.
+        cache.apply([Change {
+            run_id: "r",
+            state: open(5),
+            appended: vec![ev(5, 4)],
+            applied_upto: 5,
+        }]);
+        assert_eq!(seqs(cache.read("r", 2, 10)), Some(vec![3, 4, 5]));
+        cache.trim("r");
+        assert_eq!(seqs(cache.read("r", 2, 10)), None);
     }
 
     #[test]

@@ -442,6 +442,12 @@ impl Store for SqliteStore {
         self.journal.is_none()
     }
 
+    /// Drops the run's cached tail (but for events only in the journal): a run that waits,
+    /// for days perhaps, holds no copy of its last events in memory.
+    fn idle(&self, run_id: &str) {
+        self.cache.trim(run_id);
+    }
+
     async fn finish(&self, record: &RunRecord, terminal: &RawEvent) -> Result<()> {
         let row = RunRow::new(record)?;
         let terminal = terminal.clone();

@@ -111,6 +111,13 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// A hint that the run's log will see no appends for a while (its run waits for input):
+    /// a backend may let go of what it keeps in memory for the log's live readers, who read
+    /// what they still need from the store. Default: nothing.
+    fn idle(&self, run_id: &str) {
+        let _ = run_id;
+    }
+
     /// Atomically replaces the run record and appends the terminal event, whose seq must be
     /// both the log's last seq + 1 and `record.last_seq`. Readers that see the terminal event see
     /// the final record. When it fails, neither the record nor the log changed.
