@@ -294,6 +294,17 @@ pub(crate) struct Inner {
     pub(crate) max_event_size: usize,
 }
 
+/// How [`Client::start_with`] starts a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Sent as `Idempotency-Key`: a start with a key seen before (for this API key and
+    /// workflow, within 24 h) answers the run it created, and starts nothing.
+    pub idempotency_key: Option<String>,
+    /// With a `session_id` whose session has an active run: queue behind it
+    /// (`?if_busy=enqueue`) instead of being refused with a conflict.
+    pub enqueue: bool,
+}
+
 /// A Sluice client. Cheap to clone: clones share one connection pool.
 ///
 /// ```no_run
@@ -407,11 +418,54 @@ impl Client {
     /// [`ErrorKind::Invalid`](crate::ErrorKind::Invalid) for input it refuses (the message
     /// names the field), [`ErrorKind::Rejected`](crate::ErrorKind::Rejected) at capacity.
     pub async fn start(&self, workflow: &str, run: CreateRun) -> Result<RunHandle> {
-        let url = self.url(&["v1", "workflows", workflow, "runs"]);
-        let record: RunRecord = self
-            .json(self.request(Method::POST, url).json(&run))
-            .await?;
+        self.start_with(workflow, run, &StartOptions::default())
+            .await
+    }
+
+    /// [`start`](Self::start) with [`StartOptions`]: an `Idempotency-Key` (a retry of the same
+    /// start answers the run the first one created), or queueing behind a session's active run.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sluice_client::Client) -> sluice_client::Result<()> {
+    /// use sluice_client::{CreateRun, StartOptions};
+    /// let opts = StartOptions { idempotency_key: Some("order-42".into()), ..Default::default() };
+    /// let run = CreateRun { input: serde_json::json!({"n": 5}), ..Default::default() };
+    /// let first = client.start_with("ticker", run.clone(), &opts).await?;
+    /// let again = client.start_with("ticker", run, &opts).await?;
+    /// assert_eq!(first.id(), again.id());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`start`](Self::start); [`ErrorKind::Invalid`](crate::ErrorKind::Invalid) for a key
+    /// used before with another body.
+    pub async fn start_with(
+        &self,
+        workflow: &str,
+        run: CreateRun,
+        opts: &StartOptions,
+    ) -> Result<RunHandle> {
+        let req = self.start_request(workflow, &run, opts);
+        let record: RunRecord = self.json(req).await?;
         Ok(RunHandle::new(self.clone(), record))
+    }
+
+    /// The `POST /v1/workflows/{name}/runs` of a start.
+    fn start_request(
+        &self,
+        workflow: &str,
+        run: &CreateRun,
+        opts: &StartOptions,
+    ) -> RequestBuilder {
+        let mut url = self.url(&["v1", "workflows", workflow, "runs"]);
+        if opts.enqueue {
+            url.query_pairs_mut().append_pair("if_busy", "enqueue");
+        }
+        let mut req = self.request(Method::POST, url).json(run);
+        if let Some(key) = &opts.idempotency_key {
+            req = req.header("idempotency-key", key);
+        }
+        req
     }
 
     /// Starts a run and answers its event stream in the same call (the `POST` with
@@ -436,11 +490,24 @@ impl Client {
     /// As [`start`](Self::start); [`ErrorKind::Decode`](crate::ErrorKind::Decode) when the
     /// answer is not an event stream naming its run.
     pub async fn start_and_stream(&self, workflow: &str, run: CreateRun) -> Result<EventStream> {
-        let url = self.url(&["v1", "workflows", workflow, "runs"]);
+        self.start_and_stream_with(workflow, run, &StartOptions::default())
+            .await
+    }
+
+    /// [`start_and_stream`](Self::start_and_stream) with [`StartOptions`] (see
+    /// [`start_with`](Self::start_with)).
+    ///
+    /// # Errors
+    /// As [`start_and_stream`](Self::start_and_stream).
+    pub async fn start_and_stream_with(
+        &self,
+        workflow: &str,
+        run: CreateRun,
+        opts: &StartOptions,
+    ) -> Result<EventStream> {
         let req = self
-            .request(Method::POST, url)
-            .header(header::ACCEPT, "text/event-stream")
-            .json(&run);
+            .start_request(workflow, &run, opts)
+            .header(header::ACCEPT, "text/event-stream");
         let resp = self.send_stream(req, "starting a run").await?;
         if !is_event_stream(&resp) {
             return Err(Error::decode(

@@ -45,7 +45,7 @@ mod run;
 mod sse;
 mod stream;
 
-pub use client::{Client, ClientBuilder, DEFAULT_MAX_EVENT_SIZE, DEFAULT_URL};
+pub use client::{Client, ClientBuilder, DEFAULT_MAX_EVENT_SIZE, DEFAULT_URL, StartOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use run::{RunFilter, RunHandle};
 pub use stream::EventStream;

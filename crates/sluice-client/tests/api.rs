@@ -352,3 +352,61 @@ async fn rejected_at_capacity_with_retry_after() {
     assert_eq!(b.wait().await.unwrap().status, RunStatus::Cancelled);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_options_send_an_idempotency_key_and_queue_in_a_busy_session() {
+    use sluice_client::StartOptions;
+    let s = TestServer::start().await;
+    let c = Client::new(&s.base).unwrap();
+    let keyed = StartOptions {
+        idempotency_key: Some("order-42".into()),
+        ..StartOptions::default()
+    };
+    let first = c
+        .start_with("ticker", input(json!({"n": 1})), &keyed)
+        .await
+        .unwrap();
+    let again = c
+        .start_with("ticker", input(json!({"n": 1})), &keyed)
+        .await
+        .unwrap();
+    assert_eq!(first.id(), again.id(), "one run for one key");
+    let err = c
+        .start_with("ticker", input(json!({"n": 2})), &keyed)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("idempotency_key_reused"));
+
+    // A session busy with a run: refused, unless queued behind it.
+    let session = c.create_session(None).await.unwrap();
+    let in_session = |n: u64| CreateRun {
+        input: json!({"n": n, "delay_ms": 20}),
+        session_id: Some(session.id.clone()),
+        metadata: None,
+    };
+    let busy = c.start("ticker", in_session(20)).await.unwrap();
+    let err = c.start("ticker", in_session(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    let enqueue = StartOptions {
+        enqueue: true,
+        ..StartOptions::default()
+    };
+    let mut events = c
+        .start_and_stream_with("ticker", in_session(1), &enqueue)
+        .await
+        .unwrap();
+    let queued = c.run(events.run_id()).await.unwrap();
+    assert_eq!(queued.status, RunStatus::Queued);
+    let mut types = Vec::new();
+    while let Some(ev) = events.next().await {
+        types.push(ev.unwrap().event_type);
+    }
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some(kind::CHAIN_COMPLETED)
+    );
+    let ahead = busy.wait().await.unwrap();
+    let behind = c.run(events.run_id()).await.unwrap();
+    assert!(behind.started_at >= ahead.finished_at, "it waited its turn");
+    s.stop().await;
+}

@@ -1173,3 +1173,55 @@ async fn a_missing_key_and_a_refused_key_get_different_hints() {
     assert!(!out.stderr.contains("wants an API key"), "{}", out.stderr);
     s.cli(&["--api-key", key, "workflows"]).expect(0);
 }
+
+#[tokio::test]
+async fn run_queues_in_a_busy_session_with_enqueue_and_replays_with_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let session = s.post("/v1/sessions", json!({})).await;
+    let session = session["id"].as_str().unwrap();
+    let busy = s
+        .cli(&[
+            "run",
+            "ticker",
+            r#"{"n":40,"delay_ms":20}"#,
+            "--session",
+            session,
+        ])
+        .expect(0);
+    let busy = busy.stdout.trim().to_owned();
+    let refused = s
+        .cli(&["run", "ticker", r#"{"n":1}"#, "--session", session])
+        .expect(2);
+    assert!(
+        refused
+            .stderr
+            .contains("`sluice run --enqueue` queues the run behind it"),
+        "{}",
+        refused.stderr
+    );
+    let queued = s
+        .cli(&[
+            "run",
+            "ticker",
+            r#"{"n":1}"#,
+            "--session",
+            session,
+            "--enqueue",
+            "--follow",
+            "--json",
+        ])
+        .expect(0);
+    let ahead = s.record(&busy).await;
+    let behind = s.record(&queued.run_id()).await;
+    assert_eq!(ahead["status"], "completed");
+    assert!(behind["started_at"].as_str() >= ahead["finished_at"].as_str());
+
+    let first = s
+        .cli(&["run", "ticker", r#"{"n":1}"#, "--idempotency-key", "k-1"])
+        .expect(0);
+    let again = s
+        .cli(&["run", "ticker", r#"{"n":1}"#, "--idempotency-key", "k-1"])
+        .expect(0);
+    assert_eq!(first.stdout, again.stdout, "the same run");
+}

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_client::{CreateRun, EventStream, RunFilter, RunStatus};
+use sluice_client::{CreateRun, EventStream, RunFilter, RunStatus, StartOptions};
 
 use super::follow::{self, FollowOptions};
 use super::interrupt::Interrupt;
@@ -38,6 +38,14 @@ pub struct RunArgs {
     /// Continue this session.
     #[arg(long, value_name = "SESSION_ID")]
     session: Option<String>,
+    /// When the session has a run that has not ended, queue behind it instead of being
+    /// refused.
+    #[arg(long, requires = "session")]
+    enqueue: bool,
+    /// Send this Idempotency-Key: running the command again with the same key (and input)
+    /// answers the run the first one started, and starts nothing.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
 }
 
 /// `sluice tail RUN_ID [--after N] [--json] [--cancel-on-exit]`.
@@ -128,10 +136,14 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> Exit {
         session_id: a.session,
         metadata: None,
     };
+    let opts = StartOptions {
+        idempotency_key: a.idempotency_key,
+        enqueue: a.enqueue,
+    };
     if !a.follow {
         let handle = ctx
             .client
-            .start(&a.workflow, req)
+            .start_with(&a.workflow, req, &opts)
             .await
             .map_err(|e| ctx.refused(&e))?;
         if a.json {
@@ -149,7 +161,7 @@ pub async fn run(ctx: &Ctx, a: RunArgs) -> Exit {
     }
     // Listening before the first request: Ctrl-C while the run starts is handled too.
     let mut interrupt = Interrupt::listen();
-    let start = ctx.client.start_and_stream(&a.workflow, req);
+    let start = ctx.client.start_and_stream_with(&a.workflow, req, &opts);
     tokio::pin!(start);
     let stream = tokio::select! {
         biased;

@@ -156,6 +156,9 @@ impl Ctx {
                     d.as_secs().max(1)
                 );
             }
+            ErrorKind::Conflict if e.to_string().contains("if_busy=enqueue") => {
+                say!("`sluice run --enqueue` queues the run behind it");
+            }
             ErrorKind::NotFound if e.code() == Some("run_not_found") => {
                 say!("`sluice runs` lists the runs");
             }
