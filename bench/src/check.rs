@@ -50,6 +50,8 @@ pub struct SeqCheck {
     pub terminal: Option<(u64, Terminal)>,
     /// Events after the terminal one.
     pub after_terminal: u64,
+    /// How many ticks the run writes, when the reader knows (a run cut short is not clean).
+    expected_ticks: Option<u64>,
 }
 
 impl SeqCheck {
@@ -60,6 +62,16 @@ impl SeqCheck {
             max: from,
             ..Self::default()
         }
+    }
+
+    /// The run writes `n` ticks: a reader that saw another number did not see it complete.
+    pub fn expect_ticks(&mut self, n: u64) {
+        self.expected_ticks = Some(n);
+    }
+
+    /// Ticks expected but not received (0 when the reader does not know how many to expect).
+    pub fn missing_ticks(&self) -> u64 {
+        self.expected_ticks.map_or(0, |n| n.abs_diff(self.ticks))
     }
 
     /// Records one event.
@@ -109,6 +121,7 @@ impl SeqCheck {
             && self.malformed == 0
             && self.tick_order == 0
             && self.after_terminal == 0
+            && self.missing_ticks() == 0
     }
 
     fn is_seen(&self, seq: u64) -> bool {
@@ -143,7 +156,7 @@ pub struct Totals {
     /// Out-of-order events.
     pub ooo: u64,
     /// Other anomalies: id/seq mismatches, unreadable envelopes, tick order, events after the
-    /// terminal one.
+    /// terminal one, ticks more or fewer than the run writes.
     pub other: u64,
 }
 
@@ -157,7 +170,8 @@ impl Totals {
         self.lost += c.lost();
         self.dup += c.dup;
         self.ooo += c.ooo;
-        self.other += c.id_mismatch + c.malformed + c.tick_order + c.after_terminal;
+        self.other +=
+            c.id_mismatch + c.malformed + c.tick_order + c.after_terminal + c.missing_ticks();
     }
 
     /// `lost/dup/ooo`.
@@ -186,6 +200,15 @@ mod tests {
         assert_eq!((c.lost(), c.dup, c.ooo), (1, 1, 1));
         assert_eq!(c.ticks, 3);
         assert!(!c.clean());
+
+        // A well-formed stream that writes fewer ticks than the run has is not clean.
+        let mut short = SeqCheck::new(0);
+        short.expect_ticks(3);
+        for (seq, kind, i) in [(1, "tick", Some(0)), (2, "chain-completed", None)] {
+            short.observe(seq, Some(seq), kind.as_bytes(), i);
+        }
+        assert_eq!(short.missing_ticks(), 2);
+        assert!(!short.clean());
 
         let mut ok = SeqCheck::new(500);
         ok.observe(501, Some(501), b"tick", Some(0));

@@ -55,6 +55,12 @@ impl Side {
         }
     }
 
+    /// Median time to first event of the big runs (S1's own), ns.
+    pub fn big_ttfe(&self) -> i64 {
+        let mut v: Vec<f64> = self.runs.iter().map(|r| r.ttfe_ns as f64).collect();
+        median(&mut v) as i64
+    }
+
     /// Median events/s over the big runs.
     pub fn events_per_s(&self) -> f64 {
         let mut v: Vec<f64> = self.runs.iter().map(|r| r.events_per_s).collect();
@@ -259,10 +265,15 @@ pub fn rows(side: &Side, p: &S1Params) -> Vec<Row> {
         ),
         Row::target(
             &sc,
-            "time to first event p50 / p99",
+            "time to first event of the big run (median)",
+            dur(side.big_ttfe()),
+            "≤ 1 ms",
+            !side.runs.is_empty() && side.big_ttfe() <= TTFE_TARGET_NS,
+        ),
+        Row::info(
+            &sc,
+            "time to first event of one-tick runs p50 / p99",
             format!("{} / {}", dur(side.ttfe.p50), dur(side.ttfe.p99)),
-            "p50 ≤ 1 ms",
-            side.ttfe.p50 <= TTFE_TARGET_NS,
         ),
         Row::check(
             &sc,
@@ -316,17 +327,29 @@ pub fn compare_rows(c: &Comparison, p: &S1Params) -> Vec<Row> {
             "≥ 80%",
             ratio >= 0.8,
         ),
+        // DESIGN's S1 target is the big run's own first event; one-tick runs are beside it.
         Row::target(
             &sc,
-            "time to first event p50 / p99, Sluice",
-            format!("{} / {}", dur(s.ttfe.p50), dur(s.ttfe.p99)),
-            "p50 ≤ 1 ms",
-            s.ttfe.p50 <= TTFE_TARGET_NS,
+            "time to first event of the big run (median), Sluice",
+            dur(s.big_ttfe()),
+            "≤ 1 ms",
+            !s.runs.is_empty() && s.big_ttfe() <= TTFE_TARGET_NS,
         ),
         Row::info(
             &sc,
-            "time to first event p50 / p99, raw",
-            format!("{} / {}", dur(r.ttfe.p50), dur(r.ttfe.p99)),
+            "time to first event of the big run (median), raw",
+            dur(r.big_ttfe()),
+        ),
+        Row::info(
+            &sc,
+            "time to first event of one-tick runs p50 / p99, Sluice; raw",
+            format!(
+                "{} / {}; {} / {}",
+                dur(s.ttfe.p50),
+                dur(s.ttfe.p99),
+                dur(r.ttfe.p50),
+                dur(r.ttfe.p99)
+            ),
         ),
         Row::info(&sc, "server CPU per run (median)", {
             let mut v: Vec<f64> = s.runs.iter().filter_map(|m| m.server_cpu_s).collect();

@@ -90,16 +90,29 @@ pub async fn run(
     let mut set = JoinSet::new();
     for _ in 0..p.runs {
         let (target, req, gate, common) = (target.clone(), req.clone(), gate.clone(), *common);
+        let events = p.events;
         set.spawn(async move {
             let permit = gate.acquire_owned().await?;
             let mut resp = open_stream(&target, &req, common.idle).await?;
             drop(permit);
             let mut r = Reader::new(0);
+            r.check.expect_ticks(events);
             let opts = FollowOpts {
                 latency_from: Some(0),
                 ..FollowOpts::default()
             };
-            let followed = r.follow(&mut resp, opts, common.idle).await;
+            let mut followed = r.follow(&mut resp, opts, common.idle).await;
+            // Every tick must be there, each with its creation time (the latency sample).
+            if followed.is_ok()
+                && (r.check.missing_ticks() > 0 || r.latencies.len() as u64 != r.check.ticks)
+            {
+                followed = Err(anyhow::anyhow!(
+                    "{} ticks received of {}, {} with a creation time",
+                    r.check.ticks,
+                    events,
+                    r.latencies.len()
+                ));
+            }
             let out = RunOut {
                 open_ns: resp.head_ns,
                 end_ns: r.last_ns,

@@ -69,6 +69,7 @@ pub async fn run(
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(1024);
     let mut set = JoinSet::new();
     for _ in 0..followers {
+        let events = p.events;
         let (target, gate, common, mut id_rx, ready) = (
             target.clone(),
             gate.clone(),
@@ -92,7 +93,7 @@ pub async fn run(
             let mut resp = conn.read_head(common.idle).await?;
             expect_stream(&mut resp, common.idle).await?;
             let live_from = resp.head_ns;
-            follow(&mut resp, live_from, &common).await
+            follow(&mut resp, live_from, events, &common).await
         });
     }
     drop(ready_tx);
@@ -136,7 +137,8 @@ pub async fn run(
     };
     let _ = id_tx.send(Some(run_id));
     let common_copy = *common;
-    set.spawn(async move { follow(&mut first, 0, &common_copy).await });
+    let events = p.events;
+    set.spawn(async move { follow(&mut first, 0, events, &common_copy).await });
 
     let deadline = Duration::from_millis(p.events * p.delay_ms) * 3 + Duration::from_secs(120);
     let mut res = S5Result::default();
@@ -174,12 +176,15 @@ pub async fn run(
     Ok(res)
 }
 
+/// Follows the run from its first event (which has `events` ticks) to its end.
 async fn follow(
     resp: &mut crate::http::Response,
     live_from: u64,
+    events: u64,
     common: &Common,
 ) -> anyhow::Result<Out> {
     let mut r = Reader::new(0);
+    r.check.expect_ticks(events);
     let opts = FollowOpts {
         latency_from: Some(live_from),
         ..FollowOpts::default()

@@ -36,6 +36,11 @@ const SMALL_BATCH: usize = 64;
 /// The driver's receive buffer starts (and shrinks back to) this many messages.
 const MIN_BATCH_BUF: usize = 16;
 
+/// A run's first batch takes at most this many messages, each next one twice as many, up to
+/// [`STEP_CHANNEL`]: a step that writes a burst at once has its first events committed (and
+/// seen) after a small append, not after a thousand-event one.
+const FIRST_BATCH: usize = 8;
+
 /// How often a driver that met a store error tries to write the run's end, and the wait before
 /// the second try (doubling after each).
 const END_ATTEMPTS: u32 = 5;
@@ -731,6 +736,7 @@ impl Driver {
         // Grows with the batches actually received (and shrinks back after a burst): a run
         // that streams a token at a time holds a few slots, not STEP_CHANNEL of them.
         let mut msgs = Vec::with_capacity(MIN_BATCH_BUF);
+        let mut batch = FIRST_BATCH;
         // A store whose appends wait for a group commit lets the next batch grow by itself.
         let yield_first = !self.engine.store.groups_appends();
         loop {
@@ -765,14 +771,16 @@ impl Driver {
                 // Finished tasks are reaped as they finish; one that died without its `Done`
                 // (a panic outside the step's future, an abort) fails its step.
                 Some(joined) = self.tasks.join_next_with_id() => self.on_joined(joined),
-                n = self.rx.recv_many(&mut msgs, STEP_CHANNEL) => {
+                n = self.rx.recv_many(&mut msgs, batch) => {
+                    let limit = batch;
+                    batch = (batch * 2).min(STEP_CHANNEL);
                     // Under load, let producers add to a small batch before it is committed:
                     // it keeps an overloaded server batching, at a cost of milliseconds to paced
                     // events; not where the store groups appends (ARCHITECTURE.md, Decisions).
                     let mut n = n;
                     if yield_first && n < SMALL_BATCH {
                         tokio::task::yield_now().await;
-                        while n < STEP_CHANNEL {
+                        while n < limit {
                             let Ok(m) = self.rx.try_recv() else { break };
                             msgs.push(m);
                             n += 1;
