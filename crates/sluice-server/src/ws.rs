@@ -151,8 +151,19 @@ async fn run(
                         break;
                     }
                 }
-                // Pings are answered by the WebSocket layer; pongs need nothing.
-                Some(Ok(_)) => {}
+                // Pings are answered by the WebSocket layer, which queues the pong; it is sent
+                // before anything more is read. A client that pings without reading the answers
+                // then meets back-pressure (its frames wait in the socket), where the layer would
+                // otherwise buffer pongs without bound.
+                Some(Ok(_)) => {
+                    tokio::select! {
+                        r = tx.flush() => if r.is_err() { break },
+                        () = shutdown.cancelled() => {
+                            close = Some(CloseFrame { code: close_code::AWAY, reason: "the server is shutting down".into() });
+                            break;
+                        }
+                    }
+                }
             },
             ev = events.next() => match ev {
                 Some(Ok(ev)) => {

@@ -2065,3 +2065,70 @@ async fn sessions_hold_one_active_run_and_enqueue_on_request() {
     assert_eq!(start(json!({"n": 1}), "").await.unwrap().status(), 404);
     s.stop().await;
 }
+
+/// A WebSocket client that sends pings and never reads the pongs meets back-pressure: the
+/// server stops reading its frames once a pong cannot be written, instead of buffering pongs
+/// without bound (a ping flood grew the server by gigabytes in seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_ping_flood_that_reads_nothing_is_held_back() {
+    use std::io::{Read, Write};
+    let s = TestServer::start().await;
+    let id = s.start_run("ask-human", json!(null)).await;
+    s.wait_status(&id, "waiting").await;
+    let (addr, run) = (s.addr, id.clone());
+    let written = tokio::task::spawn_blocking(move || {
+        let id = run;
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let mut conn: std::net::TcpStream = sock.into();
+        let head = format!(
+            "GET /v1/runs/{id}/events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).unwrap();
+        // The answer's head, and what came after it (the run's first events): read, so that
+        // nothing the server sent waits in this socket before the flood.
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "closed during the handshake");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&answer));
+        // Masked pings of 125 bytes, as fast as the socket takes them, for 3 s.
+        let mut frame = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+        frame.extend((0..125u8).map(|i| i ^ [1, 2, 3, 4][usize::from(i % 4)]));
+        let burst = frame.repeat(512);
+        conn.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+        let started = std::time::Instant::now();
+        let (mut early, mut late) = (0usize, 0usize);
+        while started.elapsed() < Duration::from_secs(3) {
+            match conn.write(&burst) {
+                Ok(n) if started.elapsed() < Duration::from_secs(2) => early += n,
+                Ok(n) => late += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("write failed: {e}"),
+            }
+        }
+        (early, late)
+    })
+    .await
+    .unwrap();
+    // Once the socket's buffers are full the server reads nothing more: the last second
+    // takes nothing (it took megabytes a second while the server read on).
+    let (early, late) = written;
+    assert!(early > 0, "nothing was written");
+    assert_eq!(
+        late, 0,
+        "the server went on reading pings it could not answer"
+    );
+    // The server still serves others.
+    let (status, _) = s.get_json(&format!("/v1/runs/{id}")).await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}
