@@ -145,14 +145,18 @@ impl Store for MemoryStore {
                 .as_ref()
                 .is_none_or(|c| id.as_str() < c.as_str())
         });
-        let mut runs: Vec<RunRecord> = iter
-            .filter(|(_, e)| matches(filter, &e.record))
-            .take(limit + 1)
-            .map(|(_, e)| e.record.clone())
-            .collect();
-        let next_cursor = if runs.len() > limit {
-            runs.truncate(limit);
-            runs.last().map(|r| r.id.clone())
+        let (mut runs, mut bytes, mut more) = (Vec::new(), 0, false);
+        for (_, e) in iter.filter(|(_, e)| matches(filter, &e.record)) {
+            if runs.len() == limit || bytes >= sluice_store::PAGE_BYTES {
+                more = true;
+                break;
+            }
+            // As the SQLite store counts: the record's JSON.
+            bytes += serde_json::to_vec(&e.record).map_or(0, |v| v.len());
+            runs.push(e.record.clone());
+        }
+        let next_cursor = if more {
+            runs.last().map(|r: &RunRecord| r.id.clone())
         } else {
             None
         };

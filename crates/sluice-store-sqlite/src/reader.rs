@@ -206,12 +206,17 @@ pub(crate) fn list_runs(conn: &Connection, filter: &RunFilter) -> Result<RunPage
         .query_map(params_from_iter(args.iter()), |row| row.get::<_, String>(0))
         .map_err(db("listing runs"))?;
     let mut runs = Vec::with_capacity(limit.min(64));
+    let (mut bytes, mut more) = (0, false);
     for json in rows {
         let json = json.map_err(db("listing runs"))?;
+        if runs.len() == limit || bytes >= sluice_store::PAGE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += json.len();
         runs.push(serde_json::from_str::<RunRecord>(&json)?);
     }
-    let next_cursor = if runs.len() > limit {
-        runs.truncate(limit);
+    let next_cursor = if more {
         runs.last().map(|r| r.id.clone())
     } else {
         None

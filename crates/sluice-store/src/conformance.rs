@@ -36,7 +36,8 @@ macro_rules! store_conformance_tests {
             follow_unknown_run, follow_ends_when_the_run_is_deleted,
             follow_ends_when_the_run_is_deleted_behind_it, slow_reader_does_not_block_writer,
             large_events_are_followed_in_batches_of_about_a_mebibyte, concurrent_runs_append,
-            checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits);
+            checkpoints, inbox, sessions, delete_run_removes_everything, list_runs_finished_before_and_limits,
+            list_runs_pages_are_bounded_in_bytes);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -774,4 +775,39 @@ pub async fn list_runs_finished_before_and_limits(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(rest.runs.len(), 5);
     assert_eq!(rest.next_cursor, None);
+}
+
+/// A page of large records ends once it holds about [`crate::PAGE_BYTES`] of them, and the
+/// next page goes on from there: every run is listed once.
+pub async fn list_runs_pages_are_bounded_in_bytes(store: Arc<dyn Store>) {
+    let big = "x".repeat(crate::PAGE_BYTES / 3);
+    for i in 0..7u32 {
+        let rec = RunRecord::new(format!("run_{i:05}"), "wf", json!({"text": big}));
+        store.create_run(&rec).await.unwrap();
+    }
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = store
+            .list_runs(&RunFilter {
+                limit: 100,
+                cursor: cursor.take(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        pages += 1;
+        assert!(
+            (1..=3).contains(&page.runs.len()),
+            "a page of {} records of a third of the bound",
+            page.runs.len()
+        );
+        seen.extend(page.runs.iter().map(|r| r.id.clone()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..7u32).rev().map(|i| format!("run_{i:05}")).collect();
+    assert_eq!(seen, want, "every run once, newest first");
+    assert_eq!(pages, 3);
 }

@@ -37,7 +37,7 @@ mod store;
 pub use error::{Error, Result};
 pub use follow::{follow, follow_batches};
 pub use notify::{Notifier, Subscription, run_shard};
-pub use store::{InboxEntry, RunFilter, RunPage, Store};
+pub use store::{InboxEntry, PAGE_BYTES, RunFilter, RunPage, Store};
 
 /// A map on the hot path, keyed by run id: hashed with foldhash (seeded afresh in each process)
 /// instead of std's SipHash, which cost ~6 % of the server's instructions in S2. Run ids are

@@ -25,6 +25,12 @@ pub struct RunFilter {
     pub cursor: Option<String>,
 }
 
+/// About how many bytes of records (as JSON) one page of [`Store::list_runs`] holds: a page
+/// ends after the record that reaches it (so it holds at least one), and says where the next
+/// begins. Records carry their `input` and `result`, so `limit` alone would let one listing of
+/// a thousand large runs take a gigabyte.
+pub const PAGE_BYTES: usize = 4 << 20;
+
 /// One page of runs, newest first.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunPage {
