@@ -91,6 +91,66 @@ fn bearer(value: &str) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
+/// Without keys the server binds loopback only, for this machine's clients; a browser on this
+/// machine may still be made to call it by a page of another site. Such a request is refused
+/// (403): one whose `Host` is a name of another site (DNS rebinding: a name the page's site
+/// controls, pointed at 127.0.0.1), or whose `Origin` is not a loopback one (a cross-site
+/// form or fetch). A `Host` that is a loopback address, `localhost` (or `*.localhost`), or a
+/// name without a dot (no site can point it at this machine) is this machine's.
+fn from_this_machine(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let refuse = |what: &str, value: &str| {
+        Err(ApiError::Forbidden(format!(
+            "{what}: {:?} is not this machine: a server without API keys answers local clients only (set server.api_keys to serve others)",
+            crate::error::prefix(value, 100)
+        )))
+    };
+    if let Some(host) = headers.get(header::HOST) {
+        let host = host.to_str().unwrap_or("?");
+        if !local_host(host) {
+            return refuse("Host", host);
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("?");
+        let host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        // A local origin is an address or `localhost`: a dotless name is not enough here, as
+        // the page it names is then not this server's.
+        if !host.is_some_and(|h| local_host(h) && (h.contains(['.', '[']) || is_localhost(h))) {
+            return refuse("Origin", origin);
+        }
+    }
+    Ok(())
+}
+
+/// `localhost` or a name under it, port aside.
+fn is_localhost(host: &str) -> bool {
+    let name = strip_port(host).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
+/// `host` without its `:port`.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// Whether a `Host` value (port aside) names this machine: a loopback address, `localhost`
+/// or a name under it, or a name without a dot.
+fn local_host(host: &str) -> bool {
+    let name = strip_port(host);
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => is_localhost(name) || (!name.is_empty() && !name.contains('.')),
+    }
+}
+
 /// Middleware: resolves the caller, answers 401 for a missing or unknown key.
 pub(crate) async fn authenticate(
     State(state): State<AppState>,
@@ -98,16 +158,22 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let principal = if state.keys.enabled() {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer);
+        let mut given = req.headers().get_all(header::AUTHORIZATION).iter();
+        let first = given.next();
+        if given.next().is_some() {
+            // Which credentials count is not for the server to guess (a proxy may add some).
+            return ApiError::BadRequest("Authorization: given more than once".into())
+                .into_response();
+        }
+        let presented = first.and_then(|v| v.to_str().ok()).and_then(bearer);
         match presented.and_then(|p| state.keys.check(p.as_bytes())) {
             Some(p) => p,
             None => return ApiError::Unauthorized.into_response(),
         }
     } else {
+        if let Err(e) = from_this_machine(req.headers()) {
+            return e.into_response();
+        }
         Principal {
             owner: None,
             admin: true,
@@ -132,6 +198,46 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_and_origins_of_this_machine() {
+        for host in [
+            "127.0.0.1:8080",
+            "127.9.9.9",
+            "[::1]:8080",
+            "localhost",
+            "LocalHost:80",
+            "app.localhost:3000",
+            "x",
+            "devbox:8080",
+        ] {
+            assert!(local_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:8080",
+            "[2001:db8::1]:80",
+            "localhost.evil.example",
+            "",
+        ] {
+            assert!(!local_host(host), "{host}");
+        }
+        let check = |origin: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(header::ORIGIN, origin.parse().unwrap());
+            from_this_machine(&h).is_ok()
+        };
+        assert!(check("http://127.0.0.1:8080"));
+        assert!(check("http://localhost:3000"));
+        assert!(check("https://[::1]"));
+        assert!(!check("http://evil.example"));
+        assert!(!check("null"));
+        assert!(
+            !check("http://devbox:8080"),
+            "a dotless name is no local origin"
+        );
+    }
 
     #[test]
     fn keys() {

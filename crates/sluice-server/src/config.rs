@@ -555,6 +555,17 @@ impl Config {
             ("server.admin_keys", &s.admin_keys),
         ] {
             for (i, k) in keys.iter().enumerate() {
+                // What a client can send in `Authorization: Bearer <key>` (visible ASCII; the
+                // server trims spaces around it): any other key could never match.
+                if !k.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(invalid(
+                        list,
+                        format!(
+                            "key #{} has a character other than visible ASCII (a space, a newline, a non-ASCII letter): no client could send it",
+                            i + 1
+                        ),
+                    ));
+                }
                 if k.len() < 16 {
                     return Err(invalid(
                         list,
@@ -1286,6 +1297,24 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
             "{e}"
         );
         assert!(!e.contains(ok), "a key is never shown: {e}");
+        // Keys no client could send: spaces, control characters, non-ASCII (whose 16 bytes
+        // may also be fewer than 16 characters).
+        for bad in [
+            "trailing-space-key-0123 ",
+            "nl-key-0123456789abc\n",
+            "clé-secrète-0123456789",
+            "ééééééééé",
+        ] {
+            let c =
+                Config::from_toml(&format!("[server]\napi_keys = [\"{ok}\", {bad:?}]\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("server.api_keys")
+                    && e.contains("key #2")
+                    && e.contains("visible ASCII"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub enum ApiError {
     /// 401: missing or unknown API key.
     #[error("a valid API key is required: send Authorization: Bearer <key>")]
     Unauthorized,
+    /// 403: a request the server refuses whoever sends it (a browser page of another site
+    /// calling a server without keys).
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such resource (or not visible to this key).
     #[error("{what} {id:?} not found")]
     NotFound {
@@ -85,6 +89,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound { what: "run", .. } => (StatusCode::NOT_FOUND, "run_not_found"),
             Self::NotFound {
                 what: "workflow", ..

@@ -723,12 +723,14 @@ fn stream_response(
     resp
 }
 
-/// `POST /v1/runs/{id}/events` (and WebSocket client frames).
+/// `POST /v1/runs/{id}/events` (and WebSocket client frames); `what` names the event's
+/// container in messages (`body`, `frame`).
 pub(crate) async fn deliver(
     state: &AppState,
     who: &Principal,
     id: &str,
     ev: SendEvent,
+    what: &str,
 ) -> ApiResult<()> {
     let size = serde_json::to_vec(&ev.data)
         .map(|v| v.len())
@@ -740,9 +742,9 @@ pub(crate) async fn deliver(
         });
     }
     if ev.event_type.is_empty() || ev.event_type.len() > 64 {
-        return Err(ApiError::Unprocessable(
-            "body.type: must be an event type such as \"input\" or \"tool-results\"".into(),
-        ));
+        return Err(ApiError::Unprocessable(format!(
+            "{what}.type: must be an event type such as \"input\" or \"tool-results\""
+        )));
     }
     let rec = visible_run(state, who, id).await?;
     if rec.status.is_terminal() {
@@ -761,7 +763,7 @@ async fn send_event(
     ApiPath(id): ApiPath<String>,
     ApiJson(ev): ApiJson<SendEvent>,
 ) -> ApiResult<Response> {
-    deliver(&state, &who, &id, ev).await?;
+    deliver(&state, &who, &id, ev, "body").await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: true })).into_response())
 }
 

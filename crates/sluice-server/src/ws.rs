@@ -116,7 +116,7 @@ async fn run(
                         .and_then(|()| parse_frame(text.as_str()));
                     let reply = match parsed {
                         Err(e) => error_frame(&e),
-                        Ok(ev) => match deliver(&state, &who, &run_id, ev).await {
+                        Ok(ev) => match deliver(&state, &who, &run_id, ev, "frame").await {
                             Ok(()) => Message::Text(Utf8Bytes::from_static("{\"accepted\":true}")),
                             Err(e) => error_frame(&e),
                         },

@@ -744,6 +744,27 @@ async fn keys_own_their_runs() {
         r.json::<Value>().await.unwrap()["error"]["code"],
         "unauthorized"
     );
+    // Two sets of credentials: neither is guessed at.
+    let r = s
+        .client
+        .get(s.url("/v1/workflows"))
+        .header("authorization", format!("Bearer {k1}"))
+        .header("authorization", "Bearer nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // With keys, any Host or Origin may call (the key is what counts).
+    let r = s
+        .client
+        .get(s.url("/v1/workflows"))
+        .bearer_auth(k1)
+        .header("host", "api.example.com")
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = s
         .client
         .get(s.url("/v1/workflows"))
@@ -1207,6 +1228,8 @@ async fn websocket_client_frames_are_sent_events() {
     ws.send(Message::Text(r#"["input",41]"#.into()))
         .await
         .unwrap();
+    let long_type = format!(r#"{{"type":"{}"}}"#, "a".repeat(65));
+    ws.send(Message::Text(long_type.into())).await.unwrap();
     ws.send(Message::Text(r#"{"type":"input","data":42}"#.into()))
         .await
         .unwrap();
@@ -1230,7 +1253,10 @@ async fn websocket_client_frames_are_sent_events() {
     );
     assert_eq!(replies[3]["error"]["code"], "invalid_request");
     assert_eq!(replies[4]["error"]["code"], "invalid_input");
-    assert_eq!(replies[5], &json!({"accepted": true}));
+    assert_eq!(replies[5]["error"]["code"], "invalid_input");
+    let message = replies[5]["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("frame.type: "), "{message}");
+    assert_eq!(replies[6], &json!({"accepted": true}));
     assert_eq!(texts.last().unwrap()["type"], "chain-completed");
     assert_eq!(
         texts.last().unwrap()["data"]["result"],
@@ -2130,5 +2156,49 @@ async fn a_websocket_ping_flood_that_reads_nothing_is_held_back() {
     // The server still serves others.
     let (status, _) = s.get_json(&format!("/v1/runs/{id}")).await;
     assert_eq!(status, 200);
+    s.stop().await;
+}
+
+/// Without keys, a browser page of another site cannot reach the server: not by DNS
+/// rebinding (a foreign `Host`) nor by a cross-site request (a foreign `Origin`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_other_sites_pages_are_refused() {
+    let s = TestServer::start().await;
+    let get = |headers: &'static [(&'static str, &'static str)]| {
+        let mut req = s.client.get(s.url("/v1/runs"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
+    for headers in [
+        &[("host", "evil.example:8080")][..],
+        &[("origin", "http://evil.example")][..],
+        &[("origin", "null")][..],
+    ] {
+        let r = get(headers).await.unwrap();
+        assert_eq!(r.status(), 403, "{headers:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    }
+    for headers in [
+        &[("host", "localhost:8080")][..],
+        &[("origin", "http://127.0.0.1:3000")][..],
+        &[][..],
+    ] {
+        assert_eq!(get(headers).await.unwrap().status(), 200, "{headers:?}");
+    }
+    // A form posted from another site starts nothing.
+    let r = s
+        .client
+        .post(s.url("/v1/workflows/ticker/runs"))
+        .header("origin", "http://evil.example")
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let (_, list) = s.get_json("/v1/runs").await;
+    assert_eq!(list["runs"], json!([]));
     s.stop().await;
 }
