@@ -249,6 +249,8 @@ impl Driver {
         match mode {
             Mode::Fresh(reserved) => {
                 self.in_queue = reserved.is_none();
+                // The clock runs from the run's creation, while it queues too.
+                self.set_deadline();
                 // Boxed: waiting for a slot (or for the session's run ahead) is the largest
                 // state a driver has, and most runs pass through it at once or not at all.
                 let Some(permit) = Box::pin(self.admit(reserved)).await? else {
@@ -381,10 +383,18 @@ impl Driver {
         ready: impl std::future::Future<Output = T>,
     ) -> Result<Option<T>> {
         tokio::pin!(ready);
+        let deadline = self.deadline;
         loop {
             tokio::select! {
                 biased;
                 _ = self.engine.token.cancelled() => break,
+                // Its run_timeout ran out before it got a slot: it ends without starting.
+                () = sleep_until(deadline) => {
+                    self.leave_queue();
+                    let timeout = self.timeout();
+                    self.end(timeout).await?;
+                    return Ok(None);
+                }
                 c = self.ctl.recv() => match c {
                     Some(Control::Cancel { reason, taken }) => {
                         took(taken);
@@ -512,7 +522,9 @@ impl Driver {
 
     /// The run's `run_timeout` counts from its start, less the time it waited for input.
     fn set_deadline(&mut self) {
-        let started = self.record.started_at.unwrap_or_else(Timestamp::now);
+        // From the run's creation: time queued for its first slot counts (DESIGN: a run that
+        // waits in a full queue past its timeout has timed out), time `waiting` does not.
+        let started = self.record.created_at;
         let waited = self.waited_ms;
         self.deadline = self.wf.inner.run_timeout.map(|limit| {
             let since_start = Timestamp::now().millis_since(started);

@@ -1814,3 +1814,39 @@ async fn a_cancel_racing_the_run_into_waiting_is_not_lost() {
         assert_eq!(rec.status, RunStatus::Cancelled, "{id}");
     }
 }
+
+/// A run's `run_timeout` counts from its creation: the time it queues for its first slot
+/// counts, so a run still queued when its time is up ends with `timeout`, its work undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_queued_for_the_first_slot_counts_toward_run_timeout() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let limits = sluice_engine::Limits {
+        max_concurrent_runs: Some(1),
+        queue: Some(4),
+        run_timeout: Some(Duration::from_millis(400)),
+        ..Default::default()
+    };
+    let engine = Engine::new(
+        store,
+        [builtin::ticker().configure("ticker", &limits).unwrap()],
+    )
+    .unwrap();
+    // Holds the slot until its own timeout, 400 ms from now.
+    let holder = engine
+        .start("ticker", input(json!({"n": 100, "delay_ms": 10})))
+        .await
+        .unwrap();
+    let queued = engine
+        .start("ticker", input(json!({"n": 1})))
+        .await
+        .unwrap();
+    let held = holder.wait().await.unwrap();
+    assert_eq!(held.status, RunStatus::Failed);
+    let rec = queued.wait().await.unwrap();
+    assert_eq!(rec.status, RunStatus::Failed, "{rec:?}");
+    assert_eq!(rec.error.as_ref().unwrap().code, ErrorCode::Timeout);
+    let mut events = Box::pin(queued.events(0));
+    while let Some(ev) = events.next().await {
+        assert_ne!(ev.unwrap().event_type(), "tick", "it never ran its step");
+    }
+}
