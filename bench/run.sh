@@ -9,7 +9,8 @@
 #   6. starts the scripted model server (`sluice-mock-llm --stamp`, 250 tokens at 50/s) and a
 #      third server with one agent on it, and runs `sluice-bench agents` (1,000 agent runs),
 #   7. stops every server and prints every table.
-# Options: --big adds S2 at C=10,000 (the main server then runs with bench/configs/big.toml).
+# Options: --big adds S2 at C=10,000 and 20 ev/s, on a fresh server of its own run with
+# bench/configs/big.toml (so its RSS growth per run counts from a clean start).
 # Everything is bounded: each bench invocation has a hard deadline, servers are stopped on exit.
 set -euo pipefail
 
@@ -88,15 +89,20 @@ stop_server() {
 
 echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 
-MAIN_ARGS=()
-[ -n "$BIG" ] && MAIN_ARGS=(--config bench/configs/big.toml)
-start_server main "${MAIN_ARGS[@]}"
+start_server main
 STATUS=0
-target/release/sluice-bench all --server "$SERVER_URL" --server-pid "$SERVER_PID" $BIG \
+target/release/sluice-bench all --server "$SERVER_URL" --server-pid "$SERVER_PID" \
   --deadline-secs 1500 | tee "$WORK/all.md" || STATUS=$?
 stop_server "$SERVER_PID"
 if [ -s "$WORK/main.err" ]; then
   echo "-- main server stderr (last 20 lines):"; tail -n 20 "$WORK/main.err"
+fi
+
+if [ -n "$BIG" ]; then
+  start_server big --config bench/configs/big.toml
+  target/release/sluice-bench s2 --server "$SERVER_URL" --runs 10000 --rate 20 \
+    --server-pid "$SERVER_PID" --deadline-secs 900 | tee "$WORK/big.md" || STATUS=$?
+  stop_server "$SERVER_PID"
 fi
 
 start_server s4 --config bench/configs/s4.toml
@@ -141,6 +147,10 @@ echo
 echo "==================== summary ===================="
 sed -n '/^### /,$p' "$WORK/all.md"
 echo
+if [ -n "$BIG" ]; then
+  sed -n '/^### /,$p' "$WORK/big.md"
+  echo
+fi
 sed -n '/^### /,$p' "$WORK/s4.md"
 echo
 sed -n '/^### /,$p' "$WORK/stall.md"
