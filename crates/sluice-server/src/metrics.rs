@@ -4,12 +4,20 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sluice_engine::Engine;
+use sluice_engine::{Engine, WorkflowStats};
 
 /// Upper bounds of the latency histogram's buckets, in microseconds (1 ms … 5 s).
 const BUCKETS_US: [u64; 10] = [
     1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
 ];
+
+/// A metric with one series per workflow: name, type, help, and its value from the stats.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&WorkflowStats) -> u64,
+);
 
 /// Server counters.
 #[derive(Debug, Default)]
@@ -73,50 +81,39 @@ impl Metrics {
     pub fn render(&self, engine: &Engine, connections: u64) -> String {
         let mut out = String::with_capacity(4096);
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runs_running Runs holding an execution slot.\n# TYPE sluice_runs_running gauge"
-        );
         let stats = engine.stats();
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "sluice_runs_running{{workflow=\"{}\"}} {}",
-                s.name, s.running
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runs_queued Runs waiting for a slot.\n# TYPE sluice_runs_queued gauge"
-        );
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "sluice_runs_queued{{workflow=\"{}\"}} {}",
-                s.name, s.queued
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runs_waiting Runs paused for input or client tools.\n# TYPE sluice_runs_waiting gauge"
-        );
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "sluice_runs_waiting{{workflow=\"{}\"}} {}",
-                s.name, s.waiting
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP sluice_runs_started_total Runs created since the server started.\n# TYPE sluice_runs_started_total counter"
-        );
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "sluice_runs_started_total{{workflow=\"{}\"}} {}",
-                s.name, s.started
-            );
+        // One series per workflow: (name, type, help, value of a workflow's stats).
+        let per_workflow: [Series; 4] = [
+            (
+                "sluice_runs_running",
+                "gauge",
+                "Runs holding an execution slot.",
+                |s| s.running as u64,
+            ),
+            (
+                "sluice_runs_queued",
+                "gauge",
+                "Runs waiting for a slot.",
+                |s| s.queued as u64,
+            ),
+            (
+                "sluice_runs_waiting",
+                "gauge",
+                "Runs paused for input or client tools.",
+                |s| s.waiting as u64,
+            ),
+            (
+                "sluice_runs_started_total",
+                "counter",
+                "Runs created since the server started.",
+                |s| s.started,
+            ),
+        ];
+        for (name, kind, help, value) in per_workflow {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in &stats {
+                let _ = writeln!(out, "{name}{{workflow=\"{}\"}} {}", s.name, value(s));
+            }
         }
         let _ = writeln!(
             out,

@@ -348,11 +348,9 @@ async fn a_finished_runs_journaled_events_follow_its_terminal_event() {
     }
 }
 
-async fn finished_run(opener: fn(&Path) -> SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sluice.db");
-    let store = opener(&path);
-    let mut rec = new_run(&store, "run_a").await;
+/// `run_a`: five journaled events, then `chain-completed` (seq 6).
+async fn five_then_completed(store: &SqliteStore) {
+    let mut rec = new_run(store, "run_a").await;
     for seq in 1..=5 {
         store
             .append("run_a", &[ev("run_a", seq, r#"{"text":"t"}"#)])
@@ -371,6 +369,13 @@ async fn finished_run(opener: fn(&Path) -> SqliteStore) {
         "{}",
     );
     store.finish(&rec, &terminal).await.unwrap();
+}
+
+async fn finished_run(opener: fn(&Path) -> SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = opener(&path);
+    five_then_completed(&store).await;
     let all = store.read("run_a", 0, 100).await.unwrap();
     assert_eq!(
         all.iter().map(RawEvent::seq).collect::<Vec<_>>(),
@@ -526,25 +531,7 @@ async fn a_follower_of_a_finished_log_with_a_gap_ends_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sluice.db");
     let store = open(&path);
-    let mut rec = new_run(&store, "run_a").await;
-    for seq in 1..=5 {
-        store
-            .append("run_a", &[ev("run_a", seq, r#"{"text":"t"}"#)])
-            .await
-            .unwrap();
-    }
-    rec.status = RunStatus::Completed;
-    rec.last_seq = 6;
-    rec.finished_at = Some(Timestamp::now());
-    let terminal = RawEvent::encode(
-        6,
-        "run_a",
-        kind::CHAIN_COMPLETED,
-        Timestamp::now(),
-        None,
-        "{}",
-    );
-    store.finish(&rec, &terminal).await.unwrap();
+    five_then_completed(&store).await;
     store.close().await.unwrap();
     // Without its journal (which would put the event back at the next open).
     std::fs::remove_dir_all(dir.path().join("sluice.db-events")).unwrap();
