@@ -28,6 +28,8 @@ type Items = Pin<Box<dyn Stream<Item = Result<(Event, Bytes)>> + Send>>;
 struct Stats {
     reconnects: AtomicU64,
     last_seq: AtomicU64,
+    /// Between a failure (a dropped connection, a refused attempt) and the next connection.
+    reconnecting: std::sync::atomic::AtomicBool,
 }
 
 /// A run's events in `seq` order, from [`Client::events`] or [`Client::start_and_stream`].
@@ -154,6 +156,13 @@ impl<T> EventStream<T> {
     /// ```
     pub fn reconnects(&self) -> u64 {
         self.stats.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream has lost its connection (or an attempt failed) and is trying to
+    /// connect again, with backoff, for up to the reconnect timeout: a view can say so while
+    /// no event comes.
+    pub fn reconnecting(&self) -> bool {
+        self.stats.reconnecting.load(Ordering::Relaxed)
     }
 
     /// The `seq` of the last event yielded (the `after` given at first): the cursor a resume
@@ -286,6 +295,7 @@ impl Follower {
     }
 
     fn failed(&mut self, e: Error) {
+        self.stats.reconnecting.store(true, Ordering::Relaxed);
         self.failures += 1;
         self.failing_since.get_or_insert_with(Instant::now);
         self.retry_after = e.retry_after();
@@ -371,6 +381,7 @@ impl Follower {
                     if self.connected {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.stats.reconnecting.store(false, Ordering::Relaxed);
                     self.connected = true;
                     self.opened_at = Some(Instant::now());
                     self.parser.reset();

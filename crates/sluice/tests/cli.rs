@@ -615,6 +615,18 @@ async fn tail_from_a_cursor_live_and_after_the_end() {
     let waiting = s.cli(&["run", "ask-human"]).expect(0);
     let waiting = waiting.stdout.trim();
     s.until_status(waiting, "waiting").await;
+    // Past its request, a tail of a waiting run would show nothing: it says why.
+    let last = s.record(waiting).await["last_seq"].to_string();
+    let f = s.spawn(&["tail", waiting, "--after", &last]);
+    std::thread::sleep(Duration::from_millis(800));
+    f.interrupt();
+    let out = f.finish().expect(130);
+    assert!(
+        out.stderr
+            .contains(&format!("run {waiting} waits for input")),
+        "{}",
+        out.stderr
+    );
     s.cli(&["cancel", waiting]).expect(0);
     s.until_status(waiting, "cancelled").await;
     s.cli(&["tail", waiting]).expect(130);
@@ -1025,12 +1037,22 @@ async fn a_follow_survives_a_server_restart() {
         "--json",
     ]);
     let id = run_id_in(&f.wait_line(|l| l.contains("\"i\":3,")));
-    // kill -9, and back on the same port after a while.
+    // kill -9, and back on the same port after a while (long enough to be noticed).
     s.kill9();
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     let s = Server::start_at(dir.path(), &addr.to_string(), &[]);
     let out = f.finish().expect(0);
     assert_eq!(out.stdout, s.ndjson(&id, 0).await, "every event once");
+    // Meanwhile it said what was going on (on stderr: stdout holds the envelopes only).
+    let lost = out
+        .stderr
+        .find("connection to the server lost: reconnecting…")
+        .unwrap_or_else(|| panic!("no note of the lost connection: {}", out.stderr));
+    assert!(
+        out.stderr[lost..].contains("reconnected: nothing missed"),
+        "{}",
+        out.stderr
+    );
     let evs = out.json_lines();
     assert!(
         evs.iter().any(|e| e["type"] == "chain-resumed"),

@@ -210,6 +210,20 @@ where
 }
 
 pub async fn tail(ctx: &Ctx, a: TailArgs) -> Exit {
+    // A run that waits and has nothing past the cursor would show nothing at all: say why.
+    if a.after > 0
+        && let Ok(rec) = ctx.client.run(&a.run_id).await
+        && rec.status == RunStatus::Waiting
+        && a.after >= rec.last_seq
+    {
+        say!(
+            "run {} waits for input (or client tool results) asked for at or before event {}: `sluice tail {}` shows the request, `sluice send {} input JSON` answers it",
+            rec.id,
+            a.after,
+            rec.id,
+            rec.id
+        );
+    }
     let mut interrupt = Interrupt::listen();
     let stream = ctx.client.events(&a.run_id, a.after).raw();
     let opts = FollowOptions {

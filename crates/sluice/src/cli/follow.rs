@@ -64,12 +64,22 @@ async fn follow_json(
 ) -> u8 {
     let run_id = stream.run_id().to_owned();
     let mut outcome = None;
+    let mut lost = Lost::new();
     loop {
         tokio::select! {
             biased;
             () = interrupt.recv() => return leave(ctx, &run_id, opts, Leave::Interrupted, interrupt).await,
+            () = lost.tick() => {
+                // On stderr: stdout holds the envelopes and nothing else.
+                if let Some(note) = lost.note(stream.reconnecting()) {
+                    say!("{note}");
+                }
+            }
             item = stream.next() => match item {
                 Some(Ok(raw)) => {
+                    if let Some(note) = lost.note(false) {
+                        say!("{note}");
+                    }
                     let mut out = io::stdout().lock();
                     let written = out
                         .write_all(raw.json())
@@ -94,6 +104,41 @@ async fn follow_json(
     match outcome {
         Some(o) => o.exit_code(),
         None => status_code(ctx, &run_id, None, interrupt).await,
+    }
+}
+
+/// Whether the stream's connection is lost, checked once a second: a note when it is lost
+/// (the stream reconnects by itself, for a while), and one when events come again.
+struct Lost {
+    every: tokio::time::Interval,
+    noted: bool,
+}
+
+impl Lost {
+    fn new() -> Self {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            every,
+            noted: false,
+        }
+    }
+
+    async fn tick(&mut self) {
+        self.every.tick().await;
+    }
+
+    /// The note to show now that the stream is (or is not) `reconnecting`, if any.
+    fn note(&mut self, reconnecting: bool) -> Option<String> {
+        if reconnecting == self.noted {
+            return None;
+        }
+        self.noted = reconnecting;
+        Some(if reconnecting {
+            "connection to the server lost: reconnecting…".to_owned()
+        } else {
+            "reconnected: nothing missed".to_owned()
+        })
     }
 }
 
@@ -164,6 +209,7 @@ async fn follow_human(
     let mut sending: Option<Sending> = None;
     let mut stdin: Option<mpsc::Receiver<Option<String>>> = None;
     let mut stdin_closed = false;
+    let mut lost = Lost::new();
     loop {
         tokio::select! {
             biased;
@@ -171,9 +217,19 @@ async fn follow_human(
                 let _ = view.finish();
                 return leave(ctx, &run_id, opts, Leave::Interrupted, interrupt).await;
             }
+            () = lost.tick() => {
+                if let Some(note) = lost.note(stream.reconnecting()) {
+                    let _ = view.note(&note);
+                }
+            }
             item = stream.next() => {
                 let raw = match item {
-                    Some(Ok(raw)) => raw,
+                    Some(Ok(raw)) => {
+                        if let Some(note) = lost.note(false) {
+                            let _ = view.note(&note);
+                        }
+                        raw
+                    }
                     Some(Err(e)) => {
                         let _ = view.finish();
                         let code = ctx.refused(&e);
