@@ -509,10 +509,29 @@ impl Config {
             if path.len() < 2 || path.iter().any(String::is_empty) {
                 continue;
             }
-            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            let mut parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or(toml::Value::String(value.clone()));
+            // The key lists also take the form a shell makes easy: `k1,k2` (a key of digits
+            // alone would otherwise read as a number).
+            let key_list = matches!(
+                path.iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                ["server", "api_keys" | "admin_keys"]
+            );
+            if key_list && !parsed.is_array() {
+                parsed = toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(|k| toml::Value::String(k.to_owned()))
+                        .collect(),
+                );
+            }
             let mut table = &mut doc;
             for key in &path[..path.len() - 1] {
                 let entry = table
@@ -1339,6 +1358,16 @@ parameters = { type = "object", properties = { action = { type = "string" } } }
         assert_eq!(c.server.listen, "127.0.0.1:7000");
         assert_eq!(c.server.api_keys, ["0123456789abcdef"]);
         assert_eq!(c.workflows["ticker"].queue, Some(3));
+        // Key lists from the environment may also be comma-separated.
+        let vars = [(
+            "SLUICE_SERVER__ADMIN_KEYS".to_owned(),
+            "0123456789abcdef, fedcba9876543210".to_owned(),
+        )];
+        let c = Config::from_toml_and_env("", vars).unwrap();
+        assert_eq!(
+            c.server.admin_keys,
+            ["0123456789abcdef", "fedcba9876543210"]
+        );
     }
 
     #[test]
