@@ -1,7 +1,7 @@
 //! What the SQLite store adds to the conformance suite: data outlives the store, and commands
 //! grouped into one transaction succeed or fail on their own.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -522,24 +522,36 @@ async fn streamed_appends_are_checkpointed_in_the_background() {
     assert_eq!(cursor, EVENTS);
 }
 
-/// A finished run whose stored log lost an event (a database written back without the
-/// journal it depended on, after a power failure with `synchronous = normal`): a follower
-/// ends with an error at the gap, instead of waiting at it forever.
-#[tokio::test]
-async fn a_follower_of_a_finished_log_with_a_gap_ends_with_an_error() {
-    use futures_util::StreamExt;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sluice.db");
+/// `run_a` with five events (and `chain-completed` when `finished`) whose stored log lost event
+/// 4: the database written back without the journal it depended on, as after a power failure
+/// with `synchronous = normal`.
+async fn log_with_a_gap(dir: &Path, finished: bool) -> Arc<dyn Store> {
+    let path = dir.join("sluice.db");
     let store = open(&path);
-    five_then_completed(&store).await;
+    if finished {
+        five_then_completed(&store).await;
+    } else {
+        new_run(&store, "run_a").await;
+        for seq in 1..=5 {
+            store
+                .append("run_a", &[ev("run_a", seq, r#"{"text":"t"}"#)])
+                .await
+                .unwrap();
+        }
+    }
     store.close().await.unwrap();
     // Without its journal (which would put the event back at the next open).
-    std::fs::remove_dir_all(dir.path().join("sluice.db-events")).unwrap();
+    std::fs::remove_dir_all(dir.join("sluice.db-events")).unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute("DELETE FROM events WHERE run_id = 'run_a' AND seq = 4", [])
         .unwrap();
     drop(conn);
-    let store: Arc<dyn Store> = Arc::new(open(&path));
+    Arc::new(open(&path))
+}
+
+/// Follows `run_a` from the start: the seqs it read, and the error it ended with.
+async fn follow_to_its_end(store: Arc<dyn Store>) -> (Vec<u64>, Option<Error>) {
+    use futures_util::StreamExt;
     let mut stream = Box::pin(sluice_store::follow_batches(store, "run_a".into(), 0));
     let mut seen = Vec::new();
     let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -552,8 +564,21 @@ async fn a_follower_of_a_finished_log_with_a_gap_ends_with_an_error() {
         None
     })
     .await
-    .expect("a follower waited at the gap");
-    assert_eq!(seen, [1, 2, 3]);
-    let e = end.expect("the stream ended without an error").to_string();
-    assert!(e.contains("has no event 4"), "{e}");
+    .expect("a follower stayed at the gap");
+    (seen, end)
+}
+
+/// A follower of a log with a gap ends with an error there, instead of waiting at it forever
+/// (a finished run) or spinning on waits that return at once and reads that find nothing (a
+/// live one).
+#[tokio::test]
+async fn a_follower_of_a_log_with_a_gap_ends_with_an_error() {
+    for finished in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = log_with_a_gap(dir.path(), finished).await;
+        let (seen, end) = follow_to_its_end(store).await;
+        assert_eq!(seen, [1, 2, 3], "finished: {finished}");
+        let e = end.expect("the stream ended without an error").to_string();
+        assert!(e.contains("no event 4"), "finished: {finished}: {e}");
+    }
 }

@@ -85,6 +85,10 @@ pub fn follow_batches(
         // twice (the record may be read a moment after the read that missed its last events):
         // a gap in the stored log, which no wait would fill.
         let mut missing = false;
+        // Waits that returned (the log has an event past the cursor) and were followed by a
+        // read that found nothing: twice is a gap in a live run's log, where each wait would
+        // return at once and the follower would spin.
+        let mut empty_wakes = 0u32;
         loop {
             match st.store.read(&st.run_id, st.cursor, st.limit).await {
                 Ok(mut batch) if !batch.is_empty() => {
@@ -144,6 +148,19 @@ pub fn follow_batches(
                             missing = true;
                             continue;
                         }
+                        Ok(Some(_)) if empty_wakes >= 2 => {
+                            st.done = true;
+                            let err = Error::Backend {
+                                message: format!(
+                                    "the log of run {:?} has events past {} but no event {}",
+                                    st.run_id,
+                                    st.cursor,
+                                    st.cursor + 1
+                                ),
+                                source: None,
+                            };
+                            return Some((Err(err), st));
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) => {
                             // Deleted (by retention, say) while it was being read.
@@ -159,6 +176,7 @@ pub fn follow_batches(
                         st.done = true;
                         return Some((Err(e), st));
                     }
+                    empty_wakes += 1;
                 }
                 Err(e) => {
                     st.done = true;
