@@ -42,6 +42,19 @@ pub fn follow(
     })
 }
 
+/// The error of a follower at a gap in its run's stored log: the log `how`, yet holds no
+/// event after the cursor.
+fn gap(st: &FollowState, how: &str) -> Error {
+    Error::Backend {
+        message: format!(
+            "the log of run {:?} {how} but has no event {}",
+            st.run_id,
+            st.cursor + 1
+        ),
+        source: None,
+    }
+}
+
 struct FollowState {
     store: Arc<dyn Store>,
     run_id: String,
@@ -134,15 +147,7 @@ pub fn follow_batches(
                         Ok(Some(rec)) if rec.status.is_terminal() => {
                             if missing {
                                 st.done = true;
-                                let err = Error::Backend {
-                                    message: format!(
-                                        "the log of run {:?} ends at {} but has no event {}",
-                                        st.run_id,
-                                        rec.last_seq,
-                                        st.cursor + 1
-                                    ),
-                                    source: None,
-                                };
+                                let err = gap(&st, &format!("ends at {}", rec.last_seq));
                                 return Some((Err(err), st));
                             }
                             missing = true;
@@ -150,15 +155,7 @@ pub fn follow_batches(
                         }
                         Ok(Some(_)) if empty_wakes >= 2 => {
                             st.done = true;
-                            let err = Error::Backend {
-                                message: format!(
-                                    "the log of run {:?} has events past {} but no event {}",
-                                    st.run_id,
-                                    st.cursor,
-                                    st.cursor + 1
-                                ),
-                                source: None,
-                            };
+                            let err = gap(&st, &format!("has events past {}", st.cursor));
                             return Some((Err(err), st));
                         }
                         Ok(Some(_)) => {}
