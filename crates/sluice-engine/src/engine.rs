@@ -444,6 +444,12 @@ impl Engine {
         record.metadata = req.metadata;
         record.owner = req.owner;
         record.idempotency = req.idempotency;
+        if permit.is_some() {
+            // It has its slot: it is running from the moment it is recorded, and its driver
+            // need not write the record again before its first event.
+            record.status = RunStatus::Running;
+            record.started_at = Some(record.created_at);
+        }
         // The record and the driver are one step: done on a task of their own, so a caller
         // that goes away (a client that disconnects) cannot leave a run recorded with no driver.
         // A queued run takes its place in the queue now, in the order of these calls.

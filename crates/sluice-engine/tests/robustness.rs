@@ -183,6 +183,9 @@ struct Faulty {
     /// While set, every append waits (a stuck disk) until `unstuck` is notified.
     stuck: AtomicBool,
     unstuck: Notify,
+    /// Every `create_run`, `put_run` and `append`, in order: the run record's status, or the
+    /// types of the appended events.
+    writes: Mutex<Vec<String>>,
 }
 
 impl Faulty {
@@ -191,6 +194,10 @@ impl Faulty {
             appends_ok: AtomicUsize::new(usize::MAX),
             ..Self::default()
         }
+    }
+
+    fn log(&self, write: String) {
+        self.writes.lock().unwrap().push(write);
     }
 
     fn boom(what: &str) -> sluice_store::Error {
@@ -205,6 +212,7 @@ impl Faulty {
 impl Store for Faulty {
     async fn create_run(&self, record: &RunRecord) -> sluice_store::Result<()> {
         self.creates_begun.fetch_add(1, Ordering::SeqCst);
+        self.log(format!("create_run {}", record.status.as_str()));
         self.inner.create_run(record).await?;
         // Recorded, but slow to say so (a busy writer): a caller may give up meanwhile.
         let delay = self.create_delay_ms.load(Ordering::SeqCst);
@@ -218,6 +226,7 @@ impl Store for Faulty {
         self.inner.get_run(id).await
     }
     async fn put_run(&self, record: &RunRecord) -> sluice_store::Result<()> {
+        self.log(format!("put_run {}", record.status.as_str()));
         self.inner.put_run(record).await
     }
     async fn list_runs(&self, filter: &RunFilter) -> sluice_store::Result<RunPage> {
@@ -239,6 +248,8 @@ impl Store for Faulty {
 
     async fn append(&self, run_id: &str, events: &[RawEvent]) -> sluice_store::Result<()> {
         let n = self.appends.fetch_add(1, Ordering::SeqCst);
+        let types: Vec<&str> = events.iter().map(RawEvent::event_type).collect();
+        self.log(format!("append {}", types.join(" ")));
         if n >= self.appends_ok.load(Ordering::SeqCst) {
             return Err(Self::boom("append"));
         }
@@ -317,6 +328,64 @@ impl Store for Faulty {
     async fn delete_session(&self, id: &str) -> sluice_store::Result<bool> {
         self.inner.delete_session(id).await
     }
+}
+
+/// A run started with a free slot is recorded `running` once, with its start time, and its
+/// first events go into the log together: the step's first writes share the append of
+/// `chain-started` and `step-started` (one commit fewer before a reader sees the step's output).
+#[tokio::test]
+async fn a_run_with_a_free_slot_is_recorded_running_once_and_its_first_events_share_an_append() {
+    let store = Arc::new(Faulty::new());
+    let engine = Engine::new(store.clone(), [builtin::ticker()]).unwrap();
+    let run = engine
+        .start("ticker", input(json!({"n": 3})))
+        .await
+        .unwrap();
+    let rec = run.record().await.unwrap();
+    assert_eq!(rec.status, RunStatus::Running);
+    assert_eq!(rec.started_at, Some(rec.created_at));
+    let rec = bounded("the run", run.wait()).await.unwrap();
+    assert_eq!(rec.status, RunStatus::Completed);
+    let writes = store.writes.lock().unwrap().clone();
+    assert_eq!(
+        writes[..2],
+        [
+            "create_run running",
+            "append chain-started step-started tick tick tick step-completed"
+        ],
+        "{writes:#?}"
+    );
+    // Beyond its slot, a run is recorded `queued`, and `running` once it has one.
+    let store = Arc::new(Faulty::new());
+    let wf = Workflow::builder("one")
+        .step(
+            Step::new("wait", |_c: Context, _s: StartEvent| async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(Emit::stop(1))
+            })
+            .emits::<StopEvent>(),
+        )
+        .max_concurrent_runs(1)
+        .queue(1)
+        .build()
+        .unwrap();
+    let engine = Engine::new(store.clone(), [wf]).unwrap();
+    let first = engine.start("one", input(json!(null))).await.unwrap();
+    let second = engine.start("one", input(json!(null))).await.unwrap();
+    let rec = second.record().await.unwrap();
+    assert_eq!((rec.status, rec.started_at), (RunStatus::Queued, None));
+    for run in [&first, &second] {
+        let rec = bounded("the runs", run.wait()).await.unwrap();
+        assert_eq!(rec.status, RunStatus::Completed);
+        assert!(rec.started_at.unwrap() >= rec.created_at);
+    }
+    let writes = store.writes.lock().unwrap().clone();
+    let records: Vec<&String> = writes.iter().filter(|w| !w.starts_with("append")).collect();
+    assert_eq!(
+        records[..3],
+        ["create_run running", "create_run queued", "put_run running"],
+        "{writes:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
