@@ -3,8 +3,8 @@
 //! just committed from memory instead of from the database.
 //!
 //! The tail always holds every event of the run that is only in the journal (see
-//! `journal.rs`): it is trimmed only down to the last event in the `events` table. So a read
-//! is answered either from the tail or, for older events, from `events`, never from the
+//! `journal.rs`): it is trimmed only down to the last event in the `batches` table. So a read
+//! is answered either from the tail or, for older events, from `batches`, never from the
 //! journal.
 
 use std::collections::VecDeque;
@@ -69,7 +69,7 @@ pub(crate) fn check_continues(
 #[derive(Debug)]
 struct Entry {
     state: RunState,
-    /// The last seq in the `events` table; later ones are in the journal (and the tail).
+    /// The last seq in the `batches` table; later ones are in the journal (and the tail).
     applied_upto: u64,
     tail: VecDeque<RawEvent>,
     tail_bytes: usize,
@@ -139,7 +139,7 @@ pub(crate) struct Change<'a> {
     pub(crate) state: Option<RunState>,
     /// The events the commit appended, in order.
     pub(crate) appended: Vec<RawEvent>,
-    /// The last seq of the run in the `events` table after the commit.
+    /// The last seq of the run in the `batches` table after the commit.
     pub(crate) applied_upto: u64,
 }
 
@@ -149,10 +149,10 @@ pub(crate) struct Change<'a> {
 /// `journal.rs`), so an entry is never ahead of what is durable nor older than what was
 /// acknowledged. Readers use it to answer `last_seq` and live reads without a query, and fall
 /// back to the database on a miss. Runs whose log is closed leave it once every event of theirs
-/// is in `events`: their state never changes, and their readers read the rest from the
+/// is in `batches`: their state never changes, and their readers read the rest from the
 /// database. A run that has events only in the journal is always here (an entry leaves when
 /// its log is closed and fully moved, or the run is deleted), so a run that is not here has
-/// all its events in `events`.
+/// all its events in `batches`.
 ///
 /// The map is split into [`SHARDS`] parts by run id, each under its own lock: the writer
 /// thread applying a commit and the followers reading their run's tail on the runtime's
@@ -204,7 +204,7 @@ impl RunCache {
         Some(entry.tail.iter().skip(skip).take(limit).cloned().collect())
     }
 
-    /// Pending events of the run moved into `events`: every event before `first_pending` is
+    /// Pending events of the run moved into `batches`: every event before `first_pending` is
     /// there now (`None`: all of them). A closed log whose every event is there leaves the
     /// cache.
     pub(crate) fn moved(&self, run_id: &str, first_pending: Option<u64>) {
@@ -219,7 +219,7 @@ impl RunCache {
     }
 
     /// Drops the run's tail down to the events that are only in the journal (which must stay:
-    /// reads never go to the journal); its state stays. Readers then read from `events`.
+    /// reads never go to the journal); its state stays. Readers then read from `batches`.
     pub(crate) fn trim(&self, run_id: &str) {
         let mut runs = self.lock(run_id);
         if let Some(entry) = runs.get_mut(run_id) {
@@ -291,7 +291,7 @@ mod tests {
     #[test]
     fn an_idle_log_keeps_only_what_is_not_yet_in_events() {
         let cache = RunCache::default();
-        // One big append, all of it in `events`: the whole append is the tail.
+        // One big append, all of it in `batches`: the whole append is the tail.
         cache.apply([Change {
             run_id: "r",
             state: open(2),
@@ -380,7 +380,7 @@ mod tests {
             let newest = seqs(cache.read(id, n - 1, 10));
             assert_eq!(newest, Some(vec![n]), "{id}");
         }
-        // Closing every log with everything in `events` empties every shard.
+        // Closing every log with everything in `batches` empties every shard.
         cache.apply(ids.iter().enumerate().map(|(i, id)| Change {
             run_id: id,
             state: Some(RunState {
@@ -404,7 +404,7 @@ mod tests {
             applied_upto: 0,
         }]);
         assert_eq!(seqs(cache.read("r", 0, 1000)).unwrap().len() as u64, n);
-        // Once they are in `events`, the tail shrinks to its bounds at the next commit.
+        // Once they are in `batches`, the tail shrinks to its bounds at the next commit.
         cache.apply([Change {
             run_id: "r",
             state: open(n + 1),

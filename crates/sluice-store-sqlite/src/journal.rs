@@ -1,9 +1,9 @@
 //! The journal: where small appends are made durable first, so that many runs each appending
 //! a token at a time neither wait for an SQLite transaction nor each rewrite a page of the
-//! `events` table at every commit.
+//! log's table at every commit.
 //!
-//! The `events` table is clustered by `(run_id, seq)`, which keeps every run's log together for
-//! replays. But an append of one event into it dirties one page of that run, and a commit writes
+//! The log's table, `batches` (`batches.rs`), is keyed by `(run_id, last seq)`, which keeps
+//! every run's log together for replays. But an append of one event into it dirties one page of that run, and a commit writes
 //! every dirty page to the WAL: with a thousand runs streaming tokens, a commit of a few hundred
 //! single-event appends writes a few hundred pages (4 KiB each for ~200 bytes of data each).
 //!
@@ -17,7 +17,7 @@
 //! it for its own append, without the thread hop (waiting for the shard if another caller holds
 //! it).
 //!
-//! Pending events move into `events` on the writer thread. Once a run's add up to
+//! Pending events move into `batches` on the writer thread. Once a run's add up to
 //! [`APPLY_BYTES`] or [`APPLY_EVENTS`], or its log has closed, the run is *due*; after each
 //! group the writer moves a few due runs (one multi-row insert each) within a budget, so a
 //! thousand runs that fill their page, or finish, at the same moment are moved over the next
@@ -25,16 +25,16 @@
 //! newer records) is moved at the next group. An append the journal does not take — one that
 //! closes the log, a large one (a batch of [`APPLY_BYTES`] or more), one that would take the
 //! run past [`CAP_BYTES`] or [`CAP_EVENTS`] pending, an append to a run the writer is busy with
-//! or does not have in the cache — goes through the writer: into `events`, with the run's
+//! or does not have in the cache — goes through the writer: into `batches`, with the run's
 //! pending events before it, except that a run's terminal event alone is inserted as it is and
 //! its pending events follow later as a due run. Segments are deleted once every record in
-//! them is in `events` (or belongs to a deleted run).
+//! them is in `batches` (or belongs to a deleted run).
 //!
-//! So `events` holds every run's log up to its first pending event, plus possibly the terminal
+//! So `batches` holds every run's log up to its first pending event, plus possibly the terminal
 //! event after a gap. Readers are never shown the gap: a run with pending events is always in
 //! the cache, whose tail holds every event from the first pending one on, and a read from the
 //! database stops at the first missing seq. When the store opens, whatever the journal holds
-//! is moved into `events` before anything else runs.
+//! is moved into `batches` before anything else runs.
 //!
 //! The writer changes the bookkeeping of pending events only once its transaction has
 //! committed: while it runs, the appends it moves stay pending, and the runs its commands touch
@@ -50,7 +50,7 @@ use sluice_store::{Error, FastMap, FastSet};
 use crate::cache::{Change, RunCache, RunState, check_continues};
 use crate::journal_file::JournalFile;
 
-/// A run is due to have its pending events moved to `events` once their envelopes add up to
+/// A run is due to have its pending events moved to `batches` once their envelopes add up to
 /// this many bytes (about one page of the table)…
 pub(crate) const APPLY_BYTES: usize = 4096;
 
@@ -71,7 +71,7 @@ pub(crate) const WINDOW: i64 = 131_072;
 /// Segments are released once the journal's front can move by this many records.
 pub(crate) const RELEASE_STEP: i64 = 4096;
 
-/// One run's journaled events that are not in `events` yet, with their journal positions.
+/// One run's journaled events that are not in `batches` yet, with their journal positions.
 #[derive(Debug, Default)]
 struct Pending {
     events: VecDeque<RawEvent>,
@@ -79,7 +79,7 @@ struct Pending {
     bytes: usize,
     /// Whether the run is in the due queue.
     queued: bool,
-    /// Its log is closed (the terminal event is in `events`): due, whatever its size.
+    /// Its log is closed (the terminal event is in `batches`): due, whatever its size.
     closed: bool,
 }
 
@@ -126,7 +126,7 @@ impl Journal {
         }
     }
 
-    /// Whether an append of `events` to `run_id` belongs in the journal: it is small, does not
+    /// Whether an append of `batches` to `run_id` belongs in the journal: it is small, does not
     /// close the log, and keeps the run's pending events under the cap.
     pub(crate) fn takes(&self, run_id: &str, events: &[RawEvent]) -> bool {
         let bytes = bytes_of(events);
@@ -195,7 +195,7 @@ impl Journal {
             .unwrap_or_default()
     }
 
-    /// The highest seq up to which the run's log is in `events` without a gap, for a log
+    /// The highest seq up to which the run's log is in `batches` without a gap, for a log
     /// standing at `last_seq`.
     pub(crate) fn applied_upto(&self, run_id: &str, last_seq: u64) -> u64 {
         self.pending
@@ -204,7 +204,7 @@ impl Journal {
             .map_or(last_seq, |e| e.seq().saturating_sub(1))
     }
 
-    /// The first `n` pending events of the run are in `events` now.
+    /// The first `n` pending events of the run are in `batches` now.
     pub(crate) fn moved(&mut self, run_id: &str, n: usize) {
         let Some(p) = self.pending.get_mut(run_id) else {
             return;
@@ -292,7 +292,7 @@ impl Journal {
             .collect()
     }
 
-    /// Every record below this position is in `events` (or belongs to a deleted run).
+    /// Every record below this position is in `batches` (or belongs to a deleted run).
     pub(crate) fn front(&self) -> i64 {
         self.by_oldest
             .keys()

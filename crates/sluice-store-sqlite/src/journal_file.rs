@@ -10,9 +10,9 @@
 //! ```
 //!
 //! Records are numbered (*positions*) in the order they were written, from the first segment's
-//! name on; the bookkeeping of which runs still have records that are not in `events` is in
+//! name on; the bookkeeping of which runs still have records that are not in `batches` is in
 //! `journal.rs`. A segment is deleted once no run has a pending record in it. When the store
-//! opens, [`replay`] copies every record of a run that still exists into `events` (ignoring the
+//! opens, [`replay`] copies every record of a run that still exists into `batches` (ignoring the
 //! ones already there) and deletes the segments; a torn record at the end of the last segment
 //! (the process died in the middle of a `write`) ends the replay of that segment.
 //!
@@ -390,7 +390,7 @@ fn for_each_record(data: &[u8], mut each: impl FnMut(Record<'_>) -> Result<()>) 
     Ok(at)
 }
 
-/// Copies every journaled event of a run that still exists into `events` (one transaction;
+/// Copies every journaled event of a run that still exists into the log (one transaction;
 /// events already there are left alone), then deletes the segments. Returns how many events
 /// were copied.
 pub(crate) fn replay(conn: &Connection, dir: &Path) -> Result<usize> {
@@ -408,13 +408,11 @@ pub(crate) fn replay(conn: &Connection, dir: &Path) -> Result<usize> {
     let tx = conn
         .unchecked_transaction()
         .map_err(|e| Error::backend(what, e))?;
-    let mut moved = 0;
+    let moved;
     {
-        let mut insert = tx
-            .prepare(
-                "INSERT OR IGNORE INTO events (run_id, seq, type, json)
-                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1)",
-            )
+        let mut replay = crate::batches::Replay::new(&tx);
+        let mut exists = tx
+            .prepare("SELECT 1 FROM runs WHERE id = ?1")
             .map_err(|e| Error::backend(what, e))?;
         for path in &paths {
             let mut data = Vec::new();
@@ -422,14 +420,19 @@ pub(crate) fn replay(conn: &Connection, dir: &Path) -> Result<usize> {
                 .and_then(|mut f| f.read_to_end(&mut data))
                 .map_err(|e| Error::backend(format!("reading {}", path.display()), e))?;
             let used = for_each_record(&data, |r| {
-                moved += insert
-                    .execute(rusqlite::params![
-                        r.run_id,
-                        crate::writer::to_sql_int(r.seq),
-                        r.event_type,
-                        r.json
-                    ])
+                let known = exists
+                    .exists([r.run_id])
                     .map_err(|e| Error::backend(what, e))?;
+                if known {
+                    let event = RawEvent::from_parts(
+                        r.seq,
+                        r.event_type,
+                        bytes::Bytes::copy_from_slice(r.json),
+                    );
+                    replay
+                        .add(r.run_id, event)
+                        .map_err(|e| Error::backend(what, e))?;
+                }
                 Ok(())
             })?;
             if used < data.len() {
@@ -441,6 +444,8 @@ pub(crate) fn replay(conn: &Connection, dir: &Path) -> Result<usize> {
                 );
             }
         }
+        drop(exists);
+        moved = replay.finish().map_err(|e| Error::backend(what, e))?;
     }
     tx.commit().map_err(|e| Error::backend(what, e))?;
     for path in &paths {
@@ -551,12 +556,10 @@ mod tests {
             2,
             "the deleted run's record is skipped"
         );
-        let seqs: Vec<i64> = conn
-            .prepare("SELECT seq FROM events WHERE run_id = 'run_a' ORDER BY seq")
+        let seqs: Vec<u64> = crate::reader::read_events(&conn, "run_a", 0, 100)
             .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
+            .iter()
+            .map(RawEvent::seq)
             .collect();
         assert_eq!(seqs, [1, 2]);
         assert_eq!(

@@ -24,6 +24,7 @@
 //!   bookkeeping, and the segment files `<db>-events/*.log`).
 //! - `checkpoint.rs`: the checkpoint thread, which keeps WAL checkpoints off the writer.
 //! - `reader.rs`: the pool of read-only connections and the read queries.
+//! - `batches.rs`: how a log is stored: a row per run of consecutive events.
 //! - `cache.rs`: the committed `run_id → (last_seq, closed)` of open logs, and each one's
 //!   newest committed events, from which live followers read.
 //!
@@ -54,8 +55,9 @@
 //! few multi-row `INSERT`s through cached prepared statements.
 //!
 //! # Where events are written
-//! A run's log lives in the `events` table, clustered by `(run_id, seq)` so that replaying a
-//! run reads a few adjacent pages. Writing there one event at a time would dirty one page per
+//! A run's log lives in the `batches` table, a row per run of consecutive events (up to about
+//! 64 KiB of them), keyed by `(run_id, last seq)` so that replaying a run reads a few rows
+//! (`batches.rs` says why not a row per event). Writing there one event at a time would dirty one page per
 //! run per commit: with a thousand runs each streaming a token at a time, every commit would
 //! write hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small
 //! append goes to the *journal* first: append-only segment files next to the database
@@ -66,17 +68,17 @@
 //! [`SqliteOptions::inline_appends`] the caller's task does this itself for its own append: no
 //! thread hop at all (a caller that finds the shard held waits for it). Once about a page of a
 //! run's events (4 KiB, or 48 events) has piled up there, or its log has closed, the run is
-//! *due*, and the writer moves its journaled events into `events` with one insert, paced at
+//! *due*, and the writer moves its journaled events into `batches` with one insert, paced at
 //! twice the journal's recent inflow (at least 1 MiB/s), so that a thousand runs filling their
 //! page or finishing at the same moment are moved over the next few hundred milliseconds
 //! instead of taking a core at once. A run is also moved with its next append when it has 16
 //! KiB pending (the writer is behind), or when it has gone quiet for a while (131,072 newer
-//! journal records). A batch of 4 KiB or more goes to `events` directly, after the run's
+//! journal records). A batch of 4 KiB or more goes to `batches` directly, after the run's
 //! pending events. A run's terminal event is inserted at once, and its pending events follow
-//! when it is moved: `events` then has a gap for a while, which no reader sees (a read from the
+//! when it is moved: `batches` then has a gap for a while, which no reader sees (a read from the
 //! database stops at the first missing seq, and the run's cache entry, which holds every
 //! journaled event, stays until the move). Segments are deleted once every record in them is in
-//! `events`, and when the store opens whatever the journal still holds is moved into `events`
+//! `batches`, and when the store opens whatever the journal still holds is moved into `batches`
 //! first (a record torn by a crash in the middle of a write is left out: it was never
 //! acknowledged). Readers never read the journal.
 //!
@@ -138,6 +140,7 @@
 //! (`flock`) on `<db>.lock` while open, and [`SqliteStore::open`] fails when another process
 //! holds it (after waiting 2 s, for a store of this process that is still closing).
 
+mod batches;
 mod cache;
 mod checkpoint;
 mod journal;

@@ -11,6 +11,7 @@ use sluice_protocol::{RawEvent, RunRecord, SessionRecord, Timestamp};
 use sluice_store::{Error, InboxEntry, Result, RunFilter, RunPage};
 use tokio::sync::oneshot;
 
+use crate::batches;
 use crate::schema::open_reader;
 use crate::writer::{from_sql_int, to_sql_int};
 
@@ -234,41 +235,44 @@ pub(crate) fn read_events(
         return Ok(Vec::new());
     }
     let mut stmt = conn
-        .prepare_cached("SELECT seq, type, json FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+        .prepare_cached(
+            "SELECT first, data FROM batches WHERE run_id = ?1 AND last > ?2 ORDER BY last",
+        )
         .map_err(db("reading events"))?;
-    let limit_arg = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = stmt
-        .query_map(params![run_id, to_sql_int(after), limit_arg], |row| {
-            let seq: i64 = row.get(0)?;
-            let event_type = row.get_ref(1)?.as_str()?;
-            let json: Vec<u8> = row.get(2)?;
-            Ok(RawEvent::from_parts(
-                from_sql_int(seq),
-                event_type,
-                Bytes::from(json),
-            ))
-        })
+    let mut rows = stmt
+        .query(params![run_id, to_sql_int(after)])
         .map_err(db("reading events"))?;
     let mut out = Vec::with_capacity(limit.min(1024));
-    for (expected, event) in (after + 1..).zip(rows) {
-        let event = event.map_err(db("reading events"))?;
-        if event.seq() != expected {
+    let mut expected = after + 1;
+    while out.len() < limit {
+        let Some(row) = rows.next().map_err(db("reading events"))? else {
+            break;
+        };
+        let first = from_sql_int(row.get(0).map_err(db("reading events"))?);
+        if first > expected {
             // A closed log's terminal event can be here before the journaled events that come
             // before it (they are in the cache's tail until they are moved): the read stops at
             // the gap, and the reader's next read goes on from the cache.
             break;
         }
-        out.push(event);
+        let data = Bytes::from(row.get::<_, Vec<u8>>(1).map_err(db("reading events"))?);
+        let events = batches::decode(first, &data).map_err(|e| Error::Backend {
+            message: format!("run {run_id}: a damaged row of its log: {e}"),
+            source: None,
+        })?;
+        for e in events {
+            if e.seq() == expected && out.len() < limit {
+                out.push(e);
+                expected += 1;
+            }
+        }
     }
     Ok(out)
 }
 
 pub(crate) fn last_seq(conn: &Connection, run_id: &str) -> Result<u64> {
-    let seq: Option<i64> = conn
-        .prepare_cached("SELECT seq FROM events WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1")
-        .and_then(|mut stmt| stmt.query_row([run_id], |row| row.get(0)).optional())
-        .map_err(db("reading a log's last seq"))?;
-    Ok(seq.map_or(0, from_sql_int))
+    let last = batches::last(conn, run_id).map_err(db("reading a log's last seq"))?;
+    Ok(last.map_or(0, |(seq, _)| seq))
 }
 
 pub(crate) fn get_checkpoint(conn: &Connection, run_id: &str) -> Result<Option<Bytes>> {

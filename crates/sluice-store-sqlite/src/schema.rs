@@ -3,10 +3,13 @@
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags};
+use sluice_protocol::RawEvent;
 use sluice_store::{Error, Result};
 
-use crate::Synchronous;
+use crate::writer::from_sql_int;
+use crate::{Synchronous, batches};
 
 /// The migrations, in order: migration `i` takes the database from `PRAGMA user_version = i` to
 /// `i + 1`. Append new ones; never edit a released one.
@@ -67,7 +70,22 @@ const MIGRATIONS: &[&str] = &[
         json   BLOB NOT NULL
     );
     ",
+    // 3: the log in rows of consecutive events (`batches.rs`). `migrate` then moves what
+    // `events` holds into it and drops `events`.
+    "
+    CREATE TABLE batches (
+        run_id TEXT NOT NULL,
+        last   INTEGER NOT NULL,
+        first  INTEGER NOT NULL,
+        closes INTEGER NOT NULL,
+        data   BLOB NOT NULL,
+        PRIMARY KEY (run_id, last)
+    );
+    ",
 ];
+
+/// The migration after whose SQL `events` (a row per event) is rewritten as `batches`.
+const BATCHES: u32 = 3;
 
 /// The schema version this build writes (`PRAGMA user_version` after migrating).
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -119,7 +137,7 @@ pub(crate) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
     Ok(conn)
 }
 
-/// Moves whatever the `journal` table holds into `events` (rows of runs that still exist and
+/// Moves whatever the `journal` table holds into the log (rows of runs that still exist and
 /// are not there yet) and empties it. (Stores before the journal moved to segment files kept
 /// it there; the writer no longer writes it.)
 fn replay_journal(conn: &Connection) -> Result<()> {
@@ -127,15 +145,24 @@ fn replay_journal(conn: &Connection) -> Result<()> {
     let tx = conn
         .unchecked_transaction()
         .map_err(|e| Error::backend(what, e))?;
-    let moved = tx
-        .execute(
-            "INSERT OR IGNORE INTO events (run_id, seq, type, json)
-             SELECT run_id, seq, type, json FROM journal
+    let moved = (|| -> rusqlite::Result<usize> {
+        let mut replay = batches::Replay::new(&tx);
+        let mut stmt = tx.prepare(
+            "SELECT run_id, seq, type, json FROM journal
              WHERE run_id IN (SELECT id FROM runs)
              ORDER BY run_id, seq",
-            [],
-        )
-        .map_err(|e| Error::backend(what, e))?;
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id = row.get_ref(0)?.as_str()?;
+            let seq = from_sql_int(row.get(1)?);
+            let event_type = row.get_ref(2)?.as_str()?;
+            let json: Vec<u8> = row.get(3)?;
+            replay.add(id, RawEvent::from_parts(seq, event_type, Bytes::from(json)))?;
+        }
+        replay.finish()
+    })()
+    .map_err(|e| Error::backend(what, e))?;
     tx.execute("DELETE FROM journal", [])
         .map_err(|e| Error::backend(what, e))?;
     tx.commit().map_err(|e| Error::backend(what, e))?;
@@ -200,11 +227,43 @@ fn migrate(conn: &Connection) -> Result<()> {
             .map_err(|e| Error::backend(what(), e))?;
         tx.execute_batch(sql)
             .map_err(|e| Error::backend(what(), e))?;
+        if version == BATCHES {
+            events_to_batches(&tx).map_err(|e| Error::backend(what(), e))?;
+        }
         tx.pragma_update(None, "user_version", version)
             .map_err(|e| Error::backend(what(), e))?;
         tx.commit().map_err(|e| Error::backend(what(), e))?;
     }
     Ok(())
+}
+
+/// Rewrites the rows of `events` (one per event) as rows of `batches`, and drops `events`.
+fn events_to_batches(conn: &Connection) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare("SELECT run_id, seq, type, json FROM events ORDER BY run_id, seq")?;
+    let mut rows = stmt.query([])?;
+    let mut run = String::new();
+    let mut pending: Vec<RawEvent> = Vec::new();
+    let mut bytes = 0;
+    while let Some(row) = rows.next()? {
+        let id = row.get_ref(0)?.as_str()?;
+        let seq = from_sql_int(row.get(1)?);
+        let follows = id == run && pending.last().is_some_and(|l| l.seq() + 1 == seq);
+        if !follows || bytes >= batches::ROW_BYTES {
+            batches::insert(conn, &run, &pending)?;
+            pending.clear();
+            bytes = 0;
+            id.clone_into(&mut run);
+        }
+        let event_type = row.get_ref(2)?.as_str()?;
+        let json: Vec<u8> = row.get(3)?;
+        bytes += json.len();
+        pending.push(RawEvent::from_parts(seq, event_type, Bytes::from(json)));
+    }
+    batches::insert(conn, &run, &pending)?;
+    drop(rows);
+    drop(stmt);
+    conn.execute_batch("DROP TABLE events")
 }
 
 #[cfg(test)]
@@ -231,5 +290,108 @@ mod tests {
             open_writer(&path, Synchronous::Normal),
             Err(Error::Backend { .. })
         ));
+    }
+
+    /// A database of schema version 2 (a row per event in `events`, and rows left in the old
+    /// `journal` table) opens with its logs whole: rewritten as rows of `batches`, `events`
+    /// dropped, the journal's rows that were not in `events` yet added once.
+    #[test]
+    fn a_version_2_log_is_rewritten_in_rows_of_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        for id in ["run_a", "run_b"] {
+            conn.execute(
+                "INSERT INTO runs (id, workflow, status, record) VALUES (?1, 'wf', 'running', '{}')",
+                [id],
+            )
+            .unwrap();
+        }
+        let big = "x".repeat(300);
+        // run_a: 1..=500 (more than one row's worth), run_b: 1..=3; the journal holds run_b's
+        // 3 (already in `events`) and 4, and an event of a run that no longer exists.
+        for seq in 1..=500 {
+            conn.execute(
+                "INSERT INTO events VALUES ('run_a', ?1, 'tick', ?2)",
+                rusqlite::params![
+                    seq,
+                    format!("{{\"seq\":{seq},\"t\":\"{big}\"}}").into_bytes()
+                ],
+            )
+            .unwrap();
+        }
+        for seq in 1..=3 {
+            conn.execute(
+                "INSERT INTO events VALUES ('run_b', ?1, 'tick', x'7b7d')",
+                [seq],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO journal (run_id, seq, type, json) VALUES
+                ('run_b', 3, 'tick', x'7b7d'), ('run_b', 4, 'chain-completed', x'7b7d'),
+                ('run_gone', 1, 'tick', x'7b7d');",
+        )
+        .unwrap();
+        drop(conn);
+
+        let conn = open_writer(&path, Synchronous::Normal).unwrap();
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0, "events is dropped");
+        let a = crate::reader::read_events(&conn, "run_a", 0, 1000).unwrap();
+        assert_eq!(a.len(), 500);
+        for (i, e) in a.iter().enumerate() {
+            assert_eq!(e.seq(), i as u64 + 1);
+            assert_eq!(e.event_type(), "tick");
+            assert!(
+                e.json()
+                    .starts_with(format!("{{\"seq\":{}", i + 1).as_bytes())
+            );
+        }
+        let rows: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM batches WHERE run_id = 'run_a'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            (2..=10).contains(&rows),
+            "{rows} rows for 500 events of ~320 bytes"
+        );
+        // From a cursor in the middle of a row.
+        let mid = crate::reader::read_events(&conn, "run_a", 333, 5).unwrap();
+        assert_eq!(
+            mid.iter().map(RawEvent::seq).collect::<Vec<_>>(),
+            [334, 335, 336, 337, 338]
+        );
+        let b = crate::reader::read_events(&conn, "run_b", 0, 10).unwrap();
+        assert_eq!(
+            b.iter().map(RawEvent::seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(
+            crate::batches::last(&conn, "run_b").unwrap(),
+            Some((4, true)),
+            "the run's log is closed by its terminal event"
+        );
+        assert!(
+            crate::reader::read_events(&conn, "run_gone", 0, 10)
+                .unwrap()
+                .is_empty()
+        );
+        let journal: i64 = conn
+            .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, 0);
     }
 }

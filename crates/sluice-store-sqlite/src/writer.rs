@@ -4,27 +4,27 @@
 //! Those that do (with `synchronous = FULL`, or while their run was busy) run first in a group,
 //! journaled with one `write` (and one sync), with no SQLite transaction. Then everything else
 //! runs in one transaction, together with the end-of-group journal work: moving due runs'
-//! pending events into `events`, within a budget.
+//! pending events into `batches`, within a budget.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
-use sluice_protocol::{RawEvent, RunRecord, kind};
+use sluice_protocol::{RawEvent, RunRecord};
 use sluice_store::{Error, FastMap, FastSet, Notifier, Result};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::SqliteOptions;
 use crate::cache::{RunCache, RunState, check_continues};
 use crate::checkpoint::{self, Checkpointer};
 use crate::journal::{APPLY_BYTES, Journals, Outcome, SharedJournal};
+use crate::{SqliteOptions, batches};
 
 /// After a failed transaction the writer waits this long before it moves pending events again
 /// while idle.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
-/// The most bytes of pending events one transaction moves into `events` (and the most credit
+/// The most bytes of pending events one transaction moves into `batches` (and the most credit
 /// the pacer saves up).
 const IDLE_MOVE_BUDGET: usize = 64 * APPLY_BYTES;
 
@@ -35,7 +35,7 @@ const MOVE_FLOOR: f64 = 1024.0 * 1024.0;
 /// How far back the journal's inflow is averaged (an exponential average), in seconds.
 const INFLOW_TAU: f64 = 0.5;
 
-/// Paces the moves of pending events into `events`. Runs streaming in step (a thousand agents
+/// Paces the moves of pending events into `batches`. Runs streaming in step (a thousand agents
 /// started together) fill their page, or finish, at the same moment; moving a thousand runs at
 /// once takes the writer a core for tens of milliseconds, which the streams feel. So moves
 /// spend a credit that refills at twice the journal's recent inflow: the backlog still shrinks
@@ -96,10 +96,6 @@ impl Pacer {
 
 /// What a row costs in the WAL besides its data, roughly (key, header, cell pointer).
 const ROW_BYTES: usize = 64;
-
-/// Row counts of the prepared multi-row inserts: an append of n events uses n's binary
-/// decomposition (capped at 64 rows a statement).
-const INSERT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
 /// A failure that ends a whole write transaction, reported to every command in it.
 type Fatal = Arc<dyn std::error::Error + Send + Sync>;
@@ -338,7 +334,7 @@ struct Touched {
 /// once it commits (the callers' tasks go on journaling meanwhile).
 #[derive(Debug, Default)]
 struct Moves {
-    /// Runs whose first n pending events the transaction writes to `events`.
+    /// Runs whose first n pending events the transaction writes to `batches`.
     taken: FastMap<String, usize>,
     /// Runs deleted by the transaction.
     forgotten: FastSet<String>,
@@ -361,8 +357,6 @@ pub(crate) struct Writer {
     /// Set when a command without a savepoint failed after it began writing: the transaction
     /// holds part of it, so it must not commit.
     interrupted: Option<Fatal>,
-    /// The `INSERT INTO events` statements, by how many rows each inserts (largest first).
-    inserts: Vec<(usize, String)>,
     /// The journal, shared with the callers' tasks (see `journal.rs`).
     shared: SharedJournal,
     /// What the open transaction does to the journal, applied once it commits.
@@ -402,20 +396,14 @@ pub(crate) fn from_sql_int(v: i64) -> u64 {
 
 /// The committed state of a run's log, from the database (`None`: no such run).
 fn load_state(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<RunState>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT (SELECT seq FROM events WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1),
-                (SELECT type FROM events WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1)
-         FROM runs WHERE id = ?1",
-    )?;
-    stmt.query_row([run_id], |row| {
-        let seq: Option<i64> = row.get(0)?;
-        let event_type: Option<String> = row.get(1)?;
-        Ok(RunState {
-            last_seq: seq.map_or(0, from_sql_int),
-            closed: event_type.is_some_and(|t| kind::is_terminal(&t)),
-        })
-    })
-    .optional()
+    let exists = conn
+        .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
+        .exists([run_id])?;
+    if !exists {
+        return Ok(None);
+    }
+    let (last_seq, closed) = batches::last(conn, run_id)?.unwrap_or((0, false));
+    Ok(Some(RunState { last_seq, closed }))
 }
 
 fn update_run(conn: &Connection, row: &RunRow) -> Result<()> {
@@ -482,32 +470,12 @@ impl Writer {
         options: &SqliteOptions,
         checkpointer: Option<Checkpointer>,
     ) -> Self {
-        // OR FAIL: the rows are checked before, so a failure is an I/O-level one that fails the
-        // whole group; SQLite then needs no statement journal to undo a statement halfway.
-        let multi_row = |head: &str, row: &str| -> Vec<(usize, String)> {
-            INSERT_ROWS
-                .iter()
-                .map(|&rows| {
-                    let mut sql = format!("{head} VALUES {row}");
-                    for _ in 1..rows {
-                        sql.push_str(", ");
-                        sql.push_str(row);
-                    }
-                    (rows, sql)
-                })
-                .collect()
-        };
-        let inserts = multi_row(
-            "INSERT OR FAIL INTO events (run_id, seq, type, json)",
-            "(?, ?, ?, ?)",
-        );
         Self {
             conn,
             cache,
             notifier,
             touched: FastMap::default(),
             interrupted: None,
-            inserts,
             shared,
             moves: Moves::default(),
             pacer: Pacer::new(),
@@ -538,7 +506,7 @@ impl Writer {
                         Some(at) if at.elapsed() < RETRY_AFTER_FAILURE => {
                             std::thread::sleep(Duration::from_millis(10));
                         }
-                        // Nothing queued: a good moment to move due runs into `events`, at the
+                        // Nothing queued: a good moment to move due runs into `batches`, at the
                         // pacer's pace.
                         _ => {
                             let survey = self.shared.survey(&mut self.recorded_seen);
@@ -575,7 +543,7 @@ impl Writer {
             }
             self.commit_group(std::mem::take(&mut group));
         }
-        // A clean close leaves every event in `events`: the next open has nothing to replay.
+        // A clean close leaves every event in `batches`: the next open has nothing to replay.
         for i in 0..self.shared.len() {
             self.shared.shard(i).journal.make_all_due();
         }
@@ -769,7 +737,7 @@ impl Writer {
     }
 
     /// After a commit: applies what it did to the journal's bookkeeping and to the cache,
-    /// releases segments whose records are all in `events` now, frees the busy runs, and
+    /// releases segments whose records are all in `batches` now, frees the busy runs, and
     /// returns the followers to wake.
     fn committed(&mut self, moves: Moves) -> Vec<(String, u64)> {
         for (run, &n) in &moves.taken {
@@ -925,26 +893,12 @@ impl Writer {
         }
     }
 
-    /// Inserts `events` with as few statements as the prepared sizes allow.
-    fn insert_events(&self, run_id: &str, mut events: &[RawEvent]) -> rusqlite::Result<()> {
-        for (rows, sql) in &self.inserts {
-            while events.len() >= *rows {
-                let (now, rest) = events.split_at(*rows);
-                let mut stmt = self.conn.prepare_cached(sql)?;
-                for (i, e) in now.iter().enumerate() {
-                    stmt.raw_bind_parameter(4 * i + 1, run_id)?;
-                    stmt.raw_bind_parameter(4 * i + 2, to_sql_int(e.seq()))?;
-                    stmt.raw_bind_parameter(4 * i + 3, e.event_type())?;
-                    stmt.raw_bind_parameter(4 * i + 4, &e.json()[..])?;
-                }
-                stmt.raw_execute()?;
-                events = rest;
-            }
-        }
-        Ok(())
+    /// Inserts `events` as rows of the log.
+    fn insert_events(&self, run_id: &str, events: &[RawEvent]) -> rusqlite::Result<()> {
+        batches::insert(&self.conn, run_id, events)
     }
 
-    /// Writes `events` (checked to continue the run's log, which `closes` or not) to `events`:
+    /// Writes `events` (checked to continue the run's log, which `closes` or not) to `batches`:
     /// after the run's pending events, or, for a lone terminal event, by itself (the pending
     /// events follow once the run's turn as a due run comes).
     fn store_events(
@@ -968,7 +922,7 @@ impl Writer {
     }
 
     /// Notes that the transaction writes `pending` (the run's pending events from the
-    /// `skip`-th on) to `events`.
+    /// `skip`-th on) to `batches`.
     fn take_pending(&mut self, run_id: &str, skip: usize, pending: &[RawEvent]) {
         self.moves.bytes += pending
             .iter()
@@ -981,7 +935,7 @@ impl Writer {
         }
     }
 
-    /// At the end of a group: moves into `events` the pending events of runs that went quiet,
+    /// At the end of a group: moves into `batches` the pending events of runs that went quiet,
     /// and of due runs until `budget` bytes are moved.
     fn maintain_journal(&mut self, budget: usize) -> Result<()> {
         // (run, how many of its pending events this transaction took already, the rest).
@@ -1118,7 +1072,7 @@ impl Writer {
 
     fn delete_run(&mut self, id: &str) -> Result<()> {
         for sql in [
-            "DELETE FROM events WHERE run_id = ?1",
+            "DELETE FROM batches WHERE run_id = ?1",
             "DELETE FROM checkpoints WHERE run_id = ?1",
             "DELETE FROM inbox WHERE run_id = ?1",
             "DELETE FROM runs WHERE id = ?1",
@@ -1272,6 +1226,7 @@ impl Writer {
 mod tests {
     use serde_json::json;
     use sluice_protocol::Timestamp;
+    use sluice_protocol::kind;
 
     use super::*;
     use crate::Synchronous;
@@ -1340,18 +1295,18 @@ mod tests {
         w.conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
-    /// A run's events in `events`.
+    /// A run's events in `batches`.
     fn logged(w: &Writer, run: &str) -> i64 {
         w.conn
             .query_row(
-                "SELECT count(*) FROM events WHERE run_id = ?1",
+                "SELECT coalesce(sum(last - first + 1), 0) FROM batches WHERE run_id = ?1",
                 [run],
                 |r| r.get(0),
             )
             .unwrap()
     }
 
-    /// A run's events as stored: in `events`, or only in the journal.
+    /// A run's events as stored: in `batches`, or only in the journal.
     fn stored(w: &Writer, run: &str) -> i64 {
         logged(w, run) + w.shared.of(run).journal.pending_len(run) as i64
     }
@@ -1466,11 +1421,10 @@ mod tests {
             None,
             "{}",
         );
-        w.conn
-            .execute_batch(
-                "INSERT INTO events VALUES ('run_a', 1, 'tick', x'7b7d'), ('run_a', 2, 'tick', x'7b7d');",
-            )
-            .unwrap();
+        let stored: Vec<RawEvent> = (1..=2)
+            .map(|s| RawEvent::from_parts(s, "tick", Bytes::from_static(b"{}")))
+            .collect();
+        batches::insert(&w.conn, "run_a", &stored).unwrap();
         // A fresh writer on the same file knows nothing yet.
         w.cache = Arc::default();
         let (reply, mut rx) = oneshot::channel();
@@ -1569,7 +1523,7 @@ mod tests {
             reply,
         }]);
         rx.try_recv().unwrap().unwrap();
-        // The terminal event is in `events`, alone; a reader of the database stops at the gap
+        // The terminal event is in `batches`, alone; a reader of the database stops at the gap
         // and the cache has the whole log.
         assert_eq!(logged(&w, "run_a"), 1);
         assert!(

@@ -29,6 +29,29 @@ fn ev(run: &str, seq: u64, data: &str) -> RawEvent {
     RawEvent::encode(seq, run, kind::TEXT_DELTA, Timestamp::now(), Some(1), data)
 }
 
+/// Events in the database's log (rows of `batches`, each `first..=last`).
+fn logged(conn: &rusqlite::Connection) -> i64 {
+    conn.query_row(
+        "SELECT coalesce(sum(last - first + 1), 0) FROM batches",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// The seqs of a run's events in the database's log, in order.
+fn stored_seqs(conn: &rusqlite::Connection, run: &str) -> Vec<u64> {
+    conn.prepare("SELECT first, last FROM batches WHERE run_id = ?1 ORDER BY last")
+        .unwrap()
+        .query_map([run], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .unwrap()
+        .flat_map(|r| {
+            let (first, last) = r.unwrap();
+            first as u64..=last as u64
+        })
+        .collect()
+}
+
 async fn new_run(store: &SqliteStore, id: &str) -> RunRecord {
     let mut rec = RunRecord::new(id, "wf", json!({"q": "why?"}));
     rec.status = RunStatus::Running;
@@ -331,9 +354,7 @@ async fn many_runs(opener: fn(&Path) -> SqliteStore) {
     let journal: i64 = conn
         .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
         .unwrap();
-    let logged: i64 = conn
-        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-        .unwrap();
+    let logged = logged(&conn);
     assert_eq!(journal, 0);
     assert_eq!(logged, 39 * (N as i64 + 1));
 }
@@ -385,14 +406,7 @@ async fn finished_run(opener: fn(&Path) -> SqliteStore) {
     assert_eq!(store.last_seq("run_a").await.unwrap(), 6);
     store.close().await.unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let seqs: Vec<i64> = conn
-        .prepare("SELECT seq FROM events WHERE run_id = 'run_a' ORDER BY seq")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+    assert_eq!(stored_seqs(&conn, "run_a"), (1..=6).collect::<Vec<_>>());
 }
 
 /// The process dies with appends only in the journal (the store is never closed, so nothing
@@ -420,9 +434,7 @@ async fn journaled_appends_survive_a_store_that_was_never_closed() {
             .unwrap();
         assert_eq!(status.code(), Some(DIED), "{mode}: the writing process");
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let logged: i64 = conn
-            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-            .unwrap();
+        let logged = logged(&conn);
         assert!(
             logged < 40,
             "{mode}: most of the events are only journaled: {logged}"
@@ -528,23 +540,53 @@ async fn streamed_appends_are_checkpointed_in_the_background() {
 async fn log_with_a_gap(dir: &Path, finished: bool) -> Arc<dyn Store> {
     let path = dir.join("sluice.db");
     let store = open(&path);
+    let mut rec = new_run(&store, "run_a").await;
+    for seq in 1..=5 {
+        // Event 4 is large: it goes to the log at once, in a row of its own (after 1–3, which
+        // the same transaction moves from the journal), so that the row can be lost alone.
+        let text = if seq == 4 {
+            "t".repeat(8192)
+        } else {
+            "t".into()
+        };
+        store
+            .append(
+                "run_a",
+                &[ev("run_a", seq, &json!({ "text": text }).to_string())],
+            )
+            .await
+            .unwrap();
+    }
     if finished {
-        five_then_completed(&store).await;
-    } else {
-        new_run(&store, "run_a").await;
-        for seq in 1..=5 {
-            store
-                .append("run_a", &[ev("run_a", seq, r#"{"text":"t"}"#)])
-                .await
-                .unwrap();
-        }
+        rec.status = RunStatus::Completed;
+        rec.last_seq = 6;
+        rec.finished_at = Some(Timestamp::now());
+        let terminal = RawEvent::encode(
+            6,
+            "run_a",
+            kind::CHAIN_COMPLETED,
+            Timestamp::now(),
+            None,
+            "{}",
+        );
+        store.finish(&rec, &terminal).await.unwrap();
     }
     store.close().await.unwrap();
     // Without its journal (which would put the event back at the next open).
     std::fs::remove_dir_all(dir.join("sluice.db-events")).unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute("DELETE FROM events WHERE run_id = 'run_a' AND seq = 4", [])
+    let lost = conn
+        .execute(
+            "DELETE FROM batches WHERE run_id = 'run_a' AND first = 4 AND last = 4",
+            [],
+        )
         .unwrap();
+    assert_eq!(
+        lost,
+        1,
+        "event 4 has a row of its own: {:?}",
+        stored_seqs(&conn, "run_a")
+    );
     drop(conn);
     Arc::new(open(&path))
 }
@@ -580,5 +622,51 @@ async fn a_follower_of_a_log_with_a_gap_ends_with_an_error() {
         assert_eq!(seen, [1, 2, 3], "finished: {finished}");
         let e = end.expect("the stream ended without an error").to_string();
         assert!(e.contains("no event 4"), "finished: {finished}: {e}");
+    }
+}
+
+/// Large appends are stored as rows of many events: after a reopen (nothing cached), reads from
+/// any cursor — a row's first event, its middle, its last, across rows, with any limit — give
+/// exactly the events after the cursor, in order.
+#[tokio::test]
+async fn a_log_stored_in_rows_reads_whole_from_any_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.db");
+    let store = open(&path);
+    new_run(&store, "run_a").await;
+    const N: u64 = 3_000;
+    let events: Vec<RawEvent> = (1..=N)
+        .map(|seq| {
+            ev(
+                "run_a",
+                seq,
+                &json!({ "seq": seq, "text": "t".repeat(seq as usize % 300) }).to_string(),
+            )
+        })
+        .collect();
+    for chunk in events.chunks(1_000) {
+        store.append("run_a", chunk).await.unwrap();
+    }
+    store.close().await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM batches", [], |r| r.get(0))
+        .unwrap();
+    assert!(rows < 100, "{rows} rows for {N} events");
+    assert_eq!(stored_seqs(&conn, "run_a"), (1..=N).collect::<Vec<_>>());
+    drop(conn);
+    let store = open(&path);
+    assert_eq!(store.last_seq("run_a").await.unwrap(), N);
+    for after in [0, 1, 2, 333, 999, 1_000, 1_001, 2_047, 2_999, 3_000] {
+        for limit in [1, 7, 500, 5_000] {
+            let got = store.read("run_a", after, limit).await.unwrap();
+            let want: Vec<RawEvent> = events
+                .iter()
+                .skip(after as usize)
+                .take(limit)
+                .cloned()
+                .collect();
+            assert_eq!(got, want, "after {after}, limit {limit}");
+        }
     }
 }

@@ -1,0 +1,288 @@
+//! How a run's log is stored in the database: table `batches`, one row per run of consecutive
+//! events (up to about [`ROW_BYTES`] of envelopes, at least one event), keyed by
+//! `(run_id, last)`.
+//!
+//! A row per event cost SQLite a B-tree insert, a key comparison and a share of page splits for
+//! every event, and repeated the run id in each; a stream of 200,000 small events spent more
+//! than half the server's CPU there. A row per batch costs that once per batch: the envelopes
+//! go in as one blob. Reads decode the rows they touch and skip what lies before their cursor.
+//!
+//! `data` holds, for each event in seq order: the type's length and the envelope's length (each
+//! a little-endian `u32`), the type, the envelope. `first` and `last` are the seqs of the row's
+//! first and last event; `closes` is 1 when the last is the run's terminal event.
+
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, params};
+use sluice_protocol::RawEvent;
+use sluice_store::FastMap;
+
+use crate::writer::{from_sql_int, to_sql_int};
+
+/// A row closes once it holds about this many bytes of envelopes: large enough that SQLite's
+/// per-row work is noise, small enough that a read from a cursor in its middle decodes little.
+pub(crate) const ROW_BYTES: usize = 64 * 1024;
+
+/// Splits `events` into the rows they are stored as.
+pub(crate) fn rows(events: &[RawEvent]) -> impl Iterator<Item = &[RawEvent]> {
+    let mut rest = events;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        for e in rest {
+            if n > 0 && bytes + e.json().len() > ROW_BYTES {
+                break;
+            }
+            bytes += e.json().len();
+            n += 1;
+        }
+        let (row, tail) = rest.split_at(n);
+        rest = tail;
+        Some(row)
+    })
+}
+
+/// The `data` of a row holding `events`.
+pub(crate) fn encode(events: &[RawEvent]) -> Vec<u8> {
+    let size = events
+        .iter()
+        .map(|e| 8 + e.event_type().len() + e.json().len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for e in events {
+        out.extend_from_slice(&len32(e.event_type().len()).to_le_bytes());
+        out.extend_from_slice(&len32(e.json().len()).to_le_bytes());
+        out.extend_from_slice(e.event_type().as_bytes());
+        out.extend_from_slice(e.json());
+    }
+    out
+}
+
+fn len32(n: usize) -> u32 {
+    // An envelope is bounded far below 4 GiB by the server's event size limit.
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The events of a row whose first event is `first`; `Err` if `data` is not what [`encode`]
+/// writes.
+pub(crate) fn decode(first: u64, data: &Bytes) -> Result<Vec<RawEvent>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut seq = first;
+    while at < data.len() {
+        let field = |at: usize| -> Result<usize, String> {
+            data.get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(|b| u32::from_le_bytes(b) as usize)
+                .ok_or_else(|| format!("a truncated row header at byte {at}"))
+        };
+        let type_len = field(at)?;
+        let json_len = field(at + 4)?;
+        let type_at = at + 8;
+        let json_at = type_at + type_len;
+        let end = json_at + json_len;
+        if end > data.len() {
+            return Err(format!("an event overruns its row at byte {at}"));
+        }
+        let event_type = std::str::from_utf8(&data[type_at..json_at])
+            .map_err(|_| format!("an event type that is not UTF-8 at byte {at}"))?;
+        out.push(RawEvent::from_parts(
+            seq,
+            event_type,
+            data.slice(json_at..end),
+        ));
+        seq += 1;
+        at = end;
+    }
+    Ok(out)
+}
+
+/// Inserts `events` (consecutive, of one run) as rows.
+pub(crate) fn insert(conn: &Connection, run_id: &str, events: &[RawEvent]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        // OR FAIL: the events are checked before, so a failure is an I/O-level one that fails
+        // the whole group; SQLite then needs no statement journal to undo a statement halfway.
+        "INSERT OR FAIL INTO batches (run_id, last, first, closes, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for row in rows(events) {
+        let (Some(first), Some(last)) = (row.first(), row.last()) else {
+            continue;
+        };
+        stmt.execute(params![
+            run_id,
+            to_sql_int(last.seq()),
+            to_sql_int(first.seq()),
+            i64::from(last.is_terminal()),
+            encode(row),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Whether the run's stored log holds `seq`.
+pub(crate) fn holds(conn: &Connection, run_id: &str, seq: u64) -> rusqlite::Result<bool> {
+    let first: Option<i64> = conn
+        .prepare_cached(
+            "SELECT first FROM batches WHERE run_id = ?1 AND last >= ?2 ORDER BY last LIMIT 1",
+        )?
+        .query_row(params![run_id, to_sql_int(seq)], |r| r.get(0))
+        .optional()?;
+    Ok(first.is_some_and(|f| from_sql_int(f) <= seq))
+}
+
+/// The seq of the run's last stored event and whether it is terminal (`None`: nothing stored).
+pub(crate) fn last(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<(u64, bool)>> {
+    conn.prepare_cached(
+        "SELECT last, closes FROM batches WHERE run_id = ?1 ORDER BY last DESC LIMIT 1",
+    )?
+    .query_row([run_id], |r| {
+        Ok((from_sql_int(r.get(0)?), r.get::<_, i64>(1)? != 0))
+    })
+    .optional()
+}
+
+/// Gathers events that may or may not be stored yet (the journal's, replayed at open) into
+/// rows of consecutive events per run, leaving out those the log holds already.
+pub(crate) struct Replay<'c> {
+    conn: &'c Connection,
+    /// Per run, the consecutive events waiting to be inserted.
+    open: FastMap<String, Vec<RawEvent>>,
+    /// Events inserted.
+    pub(crate) inserted: usize,
+}
+
+impl<'c> Replay<'c> {
+    pub(crate) fn new(conn: &'c Connection) -> Self {
+        Self {
+            conn,
+            open: FastMap::default(),
+            inserted: 0,
+        }
+    }
+
+    /// Adds one event of `run_id`; it is inserted unless the log holds it already.
+    pub(crate) fn add(&mut self, run_id: &str, event: RawEvent) -> rusqlite::Result<()> {
+        if holds(self.conn, run_id, event.seq())? {
+            return Ok(());
+        }
+        if let Some(events) = self.open.get_mut(run_id) {
+            if events.last().is_some_and(|l| l.seq() + 1 == event.seq()) {
+                events.push(event);
+                return Ok(());
+            }
+            let events = std::mem::replace(events, vec![event]);
+            return self.flush(run_id, &events);
+        }
+        self.open.insert(run_id.to_owned(), vec![event]);
+        Ok(())
+    }
+
+    fn flush(&mut self, run_id: &str, events: &[RawEvent]) -> rusqlite::Result<()> {
+        insert(self.conn, run_id, events)?;
+        self.inserted += events.len();
+        Ok(())
+    }
+
+    /// Inserts what is still gathered; returns how many events were inserted in all.
+    pub(crate) fn finish(mut self) -> rusqlite::Result<usize> {
+        for (id, events) in std::mem::take(&mut self.open) {
+            self.flush(&id, &events)?;
+        }
+        Ok(self.inserted)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use sluice_protocol::{Timestamp, kind};
+
+    use super::*;
+
+    fn ev(seq: u64, event_type: &str, len: usize) -> RawEvent {
+        RawEvent::encode(
+            seq,
+            "run_a",
+            event_type,
+            Timestamp::now(),
+            None,
+            &format!("{{\"x\":\"{}\"}}", "a".repeat(len)),
+        )
+    }
+
+    #[test]
+    fn rows_round_trip_and_stay_near_their_size() {
+        let events: Vec<RawEvent> = (1..=2_000).map(|s| ev(s, "tick", 100)).collect();
+        let split: Vec<&[RawEvent]> = rows(&events).collect();
+        assert!(split.len() > 1);
+        let mut seq = 1;
+        for row in &split {
+            let bytes: usize = row.iter().map(|e| e.json().len()).sum();
+            assert!(bytes <= ROW_BYTES, "{bytes}");
+            let back = decode(seq, &Bytes::from(encode(row))).unwrap();
+            assert_eq!(back, row.to_vec());
+            seq += row.len() as u64;
+        }
+        assert_eq!(seq, 2_001);
+        // An event larger than a row is a row of its own.
+        let big = [
+            ev(1, "tick", 10),
+            ev(2, "big", ROW_BYTES * 2),
+            ev(3, "tick", 10),
+        ];
+        let sizes: Vec<usize> = rows(&big).map(<[RawEvent]>::len).collect();
+        assert_eq!(sizes, [1, 1, 1]);
+        assert!(rows(&[]).next().is_none());
+    }
+
+    #[test]
+    fn a_damaged_row_is_an_error_not_a_panic() {
+        let data = Bytes::from(encode(&[ev(1, kind::CHAIN_STARTED, 5), ev(2, "tick", 5)]));
+        for cut in 1..data.len() {
+            // Either fewer events (cut at an event's end) or an error; never a panic.
+            if let Ok(events) = decode(1, &data.slice(..cut)) {
+                assert!(events.len() < 2);
+            }
+        }
+        let mut bad = data.to_vec();
+        bad[8] = 0xff; // inside the first type
+        assert!(decode(1, &Bytes::from(bad)).is_err());
+    }
+
+    #[test]
+    fn a_replay_adds_only_what_the_log_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::schema::open_writer(&dir.path().join("s.db"), crate::Synchronous::Normal)
+            .unwrap();
+        let all: Vec<RawEvent> = (1..=8).map(|s| ev(s, "tick", 3)).collect();
+        // Stored: 1–3, and 7 alone (as a terminal event inserted before its pending events).
+        insert(&conn, "run_a", &all[..3]).unwrap();
+        insert(&conn, "run_a", &all[6..7]).unwrap();
+        let mut replay = Replay::new(&conn);
+        for e in &all[..7] {
+            replay.add("run_a", e.clone()).unwrap();
+        }
+        // A second run, interleaved, and one event of run_a past a gap.
+        replay.add("run_b", ev(1, "tick", 3)).unwrap();
+        replay.add("run_a", all[7].clone()).unwrap();
+        assert_eq!(replay.finish().unwrap(), 3 + 1 + 1);
+        let seqs = |run: &str| -> Vec<(i64, i64)> {
+            conn.prepare("SELECT first, last FROM batches WHERE run_id = ?1 ORDER BY last")
+                .unwrap()
+                .query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(seqs("run_a"), [(1, 3), (4, 6), (7, 7), (8, 8)]);
+        assert_eq!(seqs("run_b"), [(1, 1)]);
+        let back = crate::reader::read_events(&conn, "run_a", 0, 100).unwrap();
+        assert_eq!(back, all);
+        assert!(holds(&conn, "run_a", 5).unwrap());
+        assert!(!holds(&conn, "run_a", 9).unwrap());
+        assert_eq!(last(&conn, "run_a").unwrap(), Some((8, false)));
+        assert_eq!(last(&conn, "run_c").unwrap(), None);
+    }
+}
