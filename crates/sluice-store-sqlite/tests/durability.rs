@@ -495,15 +495,28 @@ async fn streamed_appends_are_checkpointed_in_the_background() {
     for r in 0..RUNS {
         new_run(&store, &format!("run_{r}")).await;
     }
-    let text = serde_json::to_string(&json!({ "text": "x".repeat(600) })).unwrap();
     let mut tasks = Vec::new();
     for w in 0..8 {
-        let (store, text) = (store.clone(), text.clone());
+        let store = store.clone();
         tasks.push(tokio::spawn(async move {
+            // Text that does not compress (the log's rows are compressed): 600 pseudo-random
+            // hex digits an event.
+            let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ w as u64;
+            let mut text = || {
+                let digits: String = (0..600)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        char::from_digit((x % 16) as u32, 16).unwrap_or('0')
+                    })
+                    .collect();
+                serde_json::to_string(&json!({ "text": digits })).unwrap()
+            };
             for seq in 1..=EVENTS {
                 for r in (w..RUNS).step_by(8) {
                     let run = format!("run_{r}");
-                    store.append(&run, &[ev(&run, seq, &text)]).await.unwrap();
+                    store.append(&run, &[ev(&run, seq, &text())]).await.unwrap();
                 }
             }
         }));
@@ -511,7 +524,7 @@ async fn streamed_appends_are_checkpointed_in_the_background() {
     for t in tasks {
         t.await.unwrap();
     }
-    // About 8 MiB went through the journal; the moves into `events` follow at their pace, and
+    // About 8 MiB went through the journal; the moves into the log follow at their pace, and
     // every 4 MiB of them nudge the checkpoint thread.
     let db_len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
