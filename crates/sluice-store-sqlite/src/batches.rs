@@ -127,6 +127,30 @@ pub(crate) fn decode(first: u64, data: &Bytes) -> Result<Vec<RawEvent>, String> 
     }
 }
 
+/// The events of the row `first..=last`, checked to be exactly those, the last terminal iff
+/// `closes`.
+pub(crate) fn decode_row(
+    first: u64,
+    last: u64,
+    closes: bool,
+    data: &Bytes,
+) -> Result<Vec<RawEvent>, String> {
+    let events = decode(first, data)?;
+    let expected = last.checked_sub(first).map(|n| n + 1);
+    if expected != Some(events.len() as u64) {
+        return Err(format!(
+            "the row {first}..={last} holds {} events",
+            events.len()
+        ));
+    }
+    if events.last().is_some_and(|e| e.is_terminal() != closes) {
+        return Err(format!(
+            "the row {first}..={last} says closes = {closes}, its last event says otherwise"
+        ));
+    }
+    Ok(events)
+}
+
 fn decode_layout(first: u64, data: &Bytes) -> Result<Vec<RawEvent>, String> {
     let mut out = Vec::new();
     let mut at = 0;
@@ -222,9 +246,16 @@ impl<'c> Replay<'c> {
         }
     }
 
-    /// Adds one event of `run_id`; it is inserted unless the log holds it already.
+    /// Adds one event of `run_id`; it is inserted unless the log holds it already, or it was
+    /// added before (a record found twice).
     pub(crate) fn add(&mut self, run_id: &str, event: RawEvent) -> rusqlite::Result<()> {
-        if holds(self.conn, run_id, event.seq())? {
+        let gathered = self
+            .open
+            .get(run_id)
+            .and_then(|events| Some((events.first()?.seq(), events.last()?.seq())));
+        if gathered.is_some_and(|(first, last)| (first..=last).contains(&event.seq()))
+            || holds(self.conn, run_id, event.seq())?
+        {
             return Ok(());
         }
         if let Some(events) = self.open.get_mut(run_id) {
@@ -360,6 +391,8 @@ mod tests {
         let mut replay = Replay::new(&conn);
         for e in &all[..7] {
             replay.add("run_a", e.clone()).unwrap();
+            // A record found twice (gathered, not inserted yet) is added once.
+            replay.add("run_a", e.clone()).unwrap();
         }
         // A second run, interleaved, and one event of run_a past a gap.
         replay.add("run_b", ev(1, "tick", 3)).unwrap();
@@ -381,5 +414,54 @@ mod tests {
         assert!(!holds(&conn, "run_a", 9).unwrap());
         assert_eq!(last(&conn, "run_a").unwrap(), Some((8, false)));
         assert_eq!(last(&conn, "run_c").unwrap(), None);
+    }
+
+    /// A row that decodes but does not hold what its key says (cut at an event's end, its
+    /// range or its terminal flag wrong) is an error for a read, not a short answer or a gap.
+    #[test]
+    fn a_row_that_does_not_match_its_key_fails_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::schema::open_writer(&dir.path().join("s.db"), crate::Synchronous::Normal)
+            .unwrap();
+        let mut all: Vec<RawEvent> = (1..=9).map(|s| ev(s, "tick", 3)).collect();
+        all.push(ev(10, kind::CHAIN_COMPLETED, 3));
+        insert(&conn, "run_a", &all).unwrap();
+        let row = Bytes::from(encode(&all));
+        assert_eq!(decode_row(1, 10, true, &row).unwrap(), all);
+        assert!(
+            decode_row(1, 11, true, &row)
+                .unwrap_err()
+                .contains("holds 10 events")
+        );
+        assert!(decode_row(2, 10, true, &row).is_err());
+        assert!(
+            decode_row(1, 10, false, &row)
+                .unwrap_err()
+                .contains("closes")
+        );
+        let read = |conn: &Connection| crate::reader::read_events(conn, "run_a", 0, 100);
+        assert_eq!(read(&conn).unwrap(), all);
+        for damage in [
+            "UPDATE batches SET last = 11",
+            "UPDATE batches SET closes = 0",
+            "UPDATE batches SET data = x''",
+        ] {
+            conn.execute_batch(&format!("SAVEPOINT d; {damage};"))
+                .unwrap();
+            let e = read(&conn).unwrap_err().to_string();
+            assert!(e.contains("damaged row"), "{damage}: {e}");
+            conn.execute_batch("ROLLBACK TO d; RELEASE d;").unwrap();
+        }
+        // Cut at an event's end: the row decodes to fewer events than it claims.
+        let mut plain = vec![PLAIN];
+        plain.extend_from_slice(&layout(&all[..5]));
+        conn.execute("UPDATE batches SET data = ?1", [plain])
+            .unwrap();
+        assert!(
+            read(&conn)
+                .unwrap_err()
+                .to_string()
+                .contains("holds 5 events")
+        );
     }
 }

@@ -52,14 +52,15 @@
 //! than one statement run under a savepoint. A rejected command (unknown run, seq conflict, closed
 //! log, duplicate id) leaves nothing behind and does not affect the others. Only a failure of the
 //! transaction itself (I/O error, full disk) fails the whole group. An append's events go in with
-//! few multi-row `INSERT`s through cached prepared statements.
+//! one `INSERT` per row of the log (see below) through a cached prepared statement.
 //!
 //! # Where events are written
 //! A run's log lives in the `batches` table, a row per run of consecutive events (up to about
-//! 64 KiB of them), keyed by `(run_id, last seq)` so that replaying a run reads a few rows
-//! (`batches.rs` says why not a row per event). Writing there one event at a time would dirty one page per
-//! run per commit: with a thousand runs each streaming a token at a time, every commit would
-//! write hundreds of 4 KiB pages to the WAL for a few hundred 200-byte events. So a small
+//! 64 KiB of them, LZ4-compressed), keyed by `(run_id, last seq)` so that replaying a run reads
+//! a few rows (`batches.rs` says why not a row per event). Writing there one event at a time
+//! would dirty one page per run per commit: with a thousand runs each streaming a token at a
+//! time, every commit would write hundreds of 4 KiB pages to the WAL for a few hundred 200-byte
+//! events. So a small
 //! append goes to the *journal* first: append-only segment files next to the database
 //! (`<db>-events/`), one record per event, in 8 shards by run id. Under the shard's lock the
 //! events are checked against the run's cached state, their records written with one `write`

@@ -236,7 +236,8 @@ pub(crate) fn read_events(
     }
     let mut stmt = conn
         .prepare_cached(
-            "SELECT first, data FROM batches WHERE run_id = ?1 AND last > ?2 ORDER BY last",
+            "SELECT first, last, closes, data FROM batches WHERE run_id = ?1 AND last > ?2
+             ORDER BY last",
         )
         .map_err(db("reading events"))?;
     let mut rows = stmt
@@ -255,11 +256,14 @@ pub(crate) fn read_events(
             // the gap, and the reader's next read goes on from the cache.
             break;
         }
-        let data = Bytes::from(row.get::<_, Vec<u8>>(1).map_err(db("reading events"))?);
-        let events = batches::decode(first, &data).map_err(|e| Error::Backend {
-            message: format!("run {run_id}: a damaged row of its log: {e}"),
-            source: None,
-        })?;
+        let last = from_sql_int(row.get(1).map_err(db("reading events"))?);
+        let closes = row.get::<_, i64>(2).map_err(db("reading events"))? != 0;
+        let data = Bytes::from(row.get::<_, Vec<u8>>(3).map_err(db("reading events"))?);
+        let events =
+            batches::decode_row(first, last, closes, &data).map_err(|e| Error::Backend {
+                message: format!("run {run_id}: a damaged row of its log: {e}"),
+                source: None,
+            })?;
         for e in events {
             if e.seq() == expected && out.len() < limit {
                 out.push(e);
