@@ -339,14 +339,12 @@ mod tests {
         drop(conn);
 
         let conn = open_writer(&path, Synchronous::Normal).unwrap();
-        let tables: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(tables, 0, "events is dropped");
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            count("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'events'"),
+            0,
+            "events is dropped"
+        );
         let a = crate::reader::read_events(&conn, "run_a", 0, 1000).unwrap();
         assert_eq!(a.len(), 500);
         for (i, e) in a.iter().enumerate() {
@@ -357,13 +355,7 @@ mod tests {
                     .starts_with(format!("{{\"seq\":{}", i + 1).as_bytes())
             );
         }
-        let rows: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM batches WHERE run_id = 'run_a'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let rows = count("SELECT count(*) FROM batches WHERE run_id = 'run_a'");
         // ~160 KB of envelopes: three rows of at most 64 KiB, none a leftover of one event.
         assert_eq!(rows, 3, "{rows} rows for 500 events of ~320 bytes");
         // From a cursor in the middle of a row.
@@ -387,9 +379,6 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        let journal: i64 = conn
-            .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(journal, 0);
+        assert_eq!(count("SELECT count(*) FROM journal"), 0);
     }
 }

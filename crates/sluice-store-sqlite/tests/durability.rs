@@ -378,18 +378,23 @@ async fn five_then_completed(store: &SqliteStore) {
             .await
             .unwrap();
     }
+    complete(store, &mut rec, 6).await;
+}
+
+/// Finishes `rec` (`run_a`) with `chain-completed` as event `seq`.
+async fn complete(store: &SqliteStore, rec: &mut RunRecord, seq: u64) {
     rec.status = RunStatus::Completed;
-    rec.last_seq = 6;
+    rec.last_seq = seq;
     rec.finished_at = Some(Timestamp::now());
     let terminal = RawEvent::encode(
-        6,
+        seq,
         "run_a",
         kind::CHAIN_COMPLETED,
         Timestamp::now(),
         None,
         "{}",
     );
-    store.finish(&rec, &terminal).await.unwrap();
+    store.finish(rec, &terminal).await.unwrap();
 }
 
 async fn finished_run(opener: fn(&Path) -> SqliteStore) {
@@ -571,18 +576,7 @@ async fn log_with_a_gap(dir: &Path, finished: bool) -> Arc<dyn Store> {
             .unwrap();
     }
     if finished {
-        rec.status = RunStatus::Completed;
-        rec.last_seq = 6;
-        rec.finished_at = Some(Timestamp::now());
-        let terminal = RawEvent::encode(
-            6,
-            "run_a",
-            kind::CHAIN_COMPLETED,
-            Timestamp::now(),
-            None,
-            "{}",
-        );
-        store.finish(&rec, &terminal).await.unwrap();
+        complete(&store, &mut rec, 6).await;
     }
     store.close().await.unwrap();
     // Without its journal (which would put the event back at the next open).
