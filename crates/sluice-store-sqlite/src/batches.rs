@@ -60,35 +60,40 @@ const LZ4_MAX_RATIO: usize = 255;
 
 /// The `data` of a row holding `events`.
 pub(crate) fn encode(events: &[RawEvent]) -> Vec<u8> {
-    let raw = layout(events);
-    let packed = lz4_flex::block::compress(&raw);
-    if packed.len() + 4 < raw.len() {
-        let mut out = Vec::with_capacity(5 + packed.len());
-        out.push(LZ4);
-        out.extend_from_slice(&len32(raw.len()).to_le_bytes());
-        out.extend_from_slice(&packed);
-        out
-    } else {
-        let mut out = Vec::with_capacity(1 + raw.len());
-        out.push(PLAIN);
-        out.extend_from_slice(&raw);
-        out
+    // The layout behind its kind byte: kept as it is unless LZ4 makes it smaller.
+    let mut plain = vec![PLAIN];
+    layout_into(events, &mut plain);
+    let raw = &plain[1..];
+    let mut packed = vec![0; 5 + lz4_flex::block::get_maximum_output_size(raw.len())];
+    match lz4_flex::block::compress_into(raw, &mut packed[5..]) {
+        Ok(n) if n + 4 < raw.len() => {
+            packed[0] = LZ4;
+            packed[1..5].copy_from_slice(&len32(raw.len()).to_le_bytes());
+            packed.truncate(5 + n);
+            packed
+        }
+        _ => plain,
     }
 }
 
-fn layout(events: &[RawEvent]) -> Vec<u8> {
-    let size = events
-        .iter()
-        .map(|e| 8 + e.event_type().len() + e.json().len())
-        .sum();
-    let mut out = Vec::with_capacity(size);
+/// Appends the layout of `events` to `out`.
+fn layout_into(events: &[RawEvent], out: &mut Vec<u8>) {
+    // Type names are short: a close guess of the size, without reading them twice.
+    out.reserve(events.iter().map(|e| 24 + e.json().len()).sum());
     for e in events {
-        out.extend_from_slice(&len32(e.event_type().len()).to_le_bytes());
+        let event_type = e.event_type();
+        out.extend_from_slice(&len32(event_type.len()).to_le_bytes());
         out.extend_from_slice(&len32(e.json().len()).to_le_bytes());
-        out.extend_from_slice(e.event_type().as_bytes());
+        out.extend_from_slice(event_type.as_bytes());
         out.extend_from_slice(e.json());
     }
-    out
+}
+
+/// The little-endian `u32` at `at`, if `data` holds one there.
+fn u32_at(data: &[u8], at: usize) -> Option<usize> {
+    let end = at.checked_add(4)?;
+    let bytes = <[u8; 4]>::try_from(data.get(at..end)?).ok()?;
+    usize::try_from(u32::from_le_bytes(bytes)).ok()
 }
 
 fn len32(n: usize) -> u32 {
@@ -102,11 +107,7 @@ pub(crate) fn decode(first: u64, data: &Bytes) -> Result<Vec<RawEvent>, String> 
     match data.first() {
         Some(&PLAIN) => decode_layout(first, &data.slice(1..)),
         Some(&LZ4) => {
-            let len = data
-                .get(1..5)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(|b| u32::from_le_bytes(b) as usize)
-                .ok_or("a truncated compressed row")?;
+            let len = u32_at(data, 1).ok_or("a truncated compressed row")?;
             let packed = &data[5..];
             if len > packed.len().saturating_mul(LZ4_MAX_RATIO) + 16 {
                 return Err(format!(
@@ -156,19 +157,15 @@ fn decode_layout(first: u64, data: &Bytes) -> Result<Vec<RawEvent>, String> {
     let mut at = 0;
     let mut seq = first;
     while at < data.len() {
-        let field = |at: usize| -> Result<usize, String> {
-            data.get(at..at + 4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(|b| u32::from_le_bytes(b) as usize)
-                .ok_or_else(|| format!("a truncated row header at byte {at}"))
-        };
-        let type_len = field(at)?;
-        let json_len = field(at + 4)?;
+        let truncated = || format!("a truncated row header at byte {at}");
+        let type_len = u32_at(data, at).ok_or_else(truncated)?;
+        let json_len = u32_at(data, at + 4).ok_or_else(truncated)?;
         let type_at = at + 8;
-        let json_at = type_at + type_len;
-        let end = json_at + json_len;
+        let overrun = || format!("an event overruns its row at byte {at}");
+        let json_at = type_at.checked_add(type_len).ok_or_else(overrun)?;
+        let end = json_at.checked_add(json_len).ok_or_else(overrun)?;
         if end > data.len() {
-            return Err(format!("an event overruns its row at byte {at}"));
+            return Err(overrun());
         }
         let event_type = std::str::from_utf8(&data[type_at..json_at])
             .map_err(|_| format!("an event type that is not UTF-8 at byte {at}"))?;
@@ -313,7 +310,9 @@ mod tests {
             let bytes: usize = row.iter().map(|e| e.json().len()).sum();
             assert!(bytes <= ROW_BYTES, "{bytes}");
             let back = decode(seq, &Bytes::from(encode(row))).unwrap();
-            assert_eq!(decode_layout(seq, &Bytes::from(layout(row))).unwrap(), back);
+            let mut raw = Vec::new();
+            layout_into(row, &mut raw);
+            assert_eq!(decode_layout(seq, &Bytes::from(raw)).unwrap(), back);
             assert_eq!(back, row.to_vec());
             seq += row.len() as u64;
         }
@@ -345,11 +344,9 @@ mod tests {
             "what LZ4 cannot shrink stays plain"
         );
         assert_eq!(decode(1, &plain).unwrap(), one);
-        assert!(
-            packed.len() * 4 < layout(&many).len(),
-            "{} bytes",
-            packed.len()
-        );
+        let mut raw = Vec::new();
+        layout_into(&many, &mut raw);
+        assert!(packed.len() * 4 < raw.len(), "{} bytes", packed.len());
         assert_eq!(decode(1, &packed).unwrap(), many);
         for (data, n) in [(&plain, 1), (&packed, many.len())] {
             for cut in 0..data.len() {
@@ -454,7 +451,7 @@ mod tests {
         }
         // Cut at an event's end: the row decodes to fewer events than it claims.
         let mut plain = vec![PLAIN];
-        plain.extend_from_slice(&layout(&all[..5]));
+        layout_into(&all[..5], &mut plain);
         conn.execute("UPDATE batches SET data = ?1", [plain])
             .unwrap();
         assert!(
