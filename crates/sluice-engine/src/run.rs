@@ -776,10 +776,7 @@ impl Driver {
                 }
                 // As after any batch: into the log, a checkpoint at a step's end, and what they
                 // sent may start other steps.
-                self.flush().await?;
-                if self.boundary {
-                    self.checkpoint().await?;
-                }
+                self.settle().await?;
                 continue;
             }
             // Everything produced so far becomes visible before the driver blocks.
@@ -832,11 +829,17 @@ impl Driver {
             if let Some(outcome) = outcome {
                 return Ok(outcome);
             }
-            self.flush().await?;
-            if self.boundary {
-                self.checkpoint().await?;
-            }
+            self.settle().await?;
         }
+    }
+
+    /// After a batch: its events into the log, and a checkpoint when a step ended.
+    async fn settle(&mut self) -> Result<()> {
+        self.flush().await?;
+        if self.boundary {
+            self.checkpoint().await?;
+        }
+        Ok(())
     }
 
     /// Handles the messages taken from the channel, in order; the outcome of the first that
